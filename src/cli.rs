@@ -1,0 +1,1 @@
+//! Command-line types (clap) and their translation into library options.

@@ -1,0 +1,1 @@
+//! The bundle's `config.json` / `generation_config.json`, validated once.

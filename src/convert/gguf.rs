@@ -1,0 +1,1 @@
+//! GGUF reader over an mmap, and dequantization of its tensor types.

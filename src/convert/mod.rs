@@ -1,0 +1,4 @@
+//! `edgelm convert`: GGUF (and later safetensors) checkpoints into an ONNX bundle.
+
+pub mod gguf;
+pub mod tokenizer_json;

@@ -1,0 +1,1 @@
+//! `tokenizer.json` built from a GGUF's `tokenizer.ggml.*` metadata.

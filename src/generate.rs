@@ -1,0 +1,1 @@
+//! The generation loop: prefill, forward, sample, stream.

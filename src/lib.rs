@@ -1,0 +1,14 @@
+//! edgelm: a small language model on a Raspberry Pi-class board, over a serial line.
+//!
+//! Data flows one way: bytes → tokens → graph → logits → sampler → tokens → text.
+
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod generate;
+pub mod logger;
+pub mod model;
+pub mod quant;
+pub mod sampler;
+pub mod template;
+pub mod tokenizer;

@@ -1,0 +1,1 @@
+//! Chat templates from `tokenizer_config.json`, rendered with minijinja.

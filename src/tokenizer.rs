@@ -1,0 +1,1 @@
+//! Wraps `tokenizers`; an incremental decoder that never splits UTF-8.
