@@ -1,1 +1,144 @@
 //! Command-line types (clap) and their translation into library options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::convert::{ConvertOptions, Quant};
+use crate::sampler::SamplerConfig;
+
+/// Default bundle directory, relative to the working directory.
+pub const DEFAULT_MODEL_DIR: &str = "models/smollm2-135m-instruct";
+
+/// edgelm: a small language model on a Raspberry Pi-class board, over a serial line.
+#[derive(Parser, Debug)]
+#[command(name = "edgelm", version, about)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from one prompt, streamed to stdout.
+    Run(RunArgs),
+    /// Convert a GGUF file or Hugging Face checkpoint directory into an ONNX bundle.
+    Convert(ConvertArgs),
+}
+
+/// Where the model bundle is and how to run it.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model bundle directory.
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Worker threads for the matrix kernels (0 = one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Sampling flags, shared by the commands that generate.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens seen in the last `--penalty-window` tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Subtract this from the logits of tokens already seen (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    pub penalty_window: usize,
+    /// Random seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler these flags describe.
+    pub fn to_config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            penalty_window: self.penalty_window,
+            seed: self.seed,
+        }
+    }
+}
+
+/// `edgelm run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Maximum number of new tokens.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Wrap the prompt in the model's chat template as one user turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt for --chat (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating through end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object per token and a final summary line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt.
+    pub prompt: String,
+}
+
+/// `edgelm convert`.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// A `.gguf` file or a Hugging Face checkpoint directory.
+    pub input: PathBuf,
+    /// Output bundle directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Weight storage in the bundle.
+    #[arg(long, value_enum, default_value_t = Quant::Int8)]
+    pub quant: Quant,
+}
+
+impl ConvertArgs {
+    /// The converter options these flags describe.
+    pub fn to_options(&self) -> ConvertOptions {
+        ConvertOptions {
+            input: self.input.clone(),
+            output: self.output.clone(),
+            quant: self.quant,
+            progress: true,
+        }
+    }
+}

@@ -1,1 +1,174 @@
-//! The generation loop: prefill, forward, sample, stream.
+//! The generation loop: prefill the prompt in one pass, then forward, sample and stream one
+//! token at a time, reporting each piece of text through a callback that says go on or stop.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::model::State;
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::stop::StopMatcher;
+use crate::tokenizer::{sanitize, TokenOutputStream, Tokenizer};
+
+/// What one generation may do.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Cap on generated tokens.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampler: SamplerConfig,
+    /// Stop strings: generation ends before the first of them, which is never streamed.
+    pub stop: Vec<String>,
+    /// End-of-sequence ids (generation ends on them unless `ignore_eos`).
+    pub eos_ids: Vec<u32>,
+    /// Generate through end-of-sequence tokens (tests, benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// The callback's answer after each streamed token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep generating.
+    Continue,
+    /// Stop now (the caller cancelled).
+    Stop,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_tokens` reached.
+    Length,
+    /// A stop string matched.
+    Stop,
+    /// The callback asked to stop.
+    Cancelled,
+}
+
+impl StopReason {
+    /// The protocol / JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::Length => "length",
+            StopReason::Stop => "stop",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Counts and timings of one generation.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Why it ended.
+    pub reason: StopReason,
+    /// Prompt tokens prefilled.
+    pub prompt_tokens: usize,
+    /// Tokens sampled (including a final EOS).
+    pub generated_tokens: usize,
+    /// Ids sampled, in order.
+    pub ids: Vec<u32>,
+    /// Time to prefill the prompt and produce the first logits.
+    pub prefill: Duration,
+    /// Time spent on the forward passes after the first token.
+    pub decode: Duration,
+}
+
+impl Generation {
+    /// Decode speed over the tokens after the first (0 when fewer than two).
+    pub fn decode_tok_s(&self) -> f64 {
+        let n = self.generated_tokens.saturating_sub(1);
+        let s = self.decode.as_secs_f64();
+        if n == 0 || s <= 0.0 {
+            0.0
+        } else {
+            n as f64 / s
+        }
+    }
+
+    /// Prefill speed in prompt tokens per second.
+    pub fn prefill_tok_s(&self) -> f64 {
+        let s = self.prefill.as_secs_f64();
+        if s <= 0.0 {
+            0.0
+        } else {
+            self.prompt_tokens as f64 / s
+        }
+    }
+}
+
+/// Generates from `prompt` (already tokenized) on top of whatever `state` holds.
+///
+/// `on_token(Some(id), text)` is called once per sampled token with the text that became safe
+/// to show (possibly empty: a partial UTF-8 character or a possible stop-string prefix), and
+/// `on_token(None, text)` once at the end for text that was held back until then.
+pub fn generate(
+    state: &mut State,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(Option<u32>, &str) -> Flow,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut sampler = Sampler::new(opts.sampler.clone());
+    let mut stream = TokenOutputStream::new();
+    let mut stops = StopMatcher::new(&opts.stop);
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut ids = vec![];
+
+    let t0 = Instant::now();
+    let mut logits = state.forward(prompt)?;
+    let prefill = t0.elapsed();
+    let t1 = Instant::now();
+    let mut reason = StopReason::Length;
+    while ids.len() < opts.max_tokens {
+        let id = sampler.sample(&logits, &history);
+        ids.push(id);
+        history.push(id);
+        if !opts.ignore_eos && opts.eos_ids.contains(&id) {
+            reason = StopReason::Eos;
+            break;
+        }
+        let piece = stream.push(tokenizer, id)?.unwrap_or_default();
+        let outcome = stops.push(&sanitize(&piece));
+        if on_token(Some(id), &outcome.emit) == Flow::Stop {
+            reason = StopReason::Cancelled;
+            break;
+        }
+        if outcome.stopped {
+            reason = StopReason::Stop;
+            break;
+        }
+        if ids.len() == opts.max_tokens {
+            break;
+        }
+        logits = state.forward(&[id])?;
+    }
+    if reason != StopReason::Stop && reason != StopReason::Cancelled {
+        // Release what was held back (an incomplete character or a partial stop string).
+        let mut tail = stream.flush(tokenizer)?.map(|t| sanitize(&t).into_owned()).unwrap_or_default();
+        let outcome = stops.push(&tail);
+        tail = outcome.emit;
+        if !outcome.stopped {
+            tail.push_str(&stops.finish());
+        } else {
+            reason = StopReason::Stop;
+        }
+        if !tail.is_empty() {
+            on_token(None, &tail);
+        }
+    }
+    let decode = t1.elapsed();
+    Ok(Generation {
+        reason,
+        prompt_tokens: prompt.len(),
+        generated_tokens: ids.len(),
+        ids,
+        prefill,
+        decode,
+    })
+}

@@ -5,10 +5,12 @@
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod generate;
 pub mod logger;
 pub mod model;
 pub mod quant;
+pub mod run;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;

@@ -1,0 +1,250 @@
+//! A Hugging Face checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.json`)
+//! as a [`Checkpoint`], reading tensors straight from memory-mapped safetensors files.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use super::llama::LlamaParams;
+use super::{Checkpoint, Weight, WeightSource};
+
+/// One memory-mapped `.safetensors` file and its parsed header.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+#[derive(Deserialize, Clone, Debug)]
+struct TensorEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and checks every tensor's extent against the file.
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let ctx = || format!("reading \"{}\"", path.display());
+        let file = File::open(path).with_context(ctx)?;
+        // SAFETY: the file is opened read-only and we never hand out references that outlive
+        // `self`; a concurrent truncation by another process is outside what we can defend.
+        let mmap = unsafe { Mmap::map(&file) }.with_context(ctx)?;
+        ensure!(mmap.len() >= 8, "\"{}\": too short for a safetensors header", path.display());
+        let mut len8 = [0u8; 8];
+        len8.copy_from_slice(&mmap[..8]);
+        let header_len = u64::from_le_bytes(len8);
+        let data_start = 8u64
+            .checked_add(header_len)
+            .filter(|end| *end <= mmap.len() as u64)
+            .with_context(|| format!("\"{}\": header length {header_len} exceeds the file", path.display()))?
+            as usize;
+        let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&mmap[8..data_start])
+            .with_context(|| format!("\"{}\": header is not valid JSON", path.display()))?;
+        let data_len = mmap.len() - data_start;
+        let mut tensors = BTreeMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let t: TensorEntry = serde_json::from_value(v)
+                .with_context(|| format!("\"{}\": tensor \"{name}\" entry", path.display()))?;
+            let [start, end] = t.data_offsets;
+            let elems = t.shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+            let bytes = elems.and_then(|e| e.checked_mul(dtype_size(&t.dtype).unwrap_or(0)));
+            ensure!(
+                start <= end && end <= data_len && bytes == Some(end - start),
+                "\"{}\": tensor \"{name}\" ({} {:?}) does not fit its offsets {start}..{end} in {data_len} data bytes",
+                path.display(),
+                t.dtype,
+                t.shape
+            );
+            tensors.insert(name, t);
+        }
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start, tensors })
+    }
+
+    /// Names of the tensors in this file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// The tensor converted to f32, or `None` if absent.
+    pub fn tensor_f32(&self, name: &str) -> Result<Option<Weight>> {
+        let Some(t) = self.tensors.get(name) else { return Ok(None) };
+        let bytes = &self.mmap[self.data_start + t.data_offsets[0]..self.data_start + t.data_offsets[1]];
+        let data: Vec<f32> = match t.dtype.as_str() {
+            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "F16" => bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            "BF16" => bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect(),
+            other => bail!("\"{}\": tensor \"{name}\" has unsupported dtype {other}", self.path.display()),
+        };
+        Ok(Some(Weight { shape: t.shape.clone(), data }))
+    }
+}
+
+fn dtype_size(dtype: &str) -> Option<usize> {
+    match dtype {
+        "F64" | "I64" | "U64" => Some(8),
+        "F32" | "I32" | "U32" => Some(4),
+        "F16" | "BF16" | "I16" | "U16" => Some(2),
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(1),
+        _ => None,
+    }
+}
+
+/// Exact IEEE half to single conversion.
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: value = m * 2^-24, exactly representable in f32.
+            let v = m as f32 * f32::from_bits(0x3380_0000);
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// All safetensors files of a checkpoint directory.
+struct HfWeights {
+    files: Vec<SafetensorsFile>,
+}
+
+impl WeightSource for HfWeights {
+    fn tensor(&self, name: &str) -> Result<Option<Weight>> {
+        for f in &self.files {
+            if let Some(w) = f.tensor_f32(name)? {
+                return Ok(Some(w));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Deserialize)]
+struct HfLlamaConfig {
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_theta")]
+    rope_theta: f32,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f32,
+    #[serde(default = "default_positions")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    rope_scaling: Option<serde_json::Value>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_theta() -> f32 {
+    10_000.0
+}
+fn default_eps() -> f32 {
+    1e-6
+}
+fn default_positions() -> usize {
+    2048
+}
+
+/// Opens a Hugging Face Llama checkpoint directory.
+pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
+    let read = |name: &str| -> Result<serde_json::Value> {
+        let p = dir.join(name);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading \"{}\"", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing \"{}\"", p.display()))
+    };
+    let cfg_value = read("config.json")?;
+    let cfg: HfLlamaConfig = serde_json::from_value(cfg_value)
+        .with_context(|| format!("\"{}\": not a Llama config", dir.join("config.json").display()))?;
+    if cfg.model_type != "llama" && cfg.model_type != "mistral" {
+        bail!("\"{}\": unsupported architecture \"{}\" (supported: llama)", dir.display(), cfg.model_type);
+    }
+    if cfg.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        bail!("\"{}\": RoPE scaling is not supported", dir.display());
+    }
+    let params = LlamaParams {
+        vocab: cfg.vocab_size,
+        hidden: cfg.hidden_size,
+        layers: cfg.num_hidden_layers,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
+        head_dim: cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1)),
+        ffn: cfg.intermediate_size,
+        rope_theta: cfg.rope_theta,
+        rms_eps: cfg.rms_norm_eps,
+        max_positions: cfg.max_position_embeddings,
+        tied_embeddings: cfg.tie_word_embeddings,
+    };
+    let mut files = vec![];
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        files.push(SafetensorsFile::open(&single)?);
+    } else {
+        let index = read("model.safetensors.index.json")?;
+        let mut shards: Vec<String> = index["weight_map"]
+            .as_object()
+            .context("model.safetensors.index.json has no weight_map")?
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        for s in shards {
+            if s.contains('/') || s.contains('\\') || s.starts_with('.') {
+                bail!("shard name \"{s}\" escapes the checkpoint directory");
+            }
+            files.push(SafetensorsFile::open(&dir.join(&s))?);
+        }
+    }
+    let eos_ids = match &cfg.eos_token_id {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        _ => vec![],
+    };
+    Ok(Checkpoint {
+        params,
+        tokenizer_json: read("tokenizer.json")?,
+        tokenizer_config: read("tokenizer_config.json").unwrap_or_else(|_| serde_json::json!({})),
+        bos_id: cfg.bos_token_id,
+        eos_ids,
+        weights: Box::new(HfWeights { files }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert_eq!(f16_to_f32(0x8000).to_bits(), 0x8000_0000);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+    }
+}

@@ -1,0 +1,68 @@
+//! What is loaded once per bundle: the model, its tokenizer and chat template.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+use crate::model::{LoadOptions, Model};
+use crate::template::{ChatTemplate, Message};
+use crate::tokenizer::Tokenizer;
+
+/// A loaded bundle, immutable; per-conversation state is a [`crate::model::State`].
+pub struct Engine {
+    /// The optimized graph.
+    pub model: Model,
+    /// Text ↔ ids.
+    pub tokenizer: Tokenizer,
+    /// The chat template, if the bundle has one.
+    pub template: Option<ChatTemplate>,
+    /// How long loading took.
+    pub load_time: Duration,
+}
+
+impl Engine {
+    /// Loads the bundle in `dir`.
+    pub fn load(dir: &Path, threads: usize) -> Result<Engine> {
+        let t0 = Instant::now();
+        if !dir.is_dir() {
+            bail!(
+                "model bundle \"{}\" not found (run models/fetch-smollm2.sh, or pass -m DIR / set EDGELM_MODEL)",
+                dir.display()
+            );
+        }
+        let model = Model::load(dir, &LoadOptions { threads })?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let template = if config_path.exists() {
+            ChatTemplate::from_tokenizer_config(&config_path)?
+        } else {
+            None
+        };
+        let load_time = t0.elapsed();
+        log::info!("loaded \"{}\" in {} ms", dir.display(), load_time.as_millis());
+        Ok(Engine { model, tokenizer, template, load_time })
+    }
+
+    /// Token ids of a raw completion prompt.
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            bail!("the prompt is empty");
+        }
+        self.tokenizer.encode(text, true)
+    }
+
+    /// Token ids of a conversation rendered with the chat template, ready for the reply.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let Some(template) = &self.template else {
+            bail!("this model has no chat template (tokenizer_config.json has no chat_template)");
+        };
+        let text = template.render(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+
+    /// End-of-sequence ids from the bundle's config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.model.config().eos_token_ids.clone()
+    }
+}

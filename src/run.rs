@@ -1,0 +1,83 @@
+//! `edgelm run`: one prompt in, streamed text (or JSON lines) out.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::cli::RunArgs;
+use crate::engine::Engine;
+use crate::generate::{generate, Flow, GenerateOptions};
+use crate::template::Message;
+
+/// Runs the `run` command, writing to `out`.
+pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
+    if args.prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    let engine = Engine::load(&args.model.model, args.model.threads)?;
+    let prompt = if args.chat {
+        let mut messages = vec![];
+        if let Some(system) = &args.system {
+            messages.push(Message { role: "system".into(), content: system.clone() });
+        }
+        messages.push(Message { role: "user".into(), content: args.prompt.clone() });
+        engine.encode_chat(&messages)?
+    } else {
+        engine.encode_raw(&args.prompt)?
+    };
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampler: args.sampling.to_config(),
+        stop: args.stop.clone(),
+        eos_ids: engine.eos_ids(),
+        ignore_eos: args.ignore_eos,
+    };
+    let mut state = engine.model.new_state();
+    let mut write_err = None;
+    let gen = generate(&mut state, &engine.tokenizer, &prompt, &opts, |id, text| {
+        let r = if args.json {
+            match id {
+                Some(id) => writeln!(out, "{}", json!({ "id": id, "text": text })),
+                None => writeln!(out, "{}", json!({ "text": text })),
+            }
+        } else {
+            out.write_all(text.as_bytes())
+        };
+        match r.and_then(|_| out.flush()) {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                write_err = Some(e);
+                Flow::Stop
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    if args.json {
+        let summary = json!({
+            "done": true,
+            "reason": gen.reason.as_str(),
+            "prompt_tokens": gen.prompt_tokens,
+            "generated_tokens": gen.generated_tokens,
+            "load_ms": engine.load_time.as_millis() as u64,
+            "prefill_ms": gen.prefill.as_secs_f64() * 1e3,
+            "prefill_tok_s": gen.prefill_tok_s(),
+            "decode_tok_s": gen.decode_tok_s(),
+        });
+        writeln!(out, "{summary}").context("writing to stdout")?;
+    } else {
+        writeln!(out).context("writing to stdout")?;
+    }
+    log::info!(
+        "{} prompt tokens in {:.0} ms ({:.1} tok/s), {} generated at {:.1} tok/s, stop: {}",
+        gen.prompt_tokens,
+        gen.prefill.as_secs_f64() * 1e3,
+        gen.prefill_tok_s(),
+        gen.generated_tokens,
+        gen.decode_tok_s(),
+        gen.reason.as_str()
+    );
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Shared by the integration tests: the default model, fetched and converted on demand.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use edgelm::convert::{convert, ConvertOptions, Quant};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The SmolLM2-135M-Instruct GGUF, fetched by `models/fetch-smollm2.sh` when missing.
+pub fn default_gguf() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGELM_GGUF") {
+        return PathBuf::from(p);
+    }
+    static FETCH: Mutex<()> = Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(root().join("models/fetch-smollm2.sh"))
+        .arg("--gguf-only")
+        .output()
+        .expect("running models/fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "models/fetch-smollm2.sh --gguf-only failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(path.is_file(), "fetch script printed {path:?}, which is not a file");
+    path
+}
+
+/// A bundle converted from the default GGUF, cached under `target/test-bundles/`.
+pub fn default_bundle(quant: Quant) -> PathBuf {
+    let gguf = default_gguf();
+    let dir = root().join("target/test-bundles").join(format!("smollm2-{}", quant.name()));
+    convert_once(&gguf, &dir, quant);
+    dir
+}
+
+/// Converts `input` into `dir` unless a previous run finished it (marker file written last).
+pub fn convert_once(input: &Path, dir: &Path, quant: Quant) {
+    static CONVERT: Mutex<()> = Mutex::new(());
+    let _guard = CONVERT.lock().unwrap_or_else(|e| e.into_inner());
+    let marker = dir.join(".converted");
+    let stamp = format!(
+        "{}:{:016x}",
+        std::fs::metadata(input).map(|m| m.len()).unwrap_or(0),
+        converter_source_hash()
+    );
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
+        return;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    convert(&ConvertOptions {
+        input: input.to_path_buf(),
+        output: dir.to_path_buf(),
+        quant,
+        progress: false,
+    })
+    .unwrap_or_else(|e| panic!("converting {input:?}: {e:#}"));
+    std::fs::write(&marker, stamp).unwrap();
+}
+
+/// A hash of the converter's sources, so a changed converter invalidates cached bundles.
+fn converter_source_hash() -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut files = vec![];
+    for dir in ["src/convert", "src/quant"] {
+        if let Ok(rd) = std::fs::read_dir(root().join(dir)) {
+            files.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+        }
+    }
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        std::fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
