@@ -4,6 +4,7 @@
 //! `model.onnx_data` (weights, 64-byte aligned), `config.json`, `generation_config.json`,
 //! `tokenizer.json`, `tokenizer_config.json`.
 
+pub mod dequant;
 pub mod from_gguf;
 pub mod gguf;
 pub mod llama;

@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde::Deserialize;
 
+use super::dequant::f16_to_f32;
 use super::llama::LlamaParams;
 use super::{Checkpoint, Weight, WeightSource};
 
@@ -99,24 +100,6 @@ fn dtype_size(dtype: &str) -> Option<usize> {
         "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(1),
         _ => None,
     }
-}
-
-/// Exact IEEE half to single conversion.
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: value = m * 2^-24, exactly representable in f32.
-            let v = m as f32 * f32::from_bits(0x3380_0000);
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// All safetensors files of a checkpoint directory.
@@ -231,20 +214,4 @@ pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
         eos_ids,
         weights: Box::new(HfWeights { files }),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f16_conversion_is_exact() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
-        assert_eq!(f16_to_f32(0x8000).to_bits(), 0x8000_0000);
-        assert!(f16_to_f32(0x7c00).is_infinite());
-        assert!(f16_to_f32(0x7e00).is_nan());
-    }
 }
