@@ -1,1 +1,1077 @@
 //! The only file that touches tract: load (mmap), rewrite, optimize, forward.
+//!
+//! A bundle is a directory in the Hugging Face Optimum layout
+//! (`optimum-cli export onnx --task text-generation-with-past`): `model.onnx`, optional
+//! external-data files beside it, and `config.json` / `generation_config.json`.
+//!
+//! Loading goes: mmap `model.onnx` → decode the protobuf → pre-pass over the protobuf
+//! (validate external data, rewrite blocked `DequantizeLinear`, pin the batch to 1) → tract
+//! parse → typed → decluttered → optimized → plan. Everything heavy happens once, in
+//! [`Model::load`]; [`State::forward`] only feeds tensors through the plan.
+//!
+//! The KV cache is the graph's own `past_key_values.{i}.key/value` inputs and
+//! `present.{i}.key/value` outputs: each forward feeds the previous presents back as pasts.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use memmap2::Mmap;
+use prost::Message;
+use tract_onnx::data_resolver::ModelDataResolver;
+use tract_onnx::pb::{self, tensor_proto::DataType};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::TractResult;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::source::TypedSource;
+use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
+
+use crate::config::Config;
+
+/// The graph file inside a bundle.
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// How to load a bundle.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Threads for matrix products; 0 = all cores.
+    pub threads: usize,
+}
+
+/// Errors of [`State::forward`] a caller may want to act on (e.g. by trimming the cache).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ForwardError {
+    /// `forward` was called with no tokens.
+    #[error("no tokens to feed")]
+    Empty,
+    /// A token id is not below the vocabulary size.
+    #[error("token id {token} is outside the vocabulary (size {vocab_size})")]
+    TokenOutOfRange {
+        /// The offending id.
+        token: u32,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
+    /// The cache plus the new tokens would exceed the model's context.
+    #[error("context full: {cached} cached + {new} new tokens exceed the model's {max} positions")]
+    ContextFull {
+        /// Tokens already in the cache.
+        cached: usize,
+        /// Tokens passed to this call.
+        new: usize,
+        /// `max_position_embeddings`.
+        max: usize,
+    },
+}
+
+type Plan = SimplePlan<TypedFact, Box<dyn TypedOp>>;
+type Runner = SimpleState<TypedFact, Box<dyn TypedOp>>;
+
+/// Where each tensor the decoder exchanges sits among the plan's inputs and outputs.
+#[derive(Debug, Clone)]
+struct Bindings {
+    /// Number of plan inputs.
+    inputs: usize,
+    input_ids: usize,
+    attention_mask: Option<usize>,
+    position_ids: Option<usize>,
+    /// Per layer: (key input, value input).
+    past: Vec<(usize, usize)>,
+    logits: usize,
+    /// Per layer: (key output, value output).
+    present: Vec<(usize, usize)>,
+    /// Key/value heads and head width of the cache tensors, from the graph's input facts.
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// A loaded, optimized decoder; immutable and shared by any number of [`State`]s.
+#[derive(Debug)]
+pub struct Model {
+    plan: Arc<Plan>,
+    io: Arc<Bindings>,
+    config: Config,
+}
+
+/// One conversation's KV cache and position; cheap to create, owned by the caller.
+#[derive(Debug)]
+pub struct State {
+    plan: Arc<Plan>,
+    io: Arc<Bindings>,
+    vocab_size: usize,
+    max_positions: usize,
+    /// Created on the first forward; reused so per-op state is not rebuilt every step.
+    runner: Option<Runner>,
+    /// Per layer, key then value, each (1, kv_heads, len, head_dim); empty before the first
+    /// forward.
+    past: Vec<TValue>,
+    len: usize,
+}
+
+impl Model {
+    /// Loads and optimizes the bundle in `dir`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        let started = Instant::now();
+        let meta =
+            fs::metadata(dir).with_context(|| format!("opening model directory {dir:?}"))?;
+        ensure!(meta.is_dir(), "opening model directory {dir:?}: not a directory");
+        let config = Config::load(dir)?;
+
+        let model_path = dir.join(MODEL_FILE);
+        let mut proto = read_model_proto(&model_path)?;
+        let graph = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| anyhow!("{model_path:?} has no graph"))?;
+        let external = ExternalData::collect(graph, dir)
+            .with_context(|| format!("external data of {model_path:?}"))?;
+        let rewritten = rewrite_blocked_dequantize(graph, &external)
+            .with_context(|| format!("rewriting {model_path:?}"))?;
+        pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
+        let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
+
+        let typed = to_typed(&proto, dir, external)
+            .with_context(|| format!("analysing {model_path:?}"))?;
+        drop(proto);
+        let optimized = typed
+            .into_optimized()
+            .with_context(|| format!("optimizing {model_path:?}"))?;
+        let io = io_names
+            .bind(&optimized, &config)
+            .with_context(|| format!("binding the inputs and outputs of {model_path:?}"))?;
+        let plan = make_plan(optimized, opts.threads)
+            .with_context(|| format!("planning {model_path:?}"))?;
+        log::info!(
+            "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded)",
+            started.elapsed(),
+            io.past.len(),
+            rewritten
+        );
+        Ok(Model { plan, io: Arc::new(io), config })
+    }
+
+    /// The bundle's validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A fresh, empty conversation.
+    pub fn new_state(&self) -> State {
+        State {
+            plan: Arc::clone(&self.plan),
+            io: Arc::clone(&self.io),
+            vocab_size: self.config.vocab_size,
+            max_positions: self.config.max_position_embeddings,
+            runner: None,
+            past: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl State {
+    /// Feeds `tokens` in one pass and returns the logits of the last one, (vocab).
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.run(tokens)?;
+        let all = logits.try_as_plain_ram()?.as_slice::<f32>()?;
+        Ok(all[all.len() - self.vocab_size..].to_vec())
+    }
+
+    /// Feeds `tokens` in one pass and returns the logits of every one, (tokens, vocab).
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.run(tokens)?;
+        Ok(logits.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+    }
+
+    /// Number of tokens in the cache, i.e. the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.past.clear();
+        self.len = 0;
+    }
+
+    /// Runs the plan once; on error the cache is left as it was. Returns logits (1, n, vocab).
+    fn run(&mut self, tokens: &[u32]) -> Result<TValue> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ForwardError::Empty.into());
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            let vocab_size = self.vocab_size;
+            return Err(ForwardError::TokenOutOfRange { token, vocab_size }.into());
+        }
+        if self.len + n > self.max_positions {
+            let (cached, max) = (self.len, self.max_positions);
+            return Err(ForwardError::ContextFull { cached, new: n, max }.into());
+        }
+        let io = &*self.io;
+        if self.past.is_empty() {
+            // (1, kv_heads, 0, head_dim)
+            let empty: TValue = Tensor::zero::<f32>(&[1, io.kv_heads, 0, io.head_dim])?.into();
+            self.past = vec![empty; 2 * io.past.len()];
+        }
+
+        let mut inputs: Vec<Option<TValue>> = vec![None; io.inputs];
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        inputs[io.input_ids] = Some(Tensor::from_shape(&[1, n], &ids)?.into()); // (1, n)
+        if let Some(ix) = io.attention_mask {
+            let mask = vec![1i64; self.len + n];
+            inputs[ix] = Some(Tensor::from_shape(&[1, self.len + n], &mask)?.into()); // (1, past+n)
+        }
+        if let Some(ix) = io.position_ids {
+            let positions: Vec<i64> = (self.len..self.len + n).map(|p| p as i64).collect();
+            inputs[ix] = Some(Tensor::from_shape(&[1, n], &positions)?.into()); // (1, n)
+        }
+        for (layer, &(k, v)) in io.past.iter().enumerate() {
+            inputs[k] = Some(self.past[2 * layer].clone());
+            inputs[v] = Some(self.past[2 * layer + 1].clone());
+        }
+        let inputs = inputs
+            .into_iter()
+            .collect::<Option<TVec<TValue>>>()
+            .context("a model input has no binding")?;
+
+        let runner = match &mut self.runner {
+            Some(runner) => runner,
+            slot => slot.insert(self.plan.spawn()?),
+        };
+        let mut outputs = runner.run(inputs).context("running the model")?;
+
+        let expected = [1, io.kv_heads, self.len + n, io.head_dim];
+        let mut present = Vec::with_capacity(self.past.len());
+        for &(k, v) in &io.present {
+            for ix in [k, v] {
+                let t = outputs[ix].clone();
+                ensure!(t.shape() == expected, "present has shape {:?}, not {expected:?}", t.shape());
+                present.push(t);
+            }
+        }
+        let logits = std::mem::replace(&mut outputs[io.logits], Tensor::zero::<f32>(&[0])?.into());
+        ensure!(
+            logits.shape() == [1, n, self.vocab_size] && logits.datum_type() == f32::datum_type(),
+            "logits have shape {:?} {:?}, not [1, {n}, {}] f32",
+            logits.shape(),
+            logits.datum_type(),
+            self.vocab_size
+        );
+        self.past = present;
+        self.len += n;
+        Ok(logits)
+    }
+}
+
+/// Memory-maps and decodes `path`, checking that it looks like an ONNX decoder.
+fn read_model_proto(path: &Path) -> Result<pb::ModelProto> {
+    let file = File::open(path).with_context(|| format!("opening {path:?}"))?;
+    // SAFETY: the map is read-only and dropped before this function returns; a concurrent
+    // writer could change bytes under prost, which can at worst make decoding fail.
+    let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
+    let proto = pb::ModelProto::decode(&*map)
+        .map_err(|e| anyhow!("{path:?} is not a valid ONNX model: {e}"))?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| anyhow!("{path:?} is not a valid ONNX model: no graph"))?;
+    ensure!(
+        !graph.node.is_empty() && !proto.opset_import.is_empty(),
+        "{path:?} is not a valid ONNX model (truncated?): no nodes or no opset"
+    );
+    Ok(proto)
+}
+
+/// Byte size of one element of an ONNX data type, for the types a decoder stores.
+fn elem_size(data_type: i32) -> Option<usize> {
+    Some(match DataType::try_from(data_type).ok()? {
+        DataType::Bool | DataType::Int8 | DataType::Uint8 => 1,
+        DataType::Int16 | DataType::Uint16 | DataType::Float16 | DataType::Bfloat16 => 2,
+        DataType::Int32 | DataType::Uint32 | DataType::Float => 4,
+        DataType::Int64 | DataType::Uint64 | DataType::Double => 8,
+        _ => return None,
+    })
+}
+
+/// Element count of a tensor, refusing negative dims and overflow.
+fn element_count(t: &pb::TensorProto) -> Result<usize> {
+    t.dims.iter().try_fold(1usize, |acc, &d| {
+        let d = usize::try_from(d).map_err(|_| anyhow!("tensor {:?} has dim {d}", t.name))?;
+        acc.checked_mul(d).ok_or_else(|| anyhow!("tensor {:?} is too large", t.name))
+    })
+}
+
+fn is_external(t: &pb::TensorProto) -> bool {
+    t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+}
+
+/// The value of `key` in a tensor's `external_data` entries.
+fn external_entry<'a>(t: &'a pb::TensorProto, key: &str) -> Option<&'a str> {
+    t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str())
+}
+
+/// The bundle's external-data files, each memory-mapped once, with every reference checked.
+///
+/// Also serves tract's loader, so tensors are copied straight from the maps.
+struct ExternalData {
+    /// The canonical bundle directory; `None` when nothing is external.
+    root: Option<PathBuf>,
+    /// Canonical path → map.
+    files: HashMap<PathBuf, Mmap>,
+}
+
+impl ExternalData {
+    /// Validates every external reference of `graph`'s initializers (location inside `dir`,
+    /// range inside the file, length matching the tensor) and maps the files. A missing
+    /// `length` entry is filled in so tract reads exactly the tensor's bytes.
+    fn collect(graph: &mut pb::GraphProto, dir: &Path) -> Result<ExternalData> {
+        let mut files = HashMap::new();
+        if !graph.initializer.iter().any(is_external) {
+            return Ok(ExternalData { root: None, files });
+        }
+        let root = dir.canonicalize().with_context(|| format!("resolving {dir:?}"))?;
+        for t in graph.initializer.iter_mut().filter(|t| is_external(t)) {
+            let name = t.name.clone();
+            let location = external_entry(t, "location")
+                .with_context(|| format!("tensor {name:?}: external data without a location"))?
+                .to_string();
+            let relative = Path::new(&location);
+            ensure!(
+                relative
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_) | Component::CurDir)),
+                "tensor {name:?}: external data location {location:?} must be a relative path \
+                 inside the bundle"
+            );
+            let path = root
+                .join(relative)
+                .canonicalize()
+                .with_context(|| format!("tensor {name:?}: opening external data {location:?}"))?;
+            ensure!(
+                path.starts_with(&root),
+                "tensor {name:?}: external data {location:?} resolves outside the bundle"
+            );
+            let offset: usize = match external_entry(t, "offset") {
+                Some(s) => s.parse().with_context(|| format!("tensor {name:?}: offset {s:?}"))?,
+                None => 0,
+            };
+            let size = elem_size(t.data_type)
+                .with_context(|| format!("tensor {name:?}: unsupported external data type"))?;
+            let needed = element_count(t)?
+                .checked_mul(size)
+                .with_context(|| format!("tensor {name:?} is too large"))?;
+            match external_entry(t, "length") {
+                Some(s) => {
+                    let length: usize =
+                        s.parse().with_context(|| format!("tensor {name:?}: length {s:?}"))?;
+                    ensure!(
+                        length == needed,
+                        "tensor {name:?}: external length {length} but the tensor needs {needed} bytes"
+                    );
+                }
+                None => t.external_data.push(pb::StringStringEntryProto {
+                    key: "length".into(),
+                    value: needed.to_string(),
+                }),
+            }
+            if !files.contains_key(&path) {
+                let file = File::open(&path).with_context(|| format!("opening {path:?}"))?;
+                // SAFETY: read-only map of a bundle file; the bundle must not be modified while
+                // loading (a concurrent truncation could fault, as with any mmap reader).
+                let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
+                files.insert(path.clone(), map);
+            }
+            let file_len = files[&path].len();
+            ensure!(
+                offset.checked_add(needed).is_some_and(|end| end <= file_len),
+                "tensor {name:?}: external data {offset}..{} is past the end of {location:?} \
+                 ({file_len} bytes)",
+                offset.saturating_add(needed)
+            );
+        }
+        Ok(ExternalData { root: Some(root), files })
+    }
+
+    /// The bytes of a tensor whose external reference `collect` validated.
+    fn bytes_of(&self, t: &pb::TensorProto) -> Result<&[u8]> {
+        let root = self.root.as_ref().context("external data was not validated")?;
+        let location = external_entry(t, "location").context("no location")?;
+        let path = root.join(location).canonicalize()?;
+        let offset: usize = external_entry(t, "offset").map_or(Ok(0), str::parse)?;
+        let length: usize = external_entry(t, "length").context("no length")?.parse()?;
+        self.slice(&path, offset, Some(length))
+    }
+
+    fn slice(&self, path: &Path, offset: usize, length: Option<usize>) -> Result<&[u8]> {
+        let map = self
+            .files
+            .get(path)
+            .with_context(|| format!("external data {path:?} was not validated"))?;
+        let end = match length {
+            Some(l) => offset.checked_add(l).context("external range overflows")?,
+            None => map.len(),
+        };
+        map.get(offset..end)
+            .with_context(|| format!("external range {offset}..{end} is past the end of {path:?}"))
+    }
+}
+
+impl ModelDataResolver for ExternalData {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        p: &Path,
+        offset: usize,
+        length: Option<usize>,
+    ) -> TractResult<()> {
+        buf.extend_from_slice(self.slice(p, offset, length)?);
+        Ok(())
+    }
+}
+
+/// The raw little-endian bytes of an initializer, wherever they are stored.
+fn raw_bytes<'a>(
+    t: &'a pb::TensorProto,
+    external: &'a ExternalData,
+) -> Result<Option<Cow<'a, [u8]>>> {
+    if is_external(t) {
+        Ok(Some(Cow::Borrowed(external.bytes_of(t)?)))
+    } else if !t.raw_data.is_empty() {
+        Ok(Some(Cow::Borrowed(&t.raw_data)))
+    } else {
+        Ok(None)
+    }
+}
+
+/// An integer initializer (int8/uint8/int16/uint16/int32) widened to i32.
+fn tensor_ints(t: &pb::TensorProto, external: &ExternalData) -> Result<Vec<i32>> {
+    let dt = DataType::try_from(t.data_type).ok();
+    let count = element_count(t)?;
+    let values: Vec<i32> = match raw_bytes(t, external)? {
+        Some(bytes) => match dt {
+            Some(DataType::Int8) => bytes.iter().map(|&b| i32::from(b as i8)).collect(),
+            Some(DataType::Uint8) => bytes.iter().map(|&b| i32::from(b)).collect(),
+            Some(DataType::Int16) => bytes
+                .chunks_exact(2)
+                .map(|c| i32::from(i16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            Some(DataType::Uint16) => bytes
+                .chunks_exact(2)
+                .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            Some(DataType::Int32) => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            _ => bail!("tensor {:?}: data type {} is not an integer type", t.name, t.data_type),
+        },
+        None => match dt {
+            Some(DataType::Int8) => t.int32_data.iter().map(|&v| i32::from(v as i8)).collect(),
+            Some(DataType::Uint8) => t.int32_data.iter().map(|&v| i32::from(v as u8)).collect(),
+            Some(DataType::Int16) => t.int32_data.iter().map(|&v| i32::from(v as i16)).collect(),
+            Some(DataType::Uint16) => t.int32_data.iter().map(|&v| i32::from(v as u16)).collect(),
+            Some(DataType::Int32) => t.int32_data.clone(),
+            _ => bail!("tensor {:?}: data type {} is not an integer type", t.name, t.data_type),
+        },
+    };
+    ensure!(
+        values.len() == count,
+        "tensor {:?} holds {} values, its shape {:?} needs {count}",
+        t.name,
+        values.len(),
+        t.dims
+    );
+    Ok(values)
+}
+
+/// An f32 initializer.
+fn tensor_floats(t: &pb::TensorProto, external: &ExternalData) -> Result<Vec<f32>> {
+    ensure!(
+        t.data_type == DataType::Float as i32,
+        "tensor {:?}: data type {} is not float32",
+        t.name,
+        t.data_type
+    );
+    let count = element_count(t)?;
+    let values: Vec<f32> = match raw_bytes(t, external)? {
+        Some(bytes) => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        None => t.float_data.clone(),
+    };
+    ensure!(
+        values.len() == count,
+        "tensor {:?} holds {} values, its shape {:?} needs {count}",
+        t.name,
+        values.len(),
+        t.dims
+    );
+    Ok(values)
+}
+
+fn int_attr(node: &pb::NodeProto, name: &str) -> Option<i64> {
+    node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+/// Replaces every `DequantizeLinear` with a `block_size` attribute and initializer inputs by
+/// an f32 initializer holding `(x - zero_point) * scale` (ONNX blocked semantics: along
+/// `axis`, element `i` uses scale `i / block_size`; the last block may be ragged).
+///
+/// tract-onnx 0.23.9 refuses blocked quantization; folded weights let tract constant-fold the
+/// `Transpose`/`MatMul`/`Gather` that follow. Returns the number of nodes replaced.
+fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<usize> {
+    let is_blocked = |n: &pb::NodeProto| {
+        n.op_type == "DequantizeLinear"
+            && (n.domain.is_empty() || n.domain == "ai.onnx")
+            && int_attr(n, "block_size").unwrap_or(0) != 0
+    };
+    if !graph.node.iter().any(is_blocked) {
+        return Ok(0);
+    }
+    let index: HashMap<&str, usize> =
+        graph.initializer.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let mut folded = Vec::new();
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for node in &graph.node {
+        if !is_blocked(node) {
+            kept.push(node.clone());
+            continue;
+        }
+        let label = if node.name.is_empty() { node.output.first() } else { Some(&node.name) };
+        let init = |ix: usize| -> Result<Option<&pb::TensorProto>> {
+            match node.input.get(ix).filter(|s| !s.is_empty()) {
+                None => Ok(None),
+                Some(name) => index.get(name.as_str()).map(|&i| Some(&graph.initializer[i])).with_context(
+                    || format!("input {name:?} is not an initializer; only constant weights can be dequantized"),
+                ),
+            }
+        };
+        let tensor = dequantize_blocked(node, init(0)?, init(1)?, init(2)?, external)
+            .with_context(|| format!("blocked DequantizeLinear {label:?}"))?;
+        folded.push(tensor);
+    }
+    drop(index);
+    let count = folded.len();
+    graph.node = kept;
+    graph.initializer.extend(folded);
+
+    // Drop the int8 weights and scales nothing reads any more, so tract never loads them.
+    let used: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter())
+        .chain(graph.output.iter().map(|o| &o.name))
+        .cloned()
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
+    Ok(count)
+}
+
+/// The f32 initializer replacing one blocked `DequantizeLinear` node.
+fn dequantize_blocked(
+    node: &pb::NodeProto,
+    x: Option<&pb::TensorProto>,
+    scale: Option<&pb::TensorProto>,
+    zero_point: Option<&pb::TensorProto>,
+    external: &ExternalData,
+) -> Result<pb::TensorProto> {
+    let x = x.context("missing input x")?;
+    let scale = scale.context("missing input x_scale")?;
+    let output = node.output.first().filter(|s| !s.is_empty()).context("no output")?;
+    let block = usize::try_from(int_attr(node, "block_size").unwrap_or(0))
+        .ok()
+        .filter(|&b| b > 0)
+        .context("block_size must be positive")?;
+    let rank = x.dims.len() as i64;
+    let axis = int_attr(node, "axis").unwrap_or(1);
+    let axis = if axis < 0 { axis + rank } else { axis };
+    ensure!((0..rank).contains(&axis), "axis {axis} out of range for rank {rank}");
+    let axis = axis as usize;
+    if let Some(dt) = int_attr(node, "output_dtype").filter(|&d| d != 0) {
+        ensure!(dt == DataType::Float as i64, "output_dtype {dt} is not float32");
+    }
+
+    let dims: Vec<usize> = x.dims.iter().map(|&d| d as usize).collect();
+    let blocks = dims[axis].div_ceil(block);
+    let mut scale_dims = dims.clone();
+    scale_dims[axis] = blocks;
+    let scale_shape: Vec<i64> = scale_dims.iter().map(|&d| d as i64).collect();
+    ensure!(
+        scale.dims == scale_shape,
+        "x_scale has shape {:?}, expected {scale_shape:?} for x {:?} with block_size {block}",
+        scale.dims,
+        x.dims
+    );
+
+    let q = tensor_ints(x, external)?; // dims
+    let s = tensor_floats(scale, external)?; // scale_dims
+    let z = match zero_point {
+        Some(zp) => {
+            ensure!(zp.dims == scale.dims, "x_zero_point shape {:?} differs from x_scale's", zp.dims);
+            ensure!(zp.data_type == x.data_type, "x_zero_point type differs from x's");
+            tensor_ints(zp, external)?
+        }
+        None => vec![0; s.len()],
+    };
+
+    let outer: usize = dims[..axis].iter().product();
+    let len = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let mut y = Vec::with_capacity(q.len()); // dims
+    for o in 0..outer {
+        for a in 0..len {
+            let row = (o * blocks + a / block) * inner;
+            let base = (o * len + a) * inner;
+            for i in 0..inner {
+                let j = row + i;
+                y.push((q[base + i] - z[j]) as f32 * s[j]);
+            }
+        }
+    }
+    Ok(pb::TensorProto {
+        name: output.clone(),
+        dims: x.dims.clone(),
+        data_type: DataType::Float as i32,
+        raw_data: y.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    })
+}
+
+/// Gives the batch dimension of every graph input and output the value 1.
+///
+/// Optimum names it `batch_size`; whatever its name, it is the first dim of `input_ids`.
+/// Pinning it in the protobuf means tract never sees it as a symbol.
+fn pin_batch_to_one(graph: &mut pb::GraphProto) -> Result<()> {
+    use pb::tensor_shape_proto::dimension::Value;
+    fn dims(v: &mut pb::ValueInfoProto) -> Option<&mut Vec<pb::tensor_shape_proto::Dimension>> {
+        match v.r#type.as_mut()?.value.as_mut()? {
+            pb::type_proto::Value::TensorType(t) => Some(&mut t.shape.as_mut()?.dim),
+        }
+    }
+    let input_ids = graph
+        .input
+        .iter_mut()
+        .find(|i| i.name == "input_ids")
+        .context("no `input_ids` input: not a decoder export")?;
+    let batch = match dims(input_ids).and_then(|d| d.first()).and_then(|d| d.value.clone()) {
+        Some(Value::DimParam(name)) => name,
+        Some(Value::DimValue(1)) => return Ok(()),
+        other => bail!("`input_ids` has batch dimension {other:?}; expected a symbol or 1"),
+    };
+    for v in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
+        for d in dims(v).into_iter().flatten() {
+            if d.value.as_ref() == Some(&Value::DimParam(batch.clone())) {
+                d.value = Some(Value::DimValue(1));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The graph's input and output names in tract's order (initializers are not inputs).
+struct IoNames {
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+impl IoNames {
+    fn of(graph: &pb::GraphProto) -> Result<IoNames> {
+        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        Ok(IoNames {
+            inputs: graph
+                .input
+                .iter()
+                .filter(|i| !initializers.contains(i.name.as_str()))
+                .map(|i| i.name.clone())
+                .collect(),
+            outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
+        })
+    }
+
+    /// Matches names to roles, and checks the cache tensors against the config.
+    fn bind(&self, model: &TypedModel, config: &Config) -> Result<Bindings> {
+        ensure!(
+            model.inputs.len() == self.inputs.len() && model.outputs.len() == self.outputs.len(),
+            "tract sees {} inputs and {} outputs, the graph declares {} and {}",
+            model.inputs.len(),
+            model.outputs.len(),
+            self.inputs.len(),
+            self.outputs.len()
+        );
+        for (ix, name) in self.inputs.iter().enumerate() {
+            let node = &model.node(model.inputs[ix].node).name;
+            ensure!(node == name, "input {ix} is {node:?} in tract but {name:?} in the graph");
+        }
+        let layers = config.num_hidden_layers;
+        let mut past = vec![(None, None); layers];
+        let (mut input_ids, mut attention_mask, mut position_ids) = (None, None, None);
+        for (ix, name) in self.inputs.iter().enumerate() {
+            match name.as_str() {
+                "input_ids" => input_ids = Some(ix),
+                "attention_mask" => attention_mask = Some(ix),
+                "position_ids" => position_ids = Some(ix),
+                _ => {
+                    let slot = cache_slot(name, "past_key_values.", layers)
+                        .with_context(|| format!("unexpected input {name:?}"))?;
+                    set_once(&mut past, slot, ix, name)?;
+                }
+            }
+        }
+        let mut present = vec![(None, None); layers];
+        let mut logits = None;
+        for (ix, name) in self.outputs.iter().enumerate() {
+            if name == "logits" {
+                logits = Some(ix);
+            } else if let Some(slot) = cache_slot(name, "present.", layers) {
+                set_once(&mut present, slot, ix, name)?;
+            }
+        }
+        let complete = |v: Vec<(Option<usize>, Option<usize>)>, what: &str| {
+            v.into_iter()
+                .enumerate()
+                .map(|(layer, kv)| match kv {
+                    (Some(k), Some(v)) => Ok((k, v)),
+                    _ => bail!("missing {what}.{layer}.key or .value ({layers} layers in config)"),
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let past = complete(past, "past_key_values")?;
+        let present = complete(present, "present")?;
+        let input_ids = input_ids.context("no `input_ids` input")?;
+        let logits = logits.context("no `logits` output")?;
+
+        let fact = model.input_fact(past[0].0)?;
+        ensure!(
+            fact.datum_type == f32::datum_type() && fact.rank() == 4,
+            "past_key_values.0.key is {fact:?}, expected f32 (batch, kv_heads, past, head_dim)"
+        );
+        let kv_heads = fact.shape[1].as_i64().map(|d| d as usize).context("kv_heads is not a number")?;
+        let head_dim = fact.shape[3].as_i64().map(|d| d as usize).context("head_dim is not a number")?;
+        ensure!(
+            kv_heads == config.num_key_value_heads && head_dim == config.head_dim,
+            "the cache has {kv_heads} heads of {head_dim}, config.json says {} of {}",
+            config.num_key_value_heads,
+            config.head_dim
+        );
+        let logits_fact = model.output_fact(logits)?;
+        if let Some(vocab) = logits_fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize) {
+            ensure!(
+                vocab == config.vocab_size,
+                "logits are {vocab} wide, config.json says vocab_size {}",
+                config.vocab_size
+            );
+        }
+        Ok(Bindings {
+            inputs: self.inputs.len(),
+            input_ids,
+            attention_mask,
+            position_ids,
+            past,
+            logits,
+            present,
+            kv_heads,
+            head_dim,
+        })
+    }
+}
+
+/// `(layer, is_value)` of a name like `past_key_values.3.value`.
+fn cache_slot(name: &str, prefix: &str, layers: usize) -> Option<(usize, bool)> {
+    let (layer, kind) = name.strip_prefix(prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok().filter(|&l| l < layers)?;
+    match kind {
+        "key" => Some((layer, false)),
+        "value" => Some((layer, true)),
+        _ => None,
+    }
+}
+
+fn set_once(
+    table: &mut [(Option<usize>, Option<usize>)],
+    (layer, is_value): (usize, bool),
+    ix: usize,
+    name: &str,
+) -> Result<()> {
+    let slot = if is_value { &mut table[layer].1 } else { &mut table[layer].0 };
+    ensure!(slot.replace(ix).is_none(), "{name:?} appears twice");
+    Ok(())
+}
+
+/// Parses the (pre-passed) protobuf with tract and types it.
+fn to_typed(proto: &pb::ModelProto, dir: &Path, external: ExternalData) -> Result<TypedModel> {
+    let has_external = external.root.is_some();
+    let mut onnx = tract_onnx::onnx();
+    onnx.provider = Arc::new(external);
+    let dir = match dir.to_str() {
+        Some(dir) => Some(dir),
+        None if has_external => bail!("the bundle path {dir:?} is not valid UTF-8"),
+        None => None,
+    };
+    let parsed = onnx.parse(proto, dir)?;
+    ensure!(
+        parsed.unresolved_inputs.is_empty(),
+        "unresolved inputs: {:?}",
+        parsed.unresolved_inputs
+    );
+    Ok(parsed.model.into_typed()?)
+}
+
+/// Builds the runnable plan with a thread pool of `threads` (0 = all cores).
+fn make_plan(model: TypedModel, threads: usize) -> Result<Arc<Plan>> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let executor = if threads > 1 {
+        multithread::Executor::multithread_with_name(threads, "edgelm")
+    } else {
+        multithread::Executor::SingleThread
+    };
+    let stale = per_step_constants(&model);
+    if !stale.is_empty() {
+        log::warn!("{} nodes recompute constants every step: {stale:?}", stale.len());
+    }
+    let options = RunOptions { executor: Some(executor), ..Default::default() };
+    Ok(SimplePlan::new_with_options(model, &options)?)
+}
+
+/// Nodes whose inputs are all constants, i.e. work the plan would redo on every forward.
+fn per_step_constants(model: &TypedModel) -> Vec<String> {
+    let is_const = |id: usize| model.node(id).op_is::<Const>();
+    model
+        .nodes()
+        .iter()
+        .filter(|n| {
+            !n.inputs.is_empty()
+                && !n.op_is::<Const>()
+                && !n.op_is::<TypedSource>()
+                && n.inputs.iter().all(|i| is_const(i.node))
+        })
+        .map(|n| format!("{} ({})", n.name, n.op.name()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_external() -> ExternalData {
+        ExternalData { root: None, files: HashMap::new() }
+    }
+
+    fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        let dim = dims
+            .iter()
+            .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+            .collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn int_attribute(name: &str, i: i64) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i,
+            ..Default::default()
+        }
+    }
+
+    fn initializer(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: data_type as i32,
+            raw_data: raw,
+            ..Default::default()
+        }
+    }
+
+    /// Blocked int8 weights of a linear layer: q (n, k), scale and zero point (n, ceil(k/32)).
+    struct Blocked {
+        n: usize,
+        k: usize,
+        q: Vec<i8>,
+        scale: Vec<f32>,
+        zero: Option<Vec<i8>>,
+    }
+
+    impl Blocked {
+        /// Values chosen so every product and sum is exact in f32: small integers times
+        /// powers of two.
+        fn new(n: usize, k: usize, with_zero: bool) -> Blocked {
+            let blocks = k.div_ceil(32);
+            let q = (0..n * k).map(|i| ((i * 7 + 3) % 31) as i8 - 15).collect();
+            let scale = (0..n * blocks).map(|i| [0.5, 0.25, 0.125, 1.0][i % 4]).collect();
+            let zero = with_zero.then(|| (0..n * blocks).map(|i| (i % 5) as i8 - 2).collect());
+            Blocked { n, k, q, scale, zero }
+        }
+
+        fn dequantized(&self, row: usize, col: usize) -> f32 {
+            let b = row * self.k.div_ceil(32) + col / 32;
+            let z = self.zero.as_ref().map_or(0, |z| z[b]);
+            (f32::from(self.q[row * self.k + col]) - f32::from(z)) * self.scale[b]
+        }
+
+        /// x (1, k) → DequantizeLinear(block_size 32) → Transpose → MatMul → y (1, n).
+        fn linear_model(&self) -> pb::ModelProto {
+            let blocks = self.k.div_ceil(32);
+            let mut initializers = vec![
+                initializer("w_q", &[self.n, self.k], DataType::Int8, self.q.iter().map(|&v| v as u8).collect()),
+                initializer(
+                    "w_scale",
+                    &[self.n, blocks],
+                    DataType::Float,
+                    self.scale.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+            ];
+            let mut dq_inputs = vec!["w_q".to_string(), "w_scale".to_string()];
+            if let Some(zero) = &self.zero {
+                initializers.push(initializer(
+                    "w_zero",
+                    &[self.n, blocks],
+                    DataType::Int8,
+                    zero.iter().map(|&v| v as u8).collect(),
+                ));
+                dq_inputs.push("w_zero".into());
+            }
+            let node = |op: &str, inputs: Vec<String>, output: &str, attribute| pb::NodeProto {
+                op_type: op.into(),
+                name: format!("{op}_0"),
+                input: inputs,
+                output: vec![output.into()],
+                attribute,
+                ..Default::default()
+            };
+            let perm = pb::AttributeProto {
+                name: "perm".into(),
+                r#type: pb::attribute_proto::AttributeType::Ints as i32,
+                ints: vec![1, 0],
+                ..Default::default()
+            };
+            pb::ModelProto {
+                ir_version: 10,
+                opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 21 }],
+                graph: Some(pb::GraphProto {
+                    node: vec![
+                        node(
+                            "DequantizeLinear",
+                            dq_inputs,
+                            "w",
+                            vec![int_attribute("axis", 1), int_attribute("block_size", 32)],
+                        ),
+                        node("Transpose", vec!["w".into()], "w_t", vec![perm]),
+                        node("MatMul", vec!["x".into(), "w_t".into()], "y", vec![]),
+                    ],
+                    initializer: initializers,
+                    input: vec![value_info("x", &[1, self.k as i64])],
+                    output: vec![value_info("y", &[1, self.n as i64])],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+    }
+
+    fn run_linear(blocked: &Blocked) -> (Vec<f32>, Vec<f32>) {
+        let mut proto = blocked.linear_model();
+        let graph = proto.graph.as_mut().unwrap();
+        assert_eq!(rewrite_blocked_dequantize(graph, &no_external()).unwrap(), 1);
+        assert!(graph.node.iter().all(|n| n.op_type != "DequantizeLinear"));
+        let names: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["w"], "the int8 weights and scales are dropped");
+
+        let model = to_typed(&proto, Path::new("."), no_external()).unwrap();
+        let plan = make_plan(model.into_optimized().unwrap(), 1).unwrap();
+        let x: Vec<f32> = (0..blocked.k).map(|i| (i % 9) as f32 - 4.0).collect(); // (1, k)
+        let out = plan.run(tvec![Tensor::from_shape(&[1, blocked.k], &x).unwrap().into()]).unwrap();
+        let got = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec(); // (1, n)
+        let want = (0..blocked.n)
+            .map(|row| (0..blocked.k).map(|col| x[col] * blocked.dequantized(row, col)).sum())
+            .collect();
+        (got, want)
+    }
+
+    #[test]
+    fn blocked_dequantize_linear_k64_matches_hand_computed() {
+        let (got, want) = run_linear(&Blocked::new(5, 64, true));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn blocked_dequantize_linear_k80_ragged_last_block() {
+        let (got, want) = run_linear(&Blocked::new(5, 80, true));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn blocked_dequantize_without_zero_point() {
+        let (got, want) = run_linear(&Blocked::new(3, 80, false));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn blocked_dequantize_values_follow_onnx_semantics() {
+        let blocked = Blocked::new(2, 80, true);
+        let mut proto = blocked.linear_model();
+        let graph = proto.graph.as_mut().unwrap();
+        rewrite_blocked_dequantize(graph, &no_external()).unwrap();
+        let w = tensor_floats(&graph.initializer[0], &no_external()).unwrap(); // (n, k)
+        assert_eq!(graph.initializer[0].dims, [2, 80]);
+        for row in 0..2 {
+            for col in 0..80 {
+                assert_eq!(w[row * 80 + col], blocked.dequantized(row, col), "({row}, {col})");
+            }
+        }
+        // Column 79 sits in the third, ragged block (64..80).
+        let b = 2 * 3 - 1;
+        let zero = blocked.zero.as_ref().unwrap()[b];
+        assert_eq!(w[79 + 80], (f32::from(blocked.q[80 + 79]) - f32::from(zero)) * blocked.scale[b]);
+    }
+
+    #[test]
+    fn blocked_dequantize_rejects_a_wrong_scale_shape() {
+        let mut blocked = Blocked::new(2, 64, false);
+        blocked.k = 80; // scales for 2 blocks, weights needing 3
+        blocked.q.resize(2 * 80, 0);
+        blocked.scale.truncate(2 * 2);
+        let mut proto = blocked.linear_model();
+        let graph = proto.graph.as_mut().unwrap();
+        for t in &mut graph.initializer {
+            if t.name == "w_scale" {
+                t.dims = vec![2, 2];
+            }
+        }
+        let err = format!("{:#}", rewrite_blocked_dequantize(graph, &no_external()).unwrap_err());
+        assert!(err.contains("x_scale has shape [2, 2], expected [2, 3]"), "{err}");
+    }
+
+    #[test]
+    fn cache_slots_are_parsed() {
+        assert_eq!(cache_slot("past_key_values.1.value", "past_key_values.", 2), Some((1, true)));
+        assert_eq!(cache_slot("present.0.key", "present.", 2), Some((0, false)));
+        assert_eq!(cache_slot("present.2.key", "present.", 2), None);
+        assert_eq!(cache_slot("present.0.query", "present.", 2), None);
+    }
+}

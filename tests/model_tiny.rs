@@ -1,0 +1,385 @@
+//! The loader and KV-cache forward against the tiny models' Hugging Face references
+//! (`tests/fixtures/*/reference.json`, recorded with transformers in f32).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use edgelm::model::{ForwardError, LoadOptions, Model, State};
+use prost::Message;
+use serde::Deserialize;
+use tract_onnx::pb;
+
+#[derive(Deserialize)]
+struct Reference {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>, // (ids, vocab)
+    greedy: Vec<Greedy>,
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+}
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+}
+
+fn reference(model: &str) -> Reference {
+    let text = fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load(bundle: &str) -> Model {
+    Model::load(&fixture(bundle), &LoadOptions { threads: 1 }).unwrap()
+}
+
+/// A fresh scratch directory under cargo's per-target tmp dir.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("model_tiny-{name}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn copy_bundle(from: &str, to: &Path, files: &[&str]) {
+    for f in files {
+        fs::copy(fixture(from).join(f), to.join(f)).unwrap();
+    }
+}
+
+/// First index of the maximum, like `torch.argmax`.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
+    state.reset();
+    let mut logits = state.forward(prompt).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        out.push(next);
+        logits = state.forward(&[next]).unwrap();
+    }
+    out
+}
+
+fn check_one_pass_logits(model_name: &str) {
+    let model = load(&format!("{model_name}/onnx-f32"));
+    let reference = reference(model_name);
+    let vocab = model.config().vocab_size;
+    let mut state = model.new_state();
+    let logits = state.forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    assert_eq!(state.len(), reference.ids.len());
+    let want: Vec<f32> = reference.logits.concat();
+    assert_eq!(logits.len(), reference.ids.len() * vocab);
+    let diff = max_abs_diff(&logits, &want);
+    eprintln!("{model_name} f32: max |logits - reference| = {diff:e}");
+    assert!(diff <= 1e-4, "{model_name}: max abs diff {diff}");
+}
+
+fn check_incremental_equals_one_pass(model_name: &str) {
+    let model = load(&format!("{model_name}/onnx-f32"));
+    let ids = reference(model_name).ids;
+    let vocab = model.config().vocab_size;
+    let one_pass = model.new_state().forward_all(&ids).unwrap(); // (ids, vocab)
+
+    let half = ids.len() / 2;
+    let mut state = model.new_state();
+    let prefill = state.forward_all(&ids[..half]).unwrap(); // (half, vocab)
+    let mut diff = max_abs_diff(&prefill, &one_pass[..half * vocab]);
+    for (pos, &id) in ids.iter().enumerate().skip(half) {
+        let row = state.forward(&[id]).unwrap(); // (vocab)
+        assert_eq!(state.len(), pos + 1);
+        diff = diff.max(max_abs_diff(&row, &one_pass[pos * vocab..(pos + 1) * vocab]));
+    }
+    eprintln!("{model_name} f32: max |incremental - one pass| = {diff:e}");
+    assert!(diff <= 1e-4, "{model_name}: max abs diff {diff}");
+}
+
+fn check_greedy(model_name: &str) {
+    let model = load(&format!("{model_name}/onnx-f32"));
+    let mut state = model.new_state();
+    for g in reference(model_name).greedy {
+        let got = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
+        assert_eq!(got, g.generated_ids, "{model_name}: prompt {:?}", g.prompt);
+    }
+}
+
+#[test]
+fn llama_f32_one_pass_logits_match_reference() {
+    check_one_pass_logits("tiny-llama");
+}
+
+#[test]
+fn gpt2_f32_one_pass_logits_match_reference() {
+    check_one_pass_logits("tiny-gpt2");
+}
+
+#[test]
+fn llama_f32_incremental_logits_equal_one_pass() {
+    check_incremental_equals_one_pass("tiny-llama");
+}
+
+#[test]
+fn gpt2_f32_incremental_logits_equal_one_pass() {
+    check_incremental_equals_one_pass("tiny-gpt2");
+}
+
+#[test]
+fn llama_f32_greedy_matches_reference() {
+    check_greedy("tiny-llama");
+}
+
+#[test]
+fn gpt2_f32_greedy_matches_reference() {
+    check_greedy("tiny-gpt2");
+}
+
+/// Top-1 agreement of the int8 (`MatMulInteger`) bundle with the f32 one, teacher-forced on
+/// the reference ids and on every greedy prompt + continuation.
+fn int8_top1_agreement(model_name: &str) -> f64 {
+    let f32_model = load(&format!("{model_name}/onnx-f32"));
+    let int8_model = load(&format!("{model_name}/onnx-int8"));
+    let vocab = f32_model.config().vocab_size;
+    let reference = reference(model_name);
+    let mut sequences = vec![reference.ids.clone()];
+    sequences.extend(reference.greedy.iter().map(|g| [&g.prompt_ids[..], &g.generated_ids[..]].concat()));
+
+    let (mut agree, mut total) = (0, 0);
+    for ids in &sequences {
+        let want = f32_model.new_state().forward_all(ids).unwrap(); // (ids, vocab)
+        let got = int8_model.new_state().forward_all(ids).unwrap(); // (ids, vocab)
+        for (w, g) in want.chunks(vocab).zip(got.chunks(vocab)) {
+            agree += usize::from(argmax(w) == argmax(g));
+            total += 1;
+        }
+    }
+    let mut state = int8_model.new_state();
+    for g in &reference.greedy {
+        let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
+        eprintln!("{model_name} int8 greedy {:?}: {tokens:?} (f32: {:?})", g.prompt, g.generated_ids);
+    }
+    let rate = agree as f64 / total as f64;
+    eprintln!("{model_name} int8: top-1 agreement with f32 {agree}/{total} = {rate:.3}");
+    rate
+}
+
+#[test]
+fn llama_int8_runs_and_mostly_agrees_with_f32() {
+    assert!(int8_top1_agreement("tiny-llama") >= 0.9);
+}
+
+#[test]
+fn gpt2_int8_runs_and_mostly_agrees_with_f32() {
+    assert!(int8_top1_agreement("tiny-gpt2") >= 0.9);
+}
+
+#[test]
+fn reset_forgets_the_conversation() {
+    let model = load("tiny-llama/onnx-f32");
+    let ids = reference("tiny-llama").ids;
+    let mut state = model.new_state();
+    let first = state.forward(&ids[..5]).unwrap();
+    state.forward(&ids[5..8]).unwrap();
+    state.reset();
+    assert_eq!(state.len(), 0);
+    assert_eq!(state.forward(&ids[..5]).unwrap(), first);
+}
+
+#[test]
+fn forward_errors_are_typed_and_leave_the_cache_alone() {
+    let model = load("tiny-gpt2/onnx-f32");
+    let config = model.config().clone();
+    let mut state = model.new_state();
+    let err = state.forward(&[]).unwrap_err();
+    assert_eq!(err.downcast_ref::<ForwardError>(), Some(&ForwardError::Empty));
+
+    state.forward(&[1, 2, 3]).unwrap();
+    let bad = config.vocab_size as u32;
+    let err = state.forward(&[4, bad]).unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<ForwardError>(),
+        Some(&ForwardError::TokenOutOfRange { token: bad, vocab_size: config.vocab_size })
+    );
+    let too_many = vec![5; config.max_position_embeddings - 2];
+    let err = state.forward(&too_many).unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<ForwardError>(),
+        Some(&ForwardError::ContextFull { cached: 3, new: too_many.len(), max: config.max_position_embeddings })
+    );
+    assert_eq!(state.len(), 3);
+}
+
+#[test]
+fn fills_the_whole_context() {
+    let model = load("tiny-gpt2/onnx-f32");
+    let max = model.config().max_position_embeddings;
+    let mut state = model.new_state();
+    state.forward(&vec![7; max - 1]).unwrap();
+    state.forward(&[8]).unwrap();
+    assert_eq!(state.len(), max);
+}
+
+// ---- load errors: one line, naming the path ----
+
+fn load_error(dir: &Path) -> String {
+    let err = Model::load(dir, &LoadOptions::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(!msg.contains('\n'), "one line: {msg:?}");
+    msg
+}
+
+const CONFIGS: &[&str] = &["config.json", "generation_config.json"];
+
+#[test]
+fn missing_directory() {
+    let msg = load_error(Path::new("/nonexistent/edgelm-bundle"));
+    assert!(msg.contains("\"/nonexistent/edgelm-bundle\""), "{msg}");
+}
+
+#[test]
+fn missing_model_onnx() {
+    let dir = scratch("missing-model");
+    copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
+    let msg = load_error(&dir);
+    assert!(msg.contains("model.onnx") && msg.contains("opening"), "{msg}");
+}
+
+#[test]
+fn missing_config_json() {
+    let dir = scratch("missing-config");
+    copy_bundle("tiny-llama/onnx-f32", &dir, &["model.onnx"]);
+    let msg = load_error(&dir);
+    assert!(msg.contains("config.json"), "{msg}");
+}
+
+#[test]
+fn not_an_onnx_file() {
+    for (name, bytes) in [
+        ("text", b"this is not a protobuf, just some text\n".to_vec()),
+        ("json", b"{\"hello\": [1, 2, 3]}".to_vec()),
+        ("empty", Vec::new()),
+    ] {
+        let dir = scratch(&format!("not-onnx-{name}"));
+        copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
+        fs::write(dir.join("model.onnx"), bytes).unwrap();
+        let msg = load_error(&dir);
+        assert!(msg.contains("model.onnx") && msg.contains("not a valid ONNX model"), "{msg}");
+    }
+}
+
+#[test]
+fn truncated_model_onnx() {
+    let bytes = fs::read(fixture("tiny-llama/onnx-f32/model.onnx")).unwrap();
+    for cut in [bytes.len() / 3, bytes.len() - 1] {
+        let dir = scratch(&format!("truncated-{cut}"));
+        copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
+        fs::write(dir.join("model.onnx"), &bytes[..cut]).unwrap();
+        let msg = load_error(&dir);
+        assert!(msg.contains("model.onnx"), "{msg}");
+    }
+}
+
+// ---- external data ----
+
+/// Rewrites the tiny Llama bundle with every initializer of 1 KiB or more moved to
+/// `weights.bin`; `edit` may then tamper with the external references.
+fn external_bundle(name: &str, edit: impl Fn(usize, &mut pb::TensorProto)) -> PathBuf {
+    let dir = scratch(name);
+    copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
+    let bytes = fs::read(fixture("tiny-llama/onnx-f32/model.onnx")).unwrap();
+    let mut proto = pb::ModelProto::decode(&*bytes).unwrap();
+    let mut weights = Vec::new();
+    let mut moved = 0;
+    for t in &mut proto.graph.as_mut().unwrap().initializer {
+        if t.raw_data.len() < 1024 {
+            continue;
+        }
+        let entry = |key: &str, value: String| pb::StringStringEntryProto { key: key.into(), value };
+        t.external_data = vec![
+            entry("location", "weights.bin".into()),
+            entry("offset", weights.len().to_string()),
+            entry("length", t.raw_data.len().to_string()),
+        ];
+        t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
+        weights.append(&mut t.raw_data);
+        edit(moved, t);
+        moved += 1;
+    }
+    assert!(moved > 10);
+    fs::write(dir.join("weights.bin"), weights).unwrap();
+    fs::write(dir.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    dir
+}
+
+fn set_entry(t: &mut pb::TensorProto, key: &str, value: &str) {
+    t.external_data.iter_mut().find(|e| e.key == key).unwrap().value = value.into();
+}
+
+#[test]
+fn external_data_loads_and_matches_reference() {
+    let dir = external_bundle("external-ok", |_, _| {});
+    let model = Model::load(&dir, &LoadOptions { threads: 1 }).unwrap();
+    let reference = reference("tiny-llama");
+    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    assert!(max_abs_diff(&logits, &reference.logits.concat()) <= 1e-4);
+}
+
+#[test]
+fn external_data_absolute_path_is_rejected() {
+    let dir = external_bundle("external-absolute", |i, t| {
+        if i == 3 {
+            set_entry(t, "location", "/etc/passwd");
+        }
+    });
+    let msg = load_error(&dir);
+    assert!(msg.contains("\"/etc/passwd\" must be a relative path inside the bundle"), "{msg}");
+}
+
+#[test]
+fn external_data_escaping_the_bundle_is_rejected() {
+    let dir = external_bundle("external-escape", |i, t| {
+        if i == 3 {
+            set_entry(t, "location", "../external-escape/weights.bin");
+        }
+    });
+    let msg = load_error(&dir);
+    assert!(msg.contains("must be a relative path inside the bundle"), "{msg}");
+}
+
+#[test]
+fn external_data_past_the_end_is_rejected() {
+    let dir = external_bundle("external-past-end", |i, t| {
+        if i == 5 {
+            set_entry(t, "offset", "100000000");
+        }
+    });
+    let msg = load_error(&dir);
+    assert!(msg.contains("is past the end of \"weights.bin\""), "{msg}");
+}
+
+#[test]
+fn external_data_length_must_match_the_tensor() {
+    let dir = external_bundle("external-length", |i, t| {
+        if i == 5 {
+            set_entry(t, "length", "12");
+        }
+    });
+    let msg = load_error(&dir);
+    assert!(msg.contains("external length 12 but the tensor needs"), "{msg}");
+}
