@@ -135,11 +135,11 @@ pub fn generate(
         }
         let piece = stream.push(tokenizer, id)?.unwrap_or_default();
         let outcome = stops.push(&sanitize(&piece));
-        if on_token(Some(id), &outcome.emit) == Flow::Stop {
+        if on_token(Some(id), &outcome.text) == Flow::Stop {
             reason = StopReason::Cancelled;
             break;
         }
-        if outcome.stopped {
+        if outcome.stopped() {
             reason = StopReason::Stop;
             break;
         }
@@ -152,8 +152,9 @@ pub fn generate(
         // Release what was held back (an incomplete character or a partial stop string).
         let mut tail = stream.flush(tokenizer)?.map(|t| sanitize(&t).into_owned()).unwrap_or_default();
         let outcome = stops.push(&tail);
-        tail = outcome.emit;
-        if !outcome.stopped {
+        let stopped = outcome.stopped();
+        tail = outcome.text;
+        if !stopped {
             tail.push_str(&stops.finish());
         } else {
             reason = StopReason::Stop;

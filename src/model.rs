@@ -134,6 +134,7 @@ impl Model {
         pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
         let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
 
+        cap_opset(&mut proto);
         let typed = to_typed(&proto, dir, external)
             .with_context(|| format!("analysing {model_path:?}"))?;
         drop(proto);
@@ -565,6 +566,7 @@ fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalDat
     let count = folded.len();
     graph.node = kept;
     graph.initializer.extend(folded);
+    fold_weight_transposes(graph);
 
     // Drop the int8 weights and scales nothing reads any more, so tract never loads them.
     let used: HashSet<String> = graph
@@ -576,6 +578,71 @@ fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalDat
         .collect();
     graph.initializer.retain(|t| used.contains(&t.name));
     Ok(count)
+}
+
+/// Replaces `Transpose(perm=[1,0])` of a 2-D f32 initializer by the transposed initializer.
+///
+/// Our int8 bundles write `DequantizeLinear -> Transpose -> MatMul`; once the dequantization
+/// is folded, tract would otherwise re-pack the transposed matrix on every step (the tied LM
+/// head shares its constant with the embedding `Gather`, so it is not folded at load).
+fn fold_weight_transposes(graph: &mut pb::GraphProto) {
+    let mut index: HashMap<String, usize> =
+        graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for node in std::mem::take(&mut graph.node) {
+        let source = (node.op_type == "Transpose" && node.output.len() == 1)
+            .then(|| node.input.first().and_then(|i| index.get(i)).copied())
+            .flatten()
+            .map(|i| &graph.initializer[i]);
+        let perm = node.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints.as_slice());
+        let transposed = match (source, perm) {
+            (Some(t), Some([1, 0])) => transpose_f32(t, &node.output[0]),
+            _ => None,
+        };
+        match transposed {
+            Some(t) => {
+                index.insert(t.name.clone(), graph.initializer.len());
+                graph.initializer.push(t);
+            }
+            None => kept.push(node),
+        }
+    }
+    graph.node = kept;
+}
+
+/// A 2-D f32 tensor with raw data, transposed under a new name.
+fn transpose_f32(t: &pb::TensorProto, name: &str) -> Option<pb::TensorProto> {
+    let (rows, cols) = match t.dims.as_slice() {
+        [r, c] => (usize::try_from(*r).ok()?, usize::try_from(*c).ok()?),
+        _ => return None,
+    };
+    if t.data_type != DataType::Float as i32 || t.raw_data.len() != rows * cols * 4 {
+        return None;
+    }
+    let mut out = vec![0u8; t.raw_data.len()]; // (cols, rows)
+    for r in 0..rows {
+        for c in 0..cols {
+            let (src, dst) = ((r * cols + c) * 4, (c * rows + r) * 4);
+            out[dst..dst + 4].copy_from_slice(&t.raw_data[src..src + 4]);
+        }
+    }
+    Some(pb::TensorProto {
+        name: name.to_string(),
+        dims: vec![cols as i64, rows as i64],
+        data_type: t.data_type,
+        raw_data: out,
+        ..Default::default()
+    })
+}
+
+/// Declares opset 18 to tract when the graph asks for more: blocked `DequantizeLinear` (the
+/// reason our bundles say 21) is gone by now, and the ops we write mean the same in 18.
+fn cap_opset(proto: &mut pb::ModelProto) {
+    for o in &mut proto.opset_import {
+        if (o.domain.is_empty() || o.domain == "ai.onnx") && o.version > 18 {
+            o.version = 18;
+        }
+    }
 }
 
 /// The f32 initializer replacing one blocked `DequantizeLinear` node.
