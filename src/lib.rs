@@ -12,5 +12,6 @@ pub mod model;
 pub mod quant;
 pub mod run;
 pub mod sampler;
+pub mod stop;
 pub mod template;
 pub mod tokenizer;
