@@ -141,8 +141,11 @@ impl Config {
         let num_attention_heads =
             required("num_attention_heads", raw.num_attention_heads, raw.n_head)?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
-        let max_position_embeddings =
-            required("max_position_embeddings", raw.max_position_embeddings, raw.n_positions)?;
+        let max_position_embeddings = required(
+            "max_position_embeddings",
+            raw.max_position_embeddings,
+            raw.n_positions,
+        )?;
 
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             bail!(
@@ -169,7 +172,9 @@ impl Config {
             bail!("rms_norm_eps ({rms_norm_eps}) is not a non-negative number");
         }
         // transformers' Llama default; GPT-2 has learned positions and no RoPE.
-        let rope_theta = raw.rope_theta.or(if is_gpt2 { None } else { Some(10_000.0) });
+        let rope_theta = raw
+            .rope_theta
+            .or(if is_gpt2 { None } else { Some(10_000.0) });
         if let Some(theta) = rope_theta {
             if !(theta.is_finite() && theta > 0.0) {
                 bail!("rope_theta ({theta}) is not a positive number");
@@ -244,8 +249,11 @@ mod tests {
 
     #[test]
     fn llama_config_is_read_with_generation_eos_union() {
-        let c = Config::from_json(LLAMA, Some(r#"{"eos_token_id": [2, 7], "bos_token_id": 1}"#))
-            .unwrap();
+        let c = Config::from_json(
+            LLAMA,
+            Some(r#"{"eos_token_id": [2, 7], "bos_token_id": 1}"#),
+        )
+        .unwrap();
         assert_eq!(c.model_type, "llama");
         assert_eq!(c.architecture.as_deref(), Some("LlamaForCausalLM"));
         assert_eq!(
@@ -296,10 +304,22 @@ mod tests {
     #[test]
     fn invalid_configs_say_why() {
         let cases = [
-            (LLAMA.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4"), "multiple of num_key_value_heads"),
-            (LLAMA.replace("\"hidden_size\": 576,", ""), "missing hidden_size"),
-            (LLAMA.replace("\"eos_token_id\": 2", "\"eos_token_id\": 49152"), "eos_token_id 49152 is outside"),
-            (LLAMA.replace("\"vocab_size\": 49152", "\"vocab_size\": 0"), "vocab_size is 0"),
+            (
+                LLAMA.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4"),
+                "multiple of num_key_value_heads",
+            ),
+            (
+                LLAMA.replace("\"hidden_size\": 576,", ""),
+                "missing hidden_size",
+            ),
+            (
+                LLAMA.replace("\"eos_token_id\": 2", "\"eos_token_id\": 49152"),
+                "eos_token_id 49152 is outside",
+            ),
+            (
+                LLAMA.replace("\"vocab_size\": 49152", "\"vocab_size\": 0"),
+                "vocab_size is 0",
+            ),
         ];
         for (text, want) in cases {
             let err = format!("{:#}", Config::from_json(&text, None).unwrap_err());

@@ -12,7 +12,6 @@
 //! The KV cache is the graph's own `past_key_values.{i}.key/value` inputs and
 //! `present.{i}.key/value` outputs: each forward feeds the previous presents back as pasts.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Component, Path, PathBuf};
@@ -116,9 +115,11 @@ impl Model {
     /// Loads and optimizes the bundle in `dir`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
         let started = Instant::now();
-        let meta =
-            fs::metadata(dir).with_context(|| format!("opening model directory {dir:?}"))?;
-        ensure!(meta.is_dir(), "opening model directory {dir:?}: not a directory");
+        let meta = fs::metadata(dir).with_context(|| format!("opening model directory {dir:?}"))?;
+        ensure!(
+            meta.is_dir(),
+            "opening model directory {dir:?}: not a directory"
+        );
         let config = Config::load(dir)?;
 
         let model_path = dir.join(MODEL_FILE);
@@ -135,8 +136,8 @@ impl Model {
         let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
 
         cap_opset(&mut proto);
-        let typed = to_typed(&proto, dir, external)
-            .with_context(|| format!("analysing {model_path:?}"))?;
+        let typed =
+            to_typed(&proto, dir, external).with_context(|| format!("analysing {model_path:?}"))?;
         drop(proto);
         let optimized = typed
             .into_optimized()
@@ -152,7 +153,11 @@ impl Model {
             io.past.len(),
             rewritten
         );
-        Ok(Model { plan, io: Arc::new(io), config })
+        Ok(Model {
+            plan,
+            io: Arc::new(io),
+            config,
+        })
     }
 
     /// The bundle's validated configuration.
@@ -216,7 +221,12 @@ impl State {
         }
         if self.len + n > self.max_positions {
             let (cached, max) = (self.len, self.max_positions);
-            return Err(ForwardError::ContextFull { cached, new: n, max }.into());
+            return Err(ForwardError::ContextFull {
+                cached,
+                new: n,
+                max,
+            }
+            .into());
         }
         let io = &*self.io;
         if self.past.is_empty() {
@@ -230,7 +240,8 @@ impl State {
         inputs[io.input_ids] = Some(Tensor::from_shape(&[1, n], &ids)?.into()); // (1, n)
         if let Some(ix) = io.attention_mask {
             let mask = vec![1i64; self.len + n];
-            inputs[ix] = Some(Tensor::from_shape(&[1, self.len + n], &mask)?.into()); // (1, past+n)
+            inputs[ix] = Some(Tensor::from_shape(&[1, self.len + n], &mask)?.into());
+            // (1, past+n)
         }
         if let Some(ix) = io.position_ids {
             let positions: Vec<i64> = (self.len..self.len + n).map(|p| p as i64).collect();
@@ -249,14 +260,25 @@ impl State {
             Some(runner) => runner,
             slot => slot.insert(self.plan.spawn()?),
         };
-        let mut outputs = runner.run(inputs).context("running the model")?;
+        let mut outputs = match runner.run(inputs) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // A failed turn leaves symbol bindings behind in tract's state; start afresh.
+                self.runner = None;
+                return Err(e.context("running the model"));
+            }
+        };
 
         let expected = [1, io.kv_heads, self.len + n, io.head_dim];
         let mut present = Vec::with_capacity(self.past.len());
         for &(k, v) in &io.present {
             for ix in [k, v] {
                 let t = outputs[ix].clone();
-                ensure!(t.shape() == expected, "present has shape {:?}, not {expected:?}", t.shape());
+                ensure!(
+                    t.shape() == expected,
+                    "present has shape {:?}, not {expected:?}",
+                    t.shape()
+                );
                 present.push(t);
             }
         }
@@ -277,8 +299,8 @@ impl State {
 /// Memory-maps and decodes `path`, checking that it looks like an ONNX decoder.
 fn read_model_proto(path: &Path) -> Result<pb::ModelProto> {
     let file = File::open(path).with_context(|| format!("opening {path:?}"))?;
-    // SAFETY: the map is read-only and dropped before this function returns; a concurrent
-    // writer could change bytes under prost, which can at worst make decoding fail.
+    // SAFETY: read-only map, dropped when this function returns; the bundle must not be
+    // modified while loading (a concurrent truncation could fault, as with any mmap reader).
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
     let proto = pb::ModelProto::decode(&*map)
         .map_err(|e| anyhow!("{path:?} is not a valid ONNX model: {e}"))?;
@@ -308,7 +330,8 @@ fn elem_size(data_type: i32) -> Option<usize> {
 fn element_count(t: &pb::TensorProto) -> Result<usize> {
     t.dims.iter().try_fold(1usize, |acc, &d| {
         let d = usize::try_from(d).map_err(|_| anyhow!("tensor {:?} has dim {d}", t.name))?;
-        acc.checked_mul(d).ok_or_else(|| anyhow!("tensor {:?} is too large", t.name))
+        acc.checked_mul(d)
+            .ok_or_else(|| anyhow!("tensor {:?} is too large", t.name))
     })
 }
 
@@ -318,7 +341,10 @@ fn is_external(t: &pb::TensorProto) -> bool {
 
 /// The value of `key` in a tensor's `external_data` entries.
 fn external_entry<'a>(t: &'a pb::TensorProto, key: &str) -> Option<&'a str> {
-    t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str())
+    t.external_data
+        .iter()
+        .find(|e| e.key == key)
+        .map(|e| e.value.as_str())
 }
 
 /// The bundle's external-data files, each memory-mapped once, with every reference checked.
@@ -340,7 +366,9 @@ impl ExternalData {
         if !graph.initializer.iter().any(is_external) {
             return Ok(ExternalData { root: None, files });
         }
-        let root = dir.canonicalize().with_context(|| format!("resolving {dir:?}"))?;
+        let root = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {dir:?}"))?;
         for t in graph.initializer.iter_mut().filter(|t| is_external(t)) {
             let name = t.name.clone();
             let location = external_entry(t, "location")
@@ -363,7 +391,9 @@ impl ExternalData {
                 "tensor {name:?}: external data {location:?} resolves outside the bundle"
             );
             let offset: usize = match external_entry(t, "offset") {
-                Some(s) => s.parse().with_context(|| format!("tensor {name:?}: offset {s:?}"))?,
+                Some(s) => s
+                    .parse()
+                    .with_context(|| format!("tensor {name:?}: offset {s:?}"))?,
                 None => 0,
             };
             let size = elem_size(t.data_type)
@@ -373,8 +403,9 @@ impl ExternalData {
                 .with_context(|| format!("tensor {name:?} is too large"))?;
             match external_entry(t, "length") {
                 Some(s) => {
-                    let length: usize =
-                        s.parse().with_context(|| format!("tensor {name:?}: length {s:?}"))?;
+                    let length: usize = s
+                        .parse()
+                        .with_context(|| format!("tensor {name:?}: length {s:?}"))?;
                     ensure!(
                         length == needed,
                         "tensor {name:?}: external length {length} but the tensor needs {needed} bytes"
@@ -389,23 +420,32 @@ impl ExternalData {
                 let file = File::open(&path).with_context(|| format!("opening {path:?}"))?;
                 // SAFETY: read-only map of a bundle file; the bundle must not be modified while
                 // loading (a concurrent truncation could fault, as with any mmap reader).
-                let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
+                let map =
+                    unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
                 files.insert(path.clone(), map);
             }
             let file_len = files[&path].len();
             ensure!(
-                offset.checked_add(needed).is_some_and(|end| end <= file_len),
+                offset
+                    .checked_add(needed)
+                    .is_some_and(|end| end <= file_len),
                 "tensor {name:?}: external data {offset}..{} is past the end of {location:?} \
                  ({file_len} bytes)",
                 offset.saturating_add(needed)
             );
         }
-        Ok(ExternalData { root: Some(root), files })
+        Ok(ExternalData {
+            root: Some(root),
+            files,
+        })
     }
 
     /// The bytes of a tensor whose external reference `collect` validated.
     fn bytes_of(&self, t: &pb::TensorProto) -> Result<&[u8]> {
-        let root = self.root.as_ref().context("external data was not validated")?;
+        let root = self
+            .root
+            .as_ref()
+            .context("external data was not validated")?;
         let location = external_entry(t, "location").context("no location")?;
         let path = root.join(location).canonicalize()?;
         let offset: usize = external_entry(t, "offset").map_or(Ok(0), str::parse)?;
@@ -440,15 +480,12 @@ impl ModelDataResolver for ExternalData {
     }
 }
 
-/// The raw little-endian bytes of an initializer, wherever they are stored.
-fn raw_bytes<'a>(
-    t: &'a pb::TensorProto,
-    external: &'a ExternalData,
-) -> Result<Option<Cow<'a, [u8]>>> {
+/// The raw little-endian bytes of an initializer, or `None` if it uses the typed fields.
+fn raw_bytes<'a>(t: &'a pb::TensorProto, external: &'a ExternalData) -> Result<Option<&'a [u8]>> {
     if is_external(t) {
-        Ok(Some(Cow::Borrowed(external.bytes_of(t)?)))
+        Ok(Some(external.bytes_of(t)?))
     } else if !t.raw_data.is_empty() {
-        Ok(Some(Cow::Borrowed(&t.raw_data)))
+        Ok(Some(&t.raw_data))
     } else {
         Ok(None)
     }
@@ -474,7 +511,11 @@ fn tensor_ints(t: &pb::TensorProto, external: &ExternalData) -> Result<Vec<i32>>
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-            _ => bail!("tensor {:?}: data type {} is not an integer type", t.name, t.data_type),
+            _ => bail!(
+                "tensor {:?}: data type {} is not an integer type",
+                t.name,
+                t.data_type
+            ),
         },
         None => match dt {
             Some(DataType::Int8) => t.int32_data.iter().map(|&v| i32::from(v as i8)).collect(),
@@ -482,7 +523,11 @@ fn tensor_ints(t: &pb::TensorProto, external: &ExternalData) -> Result<Vec<i32>>
             Some(DataType::Int16) => t.int32_data.iter().map(|&v| i32::from(v as i16)).collect(),
             Some(DataType::Uint16) => t.int32_data.iter().map(|&v| i32::from(v as u16)).collect(),
             Some(DataType::Int32) => t.int32_data.clone(),
-            _ => bail!("tensor {:?}: data type {} is not an integer type", t.name, t.data_type),
+            _ => bail!(
+                "tensor {:?}: data type {} is not an integer type",
+                t.name,
+                t.data_type
+            ),
         },
     };
     ensure!(
@@ -531,7 +576,10 @@ fn int_attr(node: &pb::NodeProto, name: &str) -> Option<i64> {
 ///
 /// tract-onnx 0.23.9 refuses blocked quantization; folded weights let tract constant-fold the
 /// `Transpose`/`MatMul`/`Gather` that follow. Returns the number of nodes replaced.
-fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<usize> {
+fn rewrite_blocked_dequantize(
+    graph: &mut pb::GraphProto,
+    external: &ExternalData,
+) -> Result<usize> {
     let is_blocked = |n: &pb::NodeProto| {
         n.op_type == "DequantizeLinear"
             && (n.domain.is_empty() || n.domain == "ai.onnx")
@@ -540,8 +588,12 @@ fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalDat
     if !graph.node.iter().any(is_blocked) {
         return Ok(0);
     }
-    let index: HashMap<&str, usize> =
-        graph.initializer.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
     let mut folded = Vec::new();
     let mut kept = Vec::with_capacity(graph.node.len());
     for node in &graph.node {
@@ -549,7 +601,11 @@ fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalDat
             kept.push(node.clone());
             continue;
         }
-        let label = if node.name.is_empty() { node.output.first() } else { Some(&node.name) };
+        let label = if node.name.is_empty() {
+            node.output.first()
+        } else {
+            Some(&node.name)
+        };
         let init = |ix: usize| -> Result<Option<&pb::TensorProto>> {
             match node.input.get(ix).filter(|s| !s.is_empty()) {
                 None => Ok(None),
@@ -573,7 +629,7 @@ fn rewrite_blocked_dequantize(graph: &mut pb::GraphProto, external: &ExternalDat
         .node
         .iter()
         .flat_map(|n| n.input.iter())
-        .chain(graph.output.iter().map(|o| &o.name))
+        .chain(graph.output.iter().chain(&graph.input).map(|o| &o.name))
         .cloned()
         .collect();
     graph.initializer.retain(|t| used.contains(&t.name));
@@ -655,7 +711,11 @@ fn dequantize_blocked(
 ) -> Result<pb::TensorProto> {
     let x = x.context("missing input x")?;
     let scale = scale.context("missing input x_scale")?;
-    let output = node.output.first().filter(|s| !s.is_empty()).context("no output")?;
+    let output = node
+        .output
+        .first()
+        .filter(|s| !s.is_empty())
+        .context("no output")?;
     let block = usize::try_from(int_attr(node, "block_size").unwrap_or(0))
         .ok()
         .filter(|&b| b > 0)
@@ -663,10 +723,16 @@ fn dequantize_blocked(
     let rank = x.dims.len() as i64;
     let axis = int_attr(node, "axis").unwrap_or(1);
     let axis = if axis < 0 { axis + rank } else { axis };
-    ensure!((0..rank).contains(&axis), "axis {axis} out of range for rank {rank}");
+    ensure!(
+        (0..rank).contains(&axis),
+        "axis {axis} out of range for rank {rank}"
+    );
     let axis = axis as usize;
     if let Some(dt) = int_attr(node, "output_dtype").filter(|&d| d != 0) {
-        ensure!(dt == DataType::Float as i64, "output_dtype {dt} is not float32");
+        ensure!(
+            dt == DataType::Float as i64,
+            "output_dtype {dt} is not float32"
+        );
     }
 
     let dims: Vec<usize> = x.dims.iter().map(|&d| d as usize).collect();
@@ -685,8 +751,15 @@ fn dequantize_blocked(
     let s = tensor_floats(scale, external)?; // scale_dims
     let z = match zero_point {
         Some(zp) => {
-            ensure!(zp.dims == scale.dims, "x_zero_point shape {:?} differs from x_scale's", zp.dims);
-            ensure!(zp.data_type == x.data_type, "x_zero_point type differs from x's");
+            ensure!(
+                zp.dims == scale.dims,
+                "x_zero_point shape {:?} differs from x_scale's",
+                zp.dims
+            );
+            ensure!(
+                zp.data_type == x.data_type,
+                "x_zero_point type differs from x's"
+            );
             tensor_ints(zp, external)?
         }
         None => vec![0; s.len()],
@@ -731,12 +804,20 @@ fn pin_batch_to_one(graph: &mut pb::GraphProto) -> Result<()> {
         .iter_mut()
         .find(|i| i.name == "input_ids")
         .context("no `input_ids` input: not a decoder export")?;
-    let batch = match dims(input_ids).and_then(|d| d.first()).and_then(|d| d.value.clone()) {
+    let batch = match dims(input_ids)
+        .and_then(|d| d.first())
+        .and_then(|d| d.value.clone())
+    {
         Some(Value::DimParam(name)) => name,
         Some(Value::DimValue(1)) => return Ok(()),
         other => bail!("`input_ids` has batch dimension {other:?}; expected a symbol or 1"),
     };
-    for v in graph.input.iter_mut().chain(graph.output.iter_mut()).chain(graph.value_info.iter_mut()) {
+    for v in graph
+        .input
+        .iter_mut()
+        .chain(graph.output.iter_mut())
+        .chain(graph.value_info.iter_mut())
+    {
         for d in dims(v).into_iter().flatten() {
             if d.value.as_ref() == Some(&Value::DimParam(batch.clone())) {
                 d.value = Some(Value::DimValue(1));
@@ -754,7 +835,8 @@ struct IoNames {
 
 impl IoNames {
     fn of(graph: &pb::GraphProto) -> Result<IoNames> {
-        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let initializers: HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
         Ok(IoNames {
             inputs: graph
                 .input
@@ -778,7 +860,10 @@ impl IoNames {
         );
         for (ix, name) in self.inputs.iter().enumerate() {
             let node = &model.node(model.inputs[ix].node).name;
-            ensure!(node == name, "input {ix} is {node:?} in tract but {name:?} in the graph");
+            ensure!(
+                node == name,
+                "input {ix} is {node:?} in tract but {name:?} in the graph"
+            );
         }
         let layers = config.num_hidden_layers;
         let mut past = vec![(None, None); layers];
@@ -823,8 +908,14 @@ impl IoNames {
             fact.datum_type == f32::datum_type() && fact.rank() == 4,
             "past_key_values.0.key is {fact:?}, expected f32 (batch, kv_heads, past, head_dim)"
         );
-        let kv_heads = fact.shape[1].as_i64().map(|d| d as usize).context("kv_heads is not a number")?;
-        let head_dim = fact.shape[3].as_i64().map(|d| d as usize).context("head_dim is not a number")?;
+        let kv_heads = fact.shape[1]
+            .as_i64()
+            .map(|d| d as usize)
+            .context("kv_heads is not a number")?;
+        let head_dim = fact.shape[3]
+            .as_i64()
+            .map(|d| d as usize)
+            .context("head_dim is not a number")?;
         ensure!(
             kv_heads == config.num_key_value_heads && head_dim == config.head_dim,
             "the cache has {kv_heads} heads of {head_dim}, config.json says {} of {}",
@@ -832,7 +923,12 @@ impl IoNames {
             config.head_dim
         );
         let logits_fact = model.output_fact(logits)?;
-        if let Some(vocab) = logits_fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize) {
+        if let Some(vocab) = logits_fact
+            .shape
+            .last()
+            .and_then(|d| d.as_i64())
+            .map(|d| d as usize)
+        {
             ensure!(
                 vocab == config.vocab_size,
                 "logits are {vocab} wide, config.json says vocab_size {}",
@@ -870,7 +966,11 @@ fn set_once(
     ix: usize,
     name: &str,
 ) -> Result<()> {
-    let slot = if is_value { &mut table[layer].1 } else { &mut table[layer].0 };
+    let slot = if is_value {
+        &mut table[layer].1
+    } else {
+        &mut table[layer].0
+    };
     ensure!(slot.replace(ix).is_none(), "{name:?} appears twice");
     Ok(())
 }
@@ -891,7 +991,7 @@ fn to_typed(proto: &pb::ModelProto, dir: &Path, external: ExternalData) -> Resul
         "unresolved inputs: {:?}",
         parsed.unresolved_inputs
     );
-    Ok(parsed.model.into_typed()?)
+    parsed.model.into_typed()
 }
 
 /// Builds the runnable plan with a thread pool of `threads` (0 = all cores).
@@ -901,21 +1001,41 @@ fn make_plan(model: TypedModel, threads: usize) -> Result<Arc<Plan>> {
         n => n,
     };
     let executor = if threads > 1 {
-        multithread::Executor::multithread_with_name(threads, "edgelm")
+        // Built here rather than by tract, which panics when the pool cannot be created.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("edgelm-mm-{i}"))
+            .build()
+            .with_context(|| format!("starting {threads} threads"))?;
+        multithread::Executor::MultiThread(Arc::new(pool))
     } else {
         multithread::Executor::SingleThread
     };
     let stale = per_step_constants(&model);
     if !stale.is_empty() {
-        log::warn!("{} nodes recompute constants every step: {stale:?}", stale.len());
+        log::warn!(
+            "{} nodes recompute constants every step: {stale:?}",
+            stale.len()
+        );
     }
-    let options = RunOptions { executor: Some(executor), ..Default::default() };
-    Ok(SimplePlan::new_with_options(model, &options)?)
+    let options = RunOptions {
+        executor: Some(executor),
+        ..Default::default()
+    };
+    SimplePlan::new_with_options(model, &options)
 }
 
-/// Nodes whose inputs are all constants, i.e. work the plan would redo on every forward.
+/// Nodes computing a fixed value from constants, i.e. work the plan would redo on every
+/// forward. Symbolic shape arithmetic (a `Range` over the sequence length) is not fixed.
 fn per_step_constants(model: &TypedModel) -> Vec<String> {
-    let is_const = |id: usize| model.node(id).op_is::<Const>();
+    let fixed_const = |id: usize| {
+        let node = model.node(id);
+        node.op_is::<Const>()
+            && node
+                .outputs
+                .iter()
+                .all(|o| o.fact.datum_type != TDim::datum_type())
+    };
     model
         .nodes()
         .iter()
@@ -923,7 +1043,8 @@ fn per_step_constants(model: &TypedModel) -> Vec<String> {
             !n.inputs.is_empty()
                 && !n.op_is::<Const>()
                 && !n.op_is::<TypedSource>()
-                && n.inputs.iter().all(|i| is_const(i.node))
+                && n.inputs.iter().all(|i| fixed_const(i.node))
+                && n.outputs.iter().all(|o| o.fact.shape.is_concrete())
         })
         .map(|n| format!("{} ({})", n.name, n.op.name()))
         .collect()
@@ -934,14 +1055,20 @@ mod tests {
     use super::*;
 
     fn no_external() -> ExternalData {
-        ExternalData { root: None, files: HashMap::new() }
+        ExternalData {
+            root: None,
+            files: HashMap::new(),
+        }
     }
 
     fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
         use pb::tensor_shape_proto::{dimension::Value, Dimension};
         let dim = dims
             .iter()
-            .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+            .map(|&d| Dimension {
+                value: Some(Value::DimValue(d)),
+                ..Default::default()
+            })
             .collect();
         pb::ValueInfoProto {
             name: name.into(),
@@ -965,7 +1092,12 @@ mod tests {
         }
     }
 
-    fn initializer(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> pb::TensorProto {
+    fn initializer(
+        name: &str,
+        dims: &[usize],
+        data_type: DataType,
+        raw: Vec<u8>,
+    ) -> pb::TensorProto {
         pb::TensorProto {
             name: name.into(),
             dims: dims.iter().map(|&d| d as i64).collect(),
@@ -990,9 +1122,17 @@ mod tests {
         fn new(n: usize, k: usize, with_zero: bool) -> Blocked {
             let blocks = k.div_ceil(32);
             let q = (0..n * k).map(|i| ((i * 7 + 3) % 31) as i8 - 15).collect();
-            let scale = (0..n * blocks).map(|i| [0.5, 0.25, 0.125, 1.0][i % 4]).collect();
+            let scale = (0..n * blocks)
+                .map(|i| [0.5, 0.25, 0.125, 1.0][i % 4])
+                .collect();
             let zero = with_zero.then(|| (0..n * blocks).map(|i| (i % 5) as i8 - 2).collect());
-            Blocked { n, k, q, scale, zero }
+            Blocked {
+                n,
+                k,
+                q,
+                scale,
+                zero,
+            }
         }
 
         fn dequantized(&self, row: usize, col: usize) -> f32 {
@@ -1005,7 +1145,12 @@ mod tests {
         fn linear_model(&self) -> pb::ModelProto {
             let blocks = self.k.div_ceil(32);
             let mut initializers = vec![
-                initializer("w_q", &[self.n, self.k], DataType::Int8, self.q.iter().map(|&v| v as u8).collect()),
+                initializer(
+                    "w_q",
+                    &[self.n, self.k],
+                    DataType::Int8,
+                    self.q.iter().map(|&v| v as u8).collect(),
+                ),
                 initializer(
                     "w_scale",
                     &[self.n, blocks],
@@ -1039,7 +1184,10 @@ mod tests {
             };
             pb::ModelProto {
                 ir_version: 10,
-                opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 21 }],
+                opset_import: vec![pb::OperatorSetIdProto {
+                    domain: String::new(),
+                    version: 21,
+                }],
                 graph: Some(pb::GraphProto {
                     node: vec![
                         node(
@@ -1064,7 +1212,10 @@ mod tests {
     fn run_linear(blocked: &Blocked) -> (Vec<f32>, Vec<f32>) {
         let mut proto = blocked.linear_model();
         let graph = proto.graph.as_mut().unwrap();
-        assert_eq!(rewrite_blocked_dequantize(graph, &no_external()).unwrap(), 1);
+        assert_eq!(
+            rewrite_blocked_dequantize(graph, &no_external()).unwrap(),
+            1
+        );
         assert!(graph.node.iter().all(|n| n.op_type != "DequantizeLinear"));
         let names: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["w"], "the int8 weights and scales are dropped");
@@ -1072,10 +1223,23 @@ mod tests {
         let model = to_typed(&proto, Path::new("."), no_external()).unwrap();
         let plan = make_plan(model.into_optimized().unwrap(), 1).unwrap();
         let x: Vec<f32> = (0..blocked.k).map(|i| (i % 9) as f32 - 4.0).collect(); // (1, k)
-        let out = plan.run(tvec![Tensor::from_shape(&[1, blocked.k], &x).unwrap().into()]).unwrap();
-        let got = out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec(); // (1, n)
+        let out = plan
+            .run(tvec![Tensor::from_shape(&[1, blocked.k], &x)
+                .unwrap()
+                .into()])
+            .unwrap();
+        let got = out[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec(); // (1, n)
         let want = (0..blocked.n)
-            .map(|row| (0..blocked.k).map(|col| x[col] * blocked.dequantized(row, col)).sum())
+            .map(|row| {
+                (0..blocked.k)
+                    .map(|col| x[col] * blocked.dequantized(row, col))
+                    .sum()
+            })
             .collect();
         (got, want)
     }
@@ -1108,13 +1272,20 @@ mod tests {
         assert_eq!(graph.initializer[0].dims, [2, 80]);
         for row in 0..2 {
             for col in 0..80 {
-                assert_eq!(w[row * 80 + col], blocked.dequantized(row, col), "({row}, {col})");
+                assert_eq!(
+                    w[row * 80 + col],
+                    blocked.dequantized(row, col),
+                    "({row}, {col})"
+                );
             }
         }
         // Column 79 sits in the third, ragged block (64..80).
         let b = 2 * 3 - 1;
         let zero = blocked.zero.as_ref().unwrap()[b];
-        assert_eq!(w[79 + 80], (f32::from(blocked.q[80 + 79]) - f32::from(zero)) * blocked.scale[b]);
+        assert_eq!(
+            w[79 + 80],
+            (f32::from(blocked.q[80 + 79]) - f32::from(zero)) * blocked.scale[b]
+        );
     }
 
     #[test]
@@ -1130,15 +1301,60 @@ mod tests {
                 t.dims = vec![2, 2];
             }
         }
-        let err = format!("{:#}", rewrite_blocked_dequantize(graph, &no_external()).unwrap_err());
-        assert!(err.contains("x_scale has shape [2, 2], expected [2, 3]"), "{err}");
+        let err = format!(
+            "{:#}",
+            rewrite_blocked_dequantize(graph, &no_external()).unwrap_err()
+        );
+        assert!(
+            err.contains("x_scale has shape [2, 2], expected [2, 3]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn model_is_shared_across_threads_and_state_can_move() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Model>();
+        send::<State>();
     }
 
     #[test]
     fn cache_slots_are_parsed() {
-        assert_eq!(cache_slot("past_key_values.1.value", "past_key_values.", 2), Some((1, true)));
+        assert_eq!(
+            cache_slot("past_key_values.1.value", "past_key_values.", 2),
+            Some((1, true))
+        );
         assert_eq!(cache_slot("present.0.key", "present.", 2), Some((0, false)));
         assert_eq!(cache_slot("present.2.key", "present.", 2), None);
         assert_eq!(cache_slot("present.0.query", "present.", 2), None);
+    }
+}
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+
+    fn fixture(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path)
+    }
+
+    /// Regression: a tied LM head is `Transpose(embedding)` → `MatMul`; tract once re-packed
+    /// that matrix on every step. Every all-constant node must be folded at load.
+    #[test]
+    fn tied_lm_head_is_folded_at_load() {
+        for bundle in [
+            "tiny-llama/onnx-f32",
+            "tiny-llama/onnx-int8",
+            "tiny-gpt2/onnx-f32",
+            "tiny-gpt2/onnx-int8",
+        ] {
+            let model = Model::load(&fixture(bundle), &LoadOptions { threads: 1 }).unwrap();
+            assert!(model.config().tie_word_embeddings);
+            let stale = per_step_constants(model.plan.model());
+            assert_eq!(stale, Vec::<String>::new(), "{bundle}");
+        }
     }
 }

@@ -24,7 +24,9 @@ struct Greedy {
 }
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
 }
 
 fn reference(model: &str) -> Reference {
@@ -63,7 +65,10 @@ fn argmax(row: &[f32]) -> u32 {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
@@ -105,7 +110,10 @@ fn check_incremental_equals_one_pass(model_name: &str) {
     for (pos, &id) in ids.iter().enumerate().skip(half) {
         let row = state.forward(&[id]).unwrap(); // (vocab)
         assert_eq!(state.len(), pos + 1);
-        diff = diff.max(max_abs_diff(&row, &one_pass[pos * vocab..(pos + 1) * vocab]));
+        diff = diff.max(max_abs_diff(
+            &row,
+            &one_pass[pos * vocab..(pos + 1) * vocab],
+        ));
     }
     eprintln!("{model_name} f32: max |incremental - one pass| = {diff:e}");
     assert!(diff <= 1e-4, "{model_name}: max abs diff {diff}");
@@ -158,7 +166,12 @@ fn int8_top1_agreement(model_name: &str) -> f64 {
     let vocab = f32_model.config().vocab_size;
     let reference = reference(model_name);
     let mut sequences = vec![reference.ids.clone()];
-    sequences.extend(reference.greedy.iter().map(|g| [&g.prompt_ids[..], &g.generated_ids[..]].concat()));
+    sequences.extend(
+        reference
+            .greedy
+            .iter()
+            .map(|g| [&g.prompt_ids[..], &g.generated_ids[..]].concat()),
+    );
 
     let (mut agree, mut total) = (0, 0);
     for ids in &sequences {
@@ -172,7 +185,10 @@ fn int8_top1_agreement(model_name: &str) -> f64 {
     let mut state = int8_model.new_state();
     for g in &reference.greedy {
         let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
-        eprintln!("{model_name} int8 greedy {:?}: {tokens:?} (f32: {:?})", g.prompt, g.generated_ids);
+        eprintln!(
+            "{model_name} int8 greedy {:?}: {tokens:?} (f32: {:?})",
+            g.prompt, g.generated_ids
+        );
     }
     let rate = agree as f64 / total as f64;
     eprintln!("{model_name} int8: top-1 agreement with f32 {agree}/{total} = {rate:.3}");
@@ -207,20 +223,30 @@ fn forward_errors_are_typed_and_leave_the_cache_alone() {
     let config = model.config().clone();
     let mut state = model.new_state();
     let err = state.forward(&[]).unwrap_err();
-    assert_eq!(err.downcast_ref::<ForwardError>(), Some(&ForwardError::Empty));
+    assert_eq!(
+        err.downcast_ref::<ForwardError>(),
+        Some(&ForwardError::Empty)
+    );
 
     state.forward(&[1, 2, 3]).unwrap();
     let bad = config.vocab_size as u32;
     let err = state.forward(&[4, bad]).unwrap_err();
     assert_eq!(
         err.downcast_ref::<ForwardError>(),
-        Some(&ForwardError::TokenOutOfRange { token: bad, vocab_size: config.vocab_size })
+        Some(&ForwardError::TokenOutOfRange {
+            token: bad,
+            vocab_size: config.vocab_size
+        })
     );
     let too_many = vec![5; config.max_position_embeddings - 2];
     let err = state.forward(&too_many).unwrap_err();
     assert_eq!(
         err.downcast_ref::<ForwardError>(),
-        Some(&ForwardError::ContextFull { cached: 3, new: too_many.len(), max: config.max_position_embeddings })
+        Some(&ForwardError::ContextFull {
+            cached: 3,
+            new: too_many.len(),
+            max: config.max_position_embeddings
+        })
     );
     assert_eq!(state.len(), 3);
 }
@@ -257,7 +283,10 @@ fn missing_model_onnx() {
     let dir = scratch("missing-model");
     copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
     let msg = load_error(&dir);
-    assert!(msg.contains("model.onnx") && msg.contains("opening"), "{msg}");
+    assert!(
+        msg.contains("model.onnx") && msg.contains("opening"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -279,7 +308,10 @@ fn not_an_onnx_file() {
         copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
         fs::write(dir.join("model.onnx"), bytes).unwrap();
         let msg = load_error(&dir);
-        assert!(msg.contains("model.onnx") && msg.contains("not a valid ONNX model"), "{msg}");
+        assert!(
+            msg.contains("model.onnx") && msg.contains("not a valid ONNX model"),
+            "{msg}"
+        );
     }
 }
 
@@ -310,7 +342,10 @@ fn external_bundle(name: &str, edit: impl Fn(usize, &mut pb::TensorProto)) -> Pa
         if t.raw_data.len() < 1024 {
             continue;
         }
-        let entry = |key: &str, value: String| pb::StringStringEntryProto { key: key.into(), value };
+        let entry = |key: &str, value: String| pb::StringStringEntryProto {
+            key: key.into(),
+            value,
+        };
         t.external_data = vec![
             entry("location", "weights.bin".into()),
             entry("offset", weights.len().to_string()),
@@ -328,7 +363,11 @@ fn external_bundle(name: &str, edit: impl Fn(usize, &mut pb::TensorProto)) -> Pa
 }
 
 fn set_entry(t: &mut pb::TensorProto, key: &str, value: &str) {
-    t.external_data.iter_mut().find(|e| e.key == key).unwrap().value = value.into();
+    t.external_data
+        .iter_mut()
+        .find(|e| e.key == key)
+        .unwrap()
+        .value = value.into();
 }
 
 #[test]
@@ -348,7 +387,10 @@ fn external_data_absolute_path_is_rejected() {
         }
     });
     let msg = load_error(&dir);
-    assert!(msg.contains("\"/etc/passwd\" must be a relative path inside the bundle"), "{msg}");
+    assert!(
+        msg.contains("\"/etc/passwd\" must be a relative path inside the bundle"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -359,7 +401,10 @@ fn external_data_escaping_the_bundle_is_rejected() {
         }
     });
     let msg = load_error(&dir);
-    assert!(msg.contains("must be a relative path inside the bundle"), "{msg}");
+    assert!(
+        msg.contains("must be a relative path inside the bundle"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -381,5 +426,47 @@ fn external_data_length_must_match_the_tensor() {
         }
     });
     let msg = load_error(&dir);
-    assert!(msg.contains("external length 12 but the tensor needs"), "{msg}");
+    assert!(
+        msg.contains("external length 12 but the tensor needs"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn external_data_missing_file_is_named() {
+    let dir = external_bundle("external-missing", |i, t| {
+        if i == 2 {
+            set_entry(t, "location", "other.bin");
+        }
+    });
+    let msg = load_error(&dir);
+    assert!(msg.contains("opening external data \"other.bin\""), "{msg}");
+}
+
+#[test]
+fn external_data_symlink_out_of_the_bundle_is_rejected() {
+    let dir = external_bundle("external-symlink", |i, t| {
+        if i == 2 {
+            set_entry(t, "location", "link.bin");
+        }
+    });
+    let outside = scratch("external-symlink-target").join("weights.bin");
+    fs::copy(dir.join("weights.bin"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("link.bin")).unwrap();
+    let msg = load_error(&dir);
+    assert!(
+        msg.contains("\"link.bin\" resolves outside the bundle"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn two_threads_give_the_same_logits() {
+    let ids = reference("tiny-llama").ids;
+    let one = load("tiny-llama/onnx-f32")
+        .new_state()
+        .forward_all(&ids)
+        .unwrap();
+    let two = Model::load(&fixture("tiny-llama/onnx-f32"), &LoadOptions { threads: 2 }).unwrap();
+    assert_eq!(two.new_state().forward_all(&ids).unwrap(), one);
 }
