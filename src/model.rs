@@ -132,6 +132,9 @@ impl Model {
             .with_context(|| format!("external data of {model_path:?}"))?;
         let rewritten = rewrite_blocked_dequantize(graph, &external)
             .with_context(|| format!("rewriting {model_path:?}"))?;
+        if rewritten > 0 {
+            fold_weight_transposes(graph);
+        }
         pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
         let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
 
@@ -622,7 +625,6 @@ fn rewrite_blocked_dequantize(
     let count = folded.len();
     graph.node = kept;
     graph.initializer.extend(folded);
-    fold_weight_transposes(graph);
 
     // Drop the int8 weights and scales nothing reads any more, so tract never loads them.
     let used: HashSet<String> = graph
@@ -664,6 +666,15 @@ fn fold_weight_transposes(graph: &mut pb::GraphProto) {
         }
     }
     graph.node = kept;
+    // The untransposed copies nothing reads any more would otherwise stay in memory.
+    let used: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter())
+        .chain(graph.output.iter().map(|o| &o.name))
+        .cloned()
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
 }
 
 /// A 2-D f32 tensor with raw data, transposed under a new name.
@@ -1356,5 +1367,42 @@ mod fixture_tests {
             let stale = per_step_constants(model.plan.model());
             assert_eq!(stale, Vec::<String>::new(), "{bundle}");
         }
+    }
+
+    #[test]
+    fn transposed_weights_are_folded_into_initializers() {
+        let w = pb::TensorProto {
+            name: "w".into(),
+            dims: vec![2, 3],
+            data_type: DataType::Float as i32,
+            raw_data: [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        };
+        let transpose = pb::NodeProto {
+            input: vec!["w".into()],
+            output: vec!["w_t".into()],
+            op_type: "Transpose".into(),
+            attribute: vec![pb::AttributeProto {
+                name: "perm".into(),
+                ints: vec![1, 0],
+                r#type: pb::attribute_proto::AttributeType::Ints as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let matmul = pb::NodeProto {
+            input: vec!["x".into(), "w_t".into()],
+            output: vec!["y".into()],
+            op_type: "MatMul".into(),
+            ..Default::default()
+        };
+        let mut graph = pb::GraphProto { node: vec![transpose, matmul], initializer: vec![w], ..Default::default() };
+        fold_weight_transposes(&mut graph);
+        assert_eq!(graph.node.len(), 1);
+        assert_eq!(graph.initializer.len(), 1, "the untransposed copy is dropped");
+        let t = &graph.initializer[0];
+        assert_eq!((t.name.as_str(), t.dims.as_slice()), ("w_t", [3i64, 2].as_slice()));
+        let v: Vec<f32> = t.raw_data.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert_eq!(v, [1., 4., 2., 5., 3., 6.]);
     }
 }

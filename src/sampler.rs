@@ -65,7 +65,8 @@ pub struct Candidate {
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: Xoshiro256,
-    logits: Vec<f32>,          // (vocab,) penalised copy of the input
+    logits: Vec<f32>,           // (vocab,) penalised copy of the input
+    pool: Vec<(u32, f32)>,      // (vocab,) id, logit: truncation scratch
     candidates: Vec<Candidate>, // (kept,) most likely first
 }
 
@@ -77,6 +78,7 @@ impl Sampler {
             cfg,
             rng,
             logits: Vec::new(),
+            pool: Vec::new(),
             candidates: Vec::new(),
         }
     }
@@ -97,7 +99,12 @@ impl Sampler {
         if is_greedy(&self.cfg) {
             return argmax(&self.logits);
         }
-        truncate_into(&self.cfg, &self.logits, &mut self.candidates);
+        truncate_into(
+            &self.cfg,
+            &self.logits,
+            &mut self.pool,
+            &mut self.candidates,
+        );
         let r = self.rng.next_f64();
         draw(&self.candidates, r)
     }
@@ -118,13 +125,12 @@ pub fn candidates(cfg: &SamplerConfig, logits: &[f32], history: &[u32]) -> Vec<C
         }];
     }
     let mut out = Vec::new();
-    truncate_into(cfg, &penalised, &mut out);
+    truncate_into(cfg, &penalised, &mut Vec::new(), &mut out);
     out
 }
 
 fn is_greedy(cfg: &SamplerConfig) -> bool {
-    // `!(t > 0)` also sends a NaN temperature to greedy.
-    !(cfg.temperature > 0.0)
+    cfg.temperature.is_nan() || cfg.temperature <= 0.0
 }
 
 /// llama.cpp semantics: each distinct token among the last `penalty_window` of `history`
@@ -176,14 +182,22 @@ fn by_logit_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 }
 
 /// Runs top-k → temperature → softmax → top-p → min-p over already penalised logits.
-fn truncate_into(cfg: &SamplerConfig, logits: &[f32], out: &mut Vec<Candidate>) {
+fn truncate_into(
+    cfg: &SamplerConfig,
+    logits: &[f32],
+    pool: &mut Vec<(u32, f32)>,
+    out: &mut Vec<Candidate>,
+) {
     out.clear();
-    // NaN would poison every sum below; it becomes "impossible" instead.
-    let mut pool: Vec<(u32, f32)> = logits // (vocab,) id, logit
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l }))
-        .collect();
+    // NaN would poison every sum below, so NaN tokens are not candidates at all.
+    pool.clear();
+    pool.extend(
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(i, &l)| (i as u32, l)),
+    );
     if pool.is_empty() {
         return;
     }
@@ -200,9 +214,12 @@ fn truncate_into(cfg: &SamplerConfig, logits: &[f32], out: &mut Vec<Candidate>) 
     // finite range first so that `max - max` is 0 rather than NaN.
     let t = cfg.temperature;
     let scaled = |l: f32| f64::from((l / t).clamp(f32::MIN, f32::MAX));
-    let max = pool.iter().map(|&(_, l)| scaled(l)).fold(f64::MIN, f64::max);
+    let max = pool
+        .iter()
+        .map(|&(_, l)| scaled(l))
+        .fold(f64::MIN, f64::max);
     let mut total = 0.0f64;
-    for &(id, l) in &pool {
+    for &(id, l) in pool.iter() {
         let p = exp_nonpositive(scaled(l) - max);
         total += p;
         out.push(Candidate { id, prob: p });
@@ -267,9 +284,10 @@ pub fn exp_nonpositive(x: f64) -> f64 {
     if x >= 0.0 {
         return 1.0;
     }
-    // x = k·ln2 + r with |r| <= ln2/2; ln2 split in two so k·LN2_HI is exact.
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // x = k·ln2 + r with |r| <= ln2/2; ln2 split in two (fdlibm's constants) so that
+    // k·LN2_HI is exact: LN2_HI's low 21 mantissa bits are zero.
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
     const LOG2_E: f64 = std::f64::consts::LOG2_E;
     let k = (x * LOG2_E - 0.5).ceil(); // round to nearest; ceil/floor are exact everywhere
     let r = (x - k * LN2_HI) - k * LN2_LO;
@@ -385,7 +403,10 @@ mod tests {
         while x > -708.0 {
             let want = x.exp();
             let got = exp_nonpositive(x);
-            assert!(((got - want) / want).abs() < 1e-15, "x={x}: {got} vs {want}");
+            assert!(
+                ((got - want) / want).abs() < 1e-15,
+                "x={x}: {got} vs {want}"
+            );
             x -= 0.0137;
         }
         assert_eq!(exp_nonpositive(0.0), 1.0);
@@ -462,9 +483,18 @@ mod tests {
     fn top_p_keeps_the_smallest_set_reaching_p() {
         // Probabilities 0.5, 0.25, 0.15, 0.1 (ids shuffled).
         let l = [ln(0.15), ln(0.5), ln(0.1), ln(0.25)];
-        let c = SamplerConfig { top_p: 0.7, ..cfg() };
-        assert_probs(&candidates(&c, &l, &[]), &[(1, 0.5 / 0.75), (3, 0.25 / 0.75)]);
-        let c = SamplerConfig { top_p: 0.8, ..cfg() };
+        let c = SamplerConfig {
+            top_p: 0.7,
+            ..cfg()
+        };
+        assert_probs(
+            &candidates(&c, &l, &[]),
+            &[(1, 0.5 / 0.75), (3, 0.25 / 0.75)],
+        );
+        let c = SamplerConfig {
+            top_p: 0.8,
+            ..cfg()
+        };
         assert_probs(
             &candidates(&c, &l, &[]),
             &[(1, 0.5 / 0.9), (3, 0.25 / 0.9), (0, 0.15 / 0.9)],
@@ -490,7 +520,10 @@ mod tests {
             &[(1, 0.5 / 0.9), (3, 0.25 / 0.9), (0, 0.15 / 0.9)],
         );
         // Floor 0.4 * 0.5 = 0.2.
-        let c = SamplerConfig { min_p: 0.4, ..cfg() };
+        let c = SamplerConfig {
+            min_p: 0.4,
+            ..cfg()
+        };
         assert_probs(&candidates(&c, &l, &[]), &[(1, 2.0 / 3.0), (3, 1.0 / 3.0)]);
     }
 
@@ -559,7 +592,10 @@ mod tests {
             .iter()
             .map(|&x| {
                 let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-                [0.1, 0.3, 0.6, 1.0].iter().position(|&edge| u < edge).unwrap() as u32
+                [0.1, 0.3, 0.6, 1.0]
+                    .iter()
+                    .position(|&edge| u < edge)
+                    .unwrap() as u32
             })
             .collect();
         assert_eq!(got, want);
@@ -583,7 +619,11 @@ mod tests {
         }
         for i in 0..5 {
             let freq = counts[i] as f64 / n as f64;
-            assert!((freq - e[i] / z).abs() < 0.02, "id {i}: {freq} vs {}", e[i] / z);
+            assert!(
+                (freq - e[i] / z).abs() < 0.02,
+                "id {i}: {freq} vs {}",
+                e[i] / z
+            );
         }
     }
 }

@@ -203,6 +203,9 @@ mod tests {
         assert_eq!((shown.as_str(), stop), ("ok 🛑 ", Some(0)));
         // An emoji sharing leading bytes with the stop (U+1F6D1 vs U+1F6D2) is not held.
         let (_, stop, per) = run(&["🛑"], &["a🛒", "b"]);
-        assert_eq!((stop, per), (None, vec!["a🛒".to_string(), "b".to_string()]));
+        assert_eq!(
+            (stop, per),
+            (None, vec!["a🛒".to_string(), "b".to_string()])
+        );
     }
 }

@@ -69,8 +69,7 @@ impl ChatTemplate {
     /// or else a `chat_template.jinja` next to it. `Ok(None)` if there is none.
     pub fn from_tokenizer_config(path: &Path) -> anyhow::Result<Option<ChatTemplate>> {
         let shown = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {shown:?}"))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {shown:?}"))?;
         let config: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {shown:?}"))?;
         let source = match config.get("chat_template") {
@@ -85,8 +84,9 @@ impl ChatTemplate {
                 }
             }
             Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Array(named)) => pick_default(named)
-                .with_context(|| format!("chat_template in {shown:?}"))?,
+            Some(serde_json::Value::Array(named)) => {
+                pick_default(named).with_context(|| format!("chat_template in {shown:?}"))?
+            }
             Some(other) => bail!(
                 "chat_template in {shown:?} is neither a string nor a list of named \
                  templates: {other}"
@@ -94,8 +94,8 @@ impl ChatTemplate {
         };
         let mut specials = BTreeMap::new();
         for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-            let token = special_token(config.get(key))
-                .with_context(|| format!("{key} in {shown:?}"))?;
+            let token =
+                special_token(config.get(key)).with_context(|| format!("{key} in {shown:?}"))?;
             specials.insert(key, token);
         }
         Self::compile(&source, specials)
@@ -184,17 +184,19 @@ fn rewrite_generation_tags(source: &str) -> Cow<'_, str> {
         let body = &tag[2..];
         let marker = body.len() - body.trim_start_matches(['-', '+']).len();
         let inner = body[marker..].trim_start();
-        let keyword = ["endgeneration", "generation"]
-            .into_iter()
-            .find(|k| {
-                inner.strip_prefix(k).is_some_and(|after| {
-                    let after = after.trim_start().trim_start_matches(['-', '+']);
-                    after.starts_with("%}")
-                })
-            });
+        let keyword = ["endgeneration", "generation"].into_iter().find(|k| {
+            inner.strip_prefix(k).is_some_and(|after| {
+                let after = after.trim_start().trim_start_matches(['-', '+']);
+                after.starts_with("%}")
+            })
+        });
         match keyword {
             Some(k) => {
-                let replacement = if k == "generation" { "if true" } else { "endif" };
+                let replacement = if k == "generation" {
+                    "if true"
+                } else {
+                    "endif"
+                };
                 out.push_str("{%");
                 out.push_str(&body[..marker]);
                 out.push(' ');
@@ -576,21 +578,28 @@ mod tests {
 
     #[test]
     fn tojson_writes_what_python_json_dumps_writes() {
-        let ctx = Value::from_serialize(serde_json::json!({
-            "x": {"name": "café <b>", "n": [1, 2.5, true, null], "e": {}, "q": "a\"b\\\n\u{1}"}
-        }));
+        // A template dict literal, so the keys keep their insertion order.
+        let ctx = Value::from_serialize(serde_json::json!({"q": "a\"b\\\n\u{1}"}));
+        let set =
+            r#"{% set x = {"name": "café <b>", "n": [1, 2.5, true, none], "e": {}, "q": q} %}"#;
         // Expected strings: Python json.dumps with the same arguments (insertion order).
         assert_eq!(
-            render_str("{{ x | tojson }}", ctx.clone()).unwrap(),
+            render_str(&format!("{set}{{{{ x | tojson }}}}"), ctx.clone()).unwrap(),
             r#"{"name": "café <b>", "n": [1, 2.5, true, null], "e": {}, "q": "a\"b\\\n\u0001"}"#
         );
         assert_eq!(
-            render_str("{{ x.n | tojson(indent=2) }}", ctx.clone()).unwrap(),
+            render_str(
+                &format!("{set}{{{{ x.n | tojson(indent=2) }}}}"),
+                ctx.clone()
+            )
+            .unwrap(),
             "[\n  1,\n  2.5,\n  true,\n  null\n]"
         );
         assert_eq!(
             render_str(
-                "{{ x | tojson(sort_keys=true, ensure_ascii=true, separators=[',', ':']) }}",
+                &format!(
+                    "{set}{{{{ x | tojson(sort_keys=true, ensure_ascii=true, separators=[',', ':']) }}}}"
+                ),
                 ctx
             )
             .unwrap(),
@@ -610,7 +619,10 @@ mod tests {
             strftime(f, 1_700_000_000).unwrap(),
             "2023-11-14 22:13:20 Tue Tuesday Nov November 318 10PM 23 14 2 2023-11-14 22:13:20 %"
         );
-        assert_eq!(strftime("%d %B %Y", 951_782_400).unwrap(), "29 February 2000");
+        assert_eq!(
+            strftime("%d %B %Y", 951_782_400).unwrap(),
+            "29 February 2000"
+        );
         assert!(strftime("%Q", 0).is_err());
     }
 

@@ -64,10 +64,10 @@ const MAX_PENDING: usize = 8;
 /// complete. Special tokens are kept in the text (callers stop on EOS by id).
 #[derive(Debug, Clone, Default)]
 pub struct TokenOutputStream {
-    ids: Vec<u32>,    // (window,) context tokens, then pending tokens
-    context: usize,   // how many leading `ids` are context, already emitted
+    ids: Vec<u32>,      // (window,) context tokens, then pending tokens
+    context: usize,     // how many leading `ids` are context, already emitted
     context_len: usize, // bytes of decode(ids[..context])
-    emitted: usize,   // bytes past `context_len` already emitted from the pending tokens
+    emitted: usize,     // bytes past `context_len` already emitted from the pending tokens
 }
 
 impl TokenOutputStream {
@@ -147,6 +147,27 @@ pub fn sanitize(text: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_window_stays_short_over_a_long_text() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smollm2-135m-instruct/tokenizer.json");
+        let tok = Tokenizer::from_file(&path).unwrap();
+        let text = "Long text with émojis 🙂 and 中文, again and again. ".repeat(100);
+        let ids = tok.encode(&text, false).unwrap();
+        let mut s = TokenOutputStream::new();
+        let mut out = String::new();
+        let mut widest = 0;
+        for &id in &ids {
+            out.push_str(&s.push(&tok, id).unwrap().unwrap_or_default());
+            widest = widest.max(s.ids.len());
+        }
+        out.push_str(&s.flush(&tok).unwrap().unwrap_or_default());
+        assert_eq!(out, text);
+        assert!(ids.len() > 1500, "{}", ids.len());
+        // Context (the last piece's tokens) plus pending ones, never the whole history.
+        assert!(widest <= 2 * MAX_PENDING, "window grew to {widest} tokens");
+    }
 
     #[test]
     fn sanitize_keeps_newlines_tabs_and_unicode() {
