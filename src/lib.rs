@@ -10,5 +10,6 @@ pub mod logger;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+pub mod stop;
 pub mod template;
 pub mod tokenizer;
