@@ -1,1 +1,178 @@
 //! Wraps `tokenizers`; an incremental decoder that never splits UTF-8.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+
+/// A Hugging Face `tokenizer.json`, loaded once and shared read-only.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json`; the error names the path.
+    pub fn from_file(path: &Path) -> anyhow::Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("loading tokenizer {:?}: {e}", path.display().to_string()))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` runs the tokenizer's post-processor
+    /// (e.g. a BOS token), which chat prompts must not get twice.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> anyhow::Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("encoding {} bytes of text", text.len()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`; incomplete UTF-8 sequences come out as U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> anyhow::Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow!("decoding {} token ids: {e}", ids.len()))
+    }
+
+    /// Id of a token given by its vocabulary string (e.g. `"<|im_end|>"`).
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.inner.token_to_id(s)
+    }
+
+    /// Number of ids the tokenizer knows, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Longest run of pending tokens that may end in an unfinished character. A UTF-8
+/// character has at most 4 bytes and every token contributes at least one, so anything
+/// still ending in U+FFFD after this many tokens is invalid output, not an unfinished
+/// character, and is released as is.
+const MAX_PENDING: usize = 8;
+
+/// Turns a stream of token ids into text pieces, never splitting a UTF-8 character.
+///
+/// Each push decodes only a short window: the tokens of the last fully emitted piece
+/// (context, so decoders that treat a sequence's first token specially, such as ones that
+/// strip a leading space, see the same start every time) plus the pending tokens. The
+/// window is cut back whenever the decoded text ends cleanly, so the work per token is
+/// O(1) amortised. Byte-level tokens holding part of a character decode to U+FFFD; the
+/// text before such a trailing run is emitted and the run is held until the character is
+/// complete. Special tokens are kept in the text (callers stop on EOS by id).
+#[derive(Debug, Clone, Default)]
+pub struct TokenOutputStream {
+    ids: Vec<u32>,      // (window,) context tokens, then pending tokens
+    context: usize,     // how many leading `ids` are context, already emitted
+    context_len: usize, // bytes of decode(ids[..context])
+    emitted: usize,     // bytes past `context_len` already emitted from the pending tokens
+}
+
+impl TokenOutputStream {
+    /// An empty stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one token; returns the newly completed text, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> anyhow::Result<Option<String>> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, false)?;
+        let new = self.unseen(&text);
+        let pending = self.ids.len() - self.context;
+        let complete = new.trim_end_matches('\u{FFFD}');
+        if complete.len() == new.len() || pending > MAX_PENDING {
+            let piece = new.to_string();
+            self.rotate(tok)?;
+            return Ok(nonempty(piece));
+        }
+        // Show what precedes the unfinished character; hold the rest.
+        let piece = complete.to_string();
+        self.emitted += piece.len();
+        Ok(nonempty(piece))
+    }
+
+    /// Releases whatever is held (an unfinished character comes out as U+FFFD) and
+    /// starts afresh.
+    pub fn flush(&mut self, tok: &Tokenizer) -> anyhow::Result<Option<String>> {
+        if self.ids.len() == self.context {
+            return Ok(None);
+        }
+        let text = tok.decode(&self.ids, false)?;
+        let piece = self.unseen(&text).to_string();
+        self.reset();
+        Ok(nonempty(piece))
+    }
+
+    /// Forgets all tokens, e.g. between conversations.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Decoded text past what was already emitted. A decoder whose output for the window
+    /// does not extend its output for the context (none of the byte-level or
+    /// sentencepiece decoders) could leave the offset past the end or inside a character;
+    /// that text is skipped rather than split.
+    fn unseen<'t>(&self, text: &'t str) -> &'t str {
+        text.get(self.context_len + self.emitted..).unwrap_or("")
+    }
+
+    /// Makes the pending tokens the new context and drops the old one.
+    fn rotate(&mut self, tok: &Tokenizer) -> anyhow::Result<()> {
+        self.ids.drain(..self.context);
+        self.context = self.ids.len();
+        self.context_len = tok.decode(&self.ids, false)?.len();
+        self.emitted = 0;
+        Ok(())
+    }
+}
+
+fn nonempty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Drops control characters other than `\n` and `\t` from model output. The text goes to a
+/// terminal over a serial line, where escape sequences, carriage returns, backspaces or
+/// NULs from the model could move the cursor, rewrite earlier lines, ring the bell or
+/// confuse line-based framing; newlines and tabs are ordinary layout.
+pub fn sanitize(text: &str) -> Cow<'_, str> {
+    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.contains(bad) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(text.chars().filter(|&c| !bad(c)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_window_stays_short_over_a_long_text() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/smollm2-135m-instruct/tokenizer.json");
+        let tok = Tokenizer::from_file(&path).unwrap();
+        let text = "Long text with émojis 🙂 and 中文, again and again. ".repeat(100);
+        let ids = tok.encode(&text, false).unwrap();
+        let mut s = TokenOutputStream::new();
+        let mut out = String::new();
+        let mut widest = 0;
+        for &id in &ids {
+            out.push_str(&s.push(&tok, id).unwrap().unwrap_or_default());
+            widest = widest.max(s.ids.len());
+        }
+        out.push_str(&s.flush(&tok).unwrap().unwrap_or_default());
+        assert_eq!(out, text);
+        assert!(ids.len() > 1500, "{}", ids.len());
+        // Context (the last piece's tokens) plus pending ones, never the whole history.
+        assert!(widest <= 2 * MAX_PENDING, "window grew to {widest} tokens");
+    }
+
+    #[test]
+    fn sanitize_keeps_newlines_tabs_and_unicode() {
+        assert!(matches!(sanitize("a\tb\nc é 你 🙂"), Cow::Borrowed(_)));
+        assert_eq!(sanitize("a\x1b[2Jb\r\n\x07c\x00\u{7f}\u{85}d"), "a[2Jb\ncd");
+    }
+}
