@@ -112,8 +112,9 @@ impl TokenOutputStream {
     }
 
     /// Decoded text past what was already emitted. A decoder whose output for the window
-    /// does not extend its output for the context would yield a non-boundary offset; the
-    /// text is then held until the window is released by `MAX_PENDING`.
+    /// does not extend its output for the context (none of the byte-level or
+    /// sentencepiece decoders) could leave the offset past the end or inside a character;
+    /// that text is skipped rather than split.
     fn unseen<'t>(&self, text: &'t str) -> &'t str {
         text.get(self.context_len + self.emitted..).unwrap_or("")
     }
