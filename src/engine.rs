@@ -40,8 +40,17 @@ impl Engine {
             None
         };
         let load_time = t0.elapsed();
-        log::info!("loaded \"{}\" in {} ms", dir.display(), load_time.as_millis());
-        Ok(Engine { model, tokenizer, template, load_time })
+        log::info!(
+            "loaded \"{}\" in {} ms",
+            dir.display(),
+            load_time.as_millis()
+        );
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            load_time,
+        })
     }
 
     /// Token ids of a raw completion prompt.

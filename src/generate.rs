@@ -150,7 +150,10 @@ pub fn generate(
     }
     if reason != StopReason::Stop && reason != StopReason::Cancelled {
         // Release what was held back (an incomplete character or a partial stop string).
-        let mut tail = stream.flush(tokenizer)?.map(|t| sanitize(&t).into_owned()).unwrap_or_default();
+        let mut tail = stream
+            .flush(tokenizer)?
+            .map(|t| sanitize(&t).into_owned())
+            .unwrap_or_default();
         let outcome = stops.push(&tail);
         let stopped = outcome.stopped();
         tail = outcome.text;

@@ -15,7 +15,12 @@ impl log::Log for StderrLogger {
         if self.enabled(record.metadata()) {
             let mut err = std::io::stderr().lock();
             // A closed stderr must not take the program down.
-            let _ = writeln!(err, "[{}] {}", record.level().as_str().to_lowercase(), record.args());
+            let _ = writeln!(
+                err,
+                "[{}] {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
 

@@ -644,15 +644,23 @@ fn rewrite_blocked_dequantize(
 /// is folded, tract would otherwise re-pack the transposed matrix on every step (the tied LM
 /// head shares its constant with the embedding `Gather`, so it is not folded at load).
 fn fold_weight_transposes(graph: &mut pb::GraphProto) {
-    let mut index: HashMap<String, usize> =
-        graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let mut index: HashMap<String, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
     let mut kept = Vec::with_capacity(graph.node.len());
     for node in std::mem::take(&mut graph.node) {
         let source = (node.op_type == "Transpose" && node.output.len() == 1)
             .then(|| node.input.first().and_then(|i| index.get(i)).copied())
             .flatten()
             .map(|i| &graph.initializer[i]);
-        let perm = node.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints.as_slice());
+        let perm = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "perm")
+            .map(|a| a.ints.as_slice());
         let transposed = match (source, perm) {
             (Some(t), Some([1, 0])) => transpose_f32(t, &node.output[0]),
             _ => None,
@@ -1375,7 +1383,10 @@ mod fixture_tests {
             name: "w".into(),
             dims: vec![2, 3],
             data_type: DataType::Float as i32,
-            raw_data: [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            raw_data: [1f32, 2., 3., 4., 5., 6.]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
             ..Default::default()
         };
         let transpose = pb::NodeProto {
@@ -1396,13 +1407,28 @@ mod fixture_tests {
             op_type: "MatMul".into(),
             ..Default::default()
         };
-        let mut graph = pb::GraphProto { node: vec![transpose, matmul], initializer: vec![w], ..Default::default() };
+        let mut graph = pb::GraphProto {
+            node: vec![transpose, matmul],
+            initializer: vec![w],
+            ..Default::default()
+        };
         fold_weight_transposes(&mut graph);
         assert_eq!(graph.node.len(), 1);
-        assert_eq!(graph.initializer.len(), 1, "the untransposed copy is dropped");
+        assert_eq!(
+            graph.initializer.len(),
+            1,
+            "the untransposed copy is dropped"
+        );
         let t = &graph.initializer[0];
-        assert_eq!((t.name.as_str(), t.dims.as_slice()), ("w_t", [3i64, 2].as_slice()));
-        let v: Vec<f32> = t.raw_data.chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert_eq!(
+            (t.name.as_str(), t.dims.as_slice()),
+            ("w_t", [3i64, 2].as_slice())
+        );
+        let v: Vec<f32> = t
+            .raw_data
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         assert_eq!(v, [1., 4., 2., 5., 3., 6.]);
     }
 }

@@ -19,9 +19,15 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     let prompt = if args.chat {
         let mut messages = vec![];
         if let Some(system) = &args.system {
-            messages.push(Message { role: "system".into(), content: system.clone() });
+            messages.push(Message {
+                role: "system".into(),
+                content: system.clone(),
+            });
         }
-        messages.push(Message { role: "user".into(), content: args.prompt.clone() });
+        messages.push(Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        });
         engine.encode_chat(&messages)?
     } else {
         engine.encode_raw(&args.prompt)?

@@ -8,7 +8,10 @@ use std::process::{Command, Output};
 use edgelm::convert::Quant;
 
 fn edgelm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgelm")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// Asserts a failed run with exactly one stderr line that mentions `needle`.
@@ -19,8 +22,16 @@ fn assert_one_line_error(out: &Output, needle: &str) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
     assert!(lines[0].starts_with("edgelm: "), "{stderr}");
-    assert!(lines[0].contains(needle), "{:?} does not mention {needle:?}", lines[0]);
-    assert!(out.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        lines[0].contains(needle),
+        "{:?} does not mention {needle:?}",
+        lines[0]
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// A GGUF v3 file with only string metadata and no tensors.
@@ -60,7 +71,12 @@ fn empty_prompt() {
 
 #[test]
 fn convert_missing_input() {
-    let out = edgelm(&["convert", "/nonexistent/model.gguf", "-o", tmp("never").to_str().unwrap()]);
+    let out = edgelm(&[
+        "convert",
+        "/nonexistent/model.gguf",
+        "-o",
+        tmp("never").to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, "/nonexistent/model.gguf");
 }
 
@@ -68,7 +84,12 @@ fn convert_missing_input() {
 fn convert_non_gguf_file() {
     let p = tmp("not-a-model.gguf");
     std::fs::write(&p, b"hello, this is plain text and not a model\n").unwrap();
-    let out = edgelm(&["convert", p.to_str().unwrap(), "-o", tmp("out-text").to_str().unwrap()]);
+    let out = edgelm(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        tmp("out-text").to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, "not-a-model.gguf");
 }
 
@@ -78,7 +99,12 @@ fn convert_truncated_gguf() {
     for cut in [3usize, 20, 4096, full.len() / 2, full.len() - 1] {
         let p = tmp(&format!("truncated-{cut}.gguf"));
         std::fs::write(&p, &full[..cut]).unwrap();
-        let out = edgelm(&["convert", p.to_str().unwrap(), "-o", tmp("out-trunc").to_str().unwrap()]);
+        let out = edgelm(&[
+            "convert",
+            p.to_str().unwrap(),
+            "-o",
+            tmp("out-trunc").to_str().unwrap(),
+        ]);
         assert_one_line_error(&out, &format!("truncated-{cut}.gguf"));
     }
 }
@@ -87,7 +113,12 @@ fn convert_truncated_gguf() {
 fn convert_unsupported_architecture() {
     let p = tmp("neox.gguf");
     tiny_gguf(&p, &[("general.architecture", "gptneox")]);
-    let out = edgelm(&["convert", p.to_str().unwrap(), "-o", tmp("out-neox").to_str().unwrap()]);
+    let out = edgelm(&[
+        "convert",
+        p.to_str().unwrap(),
+        "-o",
+        tmp("out-neox").to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, "unsupported architecture \"gptneox\"");
 }
 

@@ -11,9 +11,12 @@ use edgelm::tokenizer::Tokenizer;
 fn converted_tokenizer_matches_reference_ids_and_round_trips() {
     let bundle = common::default_bundle(Quant::Int8);
     let tok = Tokenizer::from_file(&bundle.join("tokenizer.json")).unwrap();
-    let corpus = std::fs::read_to_string(common::root().join("tests/fixtures/tokenizer_corpus.txt")).unwrap();
+    let corpus =
+        std::fs::read_to_string(common::root().join("tests/fixtures/tokenizer_corpus.txt"))
+            .unwrap();
     let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::root().join("tests/fixtures/tokenizer_corpus_ids.json")).unwrap(),
+        &std::fs::read_to_string(common::root().join("tests/fixtures/tokenizer_corpus_ids.json"))
+            .unwrap(),
     )
     .unwrap();
     let want: Vec<u32> = serde_json::from_value(fixture["ids"].clone()).unwrap();
@@ -27,12 +30,19 @@ fn converted_tokenizer_matches_reference_ids_and_round_trips() {
 #[test]
 fn converted_tokenizer_config_carries_the_chat_template_and_specials() {
     let bundle = common::default_bundle(Quant::Int8);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bundle.join("tokenizer_config.json")).unwrap()).unwrap();
-    assert!(cfg["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bundle.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(cfg["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
     assert_eq!(cfg["eos_token"], "<|im_end|>");
-    let gen: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bundle.join("generation_config.json")).unwrap()).unwrap();
+    let gen: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bundle.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(gen["eos_token_id"], serde_json::json!([2]));
     assert_eq!(gen["bos_token_id"], 1);
 }

@@ -24,7 +24,8 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         );
     }
     let params = llama_params(&gguf).with_context(|| format!("reading \"{}\"", path.display()))?;
-    let vocab = vocab(&gguf).with_context(|| format!("reading tokenizer of \"{}\"", path.display()))?;
+    let vocab =
+        vocab(&gguf).with_context(|| format!("reading tokenizer of \"{}\"", path.display()))?;
     if vocab.tokens.len() != params.vocab {
         bail!(
             "\"{}\": tokenizer has {} tokens but the embedding has {} rows",
@@ -111,7 +112,11 @@ fn vocab(g: &Gguf) -> Result<GgufVocab> {
         None => vec![],
     };
     let merges = match g.get("tokenizer.ggml.merges") {
-        Some(_) => g.get_str_array("tokenizer.ggml.merges")?.into_iter().map(String::from).collect(),
+        Some(_) => g
+            .get_str_array("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(String::from)
+            .collect(),
         None => vec![],
     };
     let pre = match g.get("tokenizer.ggml.pre") {
@@ -125,7 +130,11 @@ fn vocab(g: &Gguf) -> Result<GgufVocab> {
     Ok(GgufVocab {
         model: g.get_str("tokenizer.ggml.model")?.to_string(),
         pre,
-        tokens: g.get_str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect(),
+        tokens: g
+            .get_str_array("tokenizer.ggml.tokens")?
+            .into_iter()
+            .map(String::from)
+            .collect(),
         token_types,
         merges,
         bos_id: opt_id("tokenizer.ggml.bos_token_id")?,
@@ -213,7 +222,10 @@ fn unpermute_rope_rows(w: &Weight, heads: usize) -> Result<Weight> {
             }
         }
     }
-    Ok(Weight { shape: w.shape.clone(), data })
+    Ok(Weight {
+        shape: w.shape.clone(),
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -223,7 +235,10 @@ mod tests {
     #[test]
     fn unpermute_maps_interleaved_rows_to_halves() {
         // One head of dim 4, one column: llama.cpp rows [a0, b0, a1, b1] are HF [a0, a1, b0, b1].
-        let w = Weight { shape: vec![4, 1], data: vec![0.0, 10.0, 1.0, 11.0] };
+        let w = Weight {
+            shape: vec![4, 1],
+            data: vec![0.0, 10.0, 1.0, 11.0],
+        };
         let u = unpermute_rope_rows(&w, 1).unwrap();
         assert_eq!(u.data, vec![0.0, 1.0, 10.0, 11.0]);
     }
@@ -232,9 +247,15 @@ mod tests {
     fn names_map_both_ways_we_need() {
         assert_eq!(
             gguf_name("model.layers.12.self_attn.k_proj.weight"),
-            Some(("blk.12.attn_k.weight".into(), Some("llama.attention.head_count_kv")))
+            Some((
+                "blk.12.attn_k.weight".into(),
+                Some("llama.attention.head_count_kv")
+            ))
         );
-        assert_eq!(gguf_name("model.embed_tokens.weight").map(|x| x.0), Some("token_embd.weight".into()));
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").map(|x| x.0),
+            Some("token_embd.weight".into())
+        );
         assert_eq!(gguf_name("model.layers.x"), None);
     }
 }

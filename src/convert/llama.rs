@@ -96,7 +96,13 @@ pub fn write_graph(
             g.input(&format!("past_key_values.{i}.{kv}"), Elem::F32, &dims);
         }
     }
-    let mut w = Writer { g, p, quant, src, progress };
+    let mut w = Writer {
+        g,
+        p,
+        quant,
+        src,
+        progress,
+    };
     w.body()?;
     let mut g = w.g;
     let logits_dims = [batch.clone(), seq, Dim::Fixed(p.vocab as i64)];
@@ -104,7 +110,12 @@ pub fn write_graph(
     for i in 0..p.layers {
         for kv in ["key", "value"] {
             let name = format!("present.{i}.{kv}");
-            let dims = [batch.clone(), Dim::Fixed(kvh), total.clone(), Dim::Fixed(hd)];
+            let dims = [
+                batch.clone(),
+                Dim::Fixed(kvh),
+                total.clone(),
+                Dim::Fixed(hd),
+            ];
             g.output(&name, &name, Elem::F32, &dims);
         }
     }
@@ -154,10 +165,20 @@ impl Writer<'_> {
         let (n, k) = (w.shape[0], w.shape[1]);
         let (q, scales) = quantize_q8(&w.data, n, k);
         let q_bytes: Vec<u8> = q.iter().map(|v| *v as u8).collect();
-        let q_name = self.g.weight(&format!("{name}.q8"), Elem::I8, &[n as i64, k as i64], &q_bytes)?;
+        let q_name = self.g.weight(
+            &format!("{name}.q8"),
+            Elem::I8,
+            &[n as i64, k as i64],
+            &q_bytes,
+        )?;
         let nb = k.div_ceil(BLOCK) as i64;
-        let s_name = self.g.weight_f32(&format!("{name}.scale"), &[n as i64, nb], &scales)?;
-        let attrs = vec![("axis", Attr::Int(1)), ("block_size", Attr::Int(BLOCK as i64))];
+        let s_name = self
+            .g
+            .weight_f32(&format!("{name}.scale"), &[n as i64, nb], &scales)?;
+        let attrs = vec![
+            ("axis", Attr::Int(1)),
+            ("block_size", Attr::Int(BLOCK as i64)),
+        ];
         Ok(self.g.node("DequantizeLinear", &[&q_name, &s_name], attrs))
     }
 
@@ -173,7 +194,11 @@ impl Writer<'_> {
         let eps = self.g.const_f32("eps", &[], &[self.p.rms_eps]);
         let axes = self.ints("axes", &[-1]);
         let sq = self.g.node("Mul", &[x, x], vec![]);
-        let mean = self.g.node("ReduceMean", &[&sq, &axes], vec![("keepdims", Attr::Int(1))]);
+        let mean = self.g.node(
+            "ReduceMean",
+            &[&sq, &axes],
+            vec![("keepdims", Attr::Int(1))],
+        );
         let var = self.g.node("Add", &[&mean, &eps], vec![]);
         let std = self.g.node("Sqrt", &[&var], vec![]);
         let inv = self.g.node("Reciprocal", &[&std], vec![]);
@@ -185,11 +210,17 @@ impl Writer<'_> {
     fn rope(&mut self, x: &str, cos: &str, sin: &str) -> String {
         let half = (self.p.head_dim / 2) as i64;
         let axes = self.ints("axes", &[-1]);
-        let (z, h, end) = (self.ints("s", &[0]), self.ints("s", &[half]), self.ints("e", &[i64::MAX]));
+        let (z, h, end) = (
+            self.ints("s", &[0]),
+            self.ints("s", &[half]),
+            self.ints("e", &[i64::MAX]),
+        );
         let x1 = self.g.node("Slice", &[x, &z, &h, &axes], vec![]);
         let x2 = self.g.node("Slice", &[x, &h, &end, &axes], vec![]);
         let neg = self.g.node("Neg", &[&x2], vec![]);
-        let rot = self.g.node("Concat", &[&neg, &x1], vec![("axis", Attr::Int(-1))]);
+        let rot = self
+            .g
+            .node("Concat", &[&neg, &x1], vec![("axis", Attr::Int(-1))]);
         let a = self.g.node("Mul", &[x, cos], vec![]);
         let b = self.g.node("Mul", &[&rot, sin], vec![]);
         self.g.node("Add", &[&a, &b], vec![])
@@ -210,18 +241,26 @@ impl Writer<'_> {
             )?,
             Quant::Int8 => self.dequantized("model.embed_tokens.weight", &emb)?,
         };
-        let mut x = self.g.node("Gather", &[&table, "input_ids"], vec![("axis", Attr::Int(0))]);
+        let mut x = self.g.node(
+            "Gather",
+            &[&table, "input_ids"],
+            vec![("axis", Attr::Int(0))],
+        );
 
         // RoPE tables from position_ids, computed in f32 as transformers does.
         let inv_freq: Vec<f32> = (0..p.head_dim / 2)
             .map(|i| 1.0 / p.rope_theta.powf((2 * i) as f32 / p.head_dim as f32))
             .collect();
         let inv_freq = self.g.const_f32("inv_freq", &[hd / 2], &inv_freq);
-        let pos = self.g.node("Cast", &["position_ids"], vec![("to", Attr::Int(1))]);
+        let pos = self
+            .g
+            .node("Cast", &["position_ids"], vec![("to", Attr::Int(1))]);
         let ax2 = self.ints("axes", &[2]);
         let pos = self.g.node("Unsqueeze", &[&pos, &ax2], vec![]);
         let freqs = self.g.node("Mul", &[&pos, &inv_freq], vec![]);
-        let angles = self.g.node("Concat", &[&freqs, &freqs], vec![("axis", Attr::Int(-1))]);
+        let angles = self
+            .g
+            .node("Concat", &[&freqs, &freqs], vec![("axis", Attr::Int(-1))]);
         let ax1 = self.ints("axes", &[1]);
         let cos = self.g.node("Cos", &[&angles], vec![]);
         let cos = self.g.node("Unsqueeze", &[&cos, &ax1], vec![]); // (b, 1, s, hd)
@@ -232,9 +271,17 @@ impl Writer<'_> {
         // attention_mask[j] != 0.
         let one_idx = self.g.const_i64("idx", &[], &[1]);
         let ids_shape = self.g.node("Shape", &["input_ids"], vec![]);
-        let seq_len = self.g.node("Gather", &[&ids_shape, &one_idx], vec![("axis", Attr::Int(0))]);
+        let seq_len = self.g.node(
+            "Gather",
+            &[&ids_shape, &one_idx],
+            vec![("axis", Attr::Int(0))],
+        );
         let am_shape = self.g.node("Shape", &["attention_mask"], vec![]);
-        let total = self.g.node("Gather", &[&am_shape, &one_idx], vec![("axis", Attr::Int(0))]);
+        let total = self.g.node(
+            "Gather",
+            &[&am_shape, &one_idx],
+            vec![("axis", Attr::Int(0))],
+        );
         let past = self.g.node("Sub", &[&total, &seq_len], vec![]);
         let zero = self.g.const_i64("zero", &[], &[0]);
         let one = self.g.const_i64("one", &[], &[1]);
@@ -244,12 +291,16 @@ impl Writer<'_> {
         let kpos = self.g.node("Unsqueeze", &[&kpos, &ax0], vec![]);
         let qpos = self.g.node("Unsqueeze", &[&qpos, &ax1], vec![]);
         let causal = self.g.node("LessOrEqual", &[&kpos, &qpos], vec![]); // (s, total)
-        let am = self.g.node("Cast", &["attention_mask"], vec![("to", Attr::Int(9))]);
+        let am = self
+            .g
+            .node("Cast", &["attention_mask"], vec![("to", Attr::Int(9))]);
         let ax123 = self.ints("axes", &[1, 2, 3]);
         let am = self.g.node("Unsqueeze", &[&am, &ax123], vec![]); // (b, 1, 1, 1, total)
         let mask = self.g.node("And", &[&causal, &am], vec![]);
         let neg = self.g.const_f32("neg", &[], &[f32::MIN]);
-        let scale = self.g.const_f32("scale", &[], &[1.0 / (p.head_dim as f32).sqrt()]);
+        let scale = self
+            .g
+            .const_f32("scale", &[], &[1.0 / (p.head_dim as f32).sqrt()]);
 
         let split_heads = self.ints("shape", &[0, 0, h, hd]);
         let split_kv = self.ints("shape", &[0, 0, kvh, hd]);
@@ -262,8 +313,18 @@ impl Writer<'_> {
             let hn = self.rms_norm(&x, &format!("{pre}.input_layernorm.weight"))?;
             let (qn, kvn) = (p.heads * p.head_dim, p.kv_heads * p.head_dim);
             let q = self.linear(&hn, &format!("{pre}.self_attn.q_proj.weight"), qn, p.hidden)?;
-            let k = self.linear(&hn, &format!("{pre}.self_attn.k_proj.weight"), kvn, p.hidden)?;
-            let v = self.linear(&hn, &format!("{pre}.self_attn.v_proj.weight"), kvn, p.hidden)?;
+            let k = self.linear(
+                &hn,
+                &format!("{pre}.self_attn.k_proj.weight"),
+                kvn,
+                p.hidden,
+            )?;
+            let v = self.linear(
+                &hn,
+                &format!("{pre}.self_attn.v_proj.weight"),
+                kvn,
+                p.hidden,
+            )?;
             let q = self.g.node("Reshape", &[&q, &split_heads], vec![]);
             let q = self.g.node("Transpose", &[&q], perm(&bhsd));
             let k = self.g.node("Reshape", &[&k, &split_kv], vec![]);
@@ -272,11 +333,15 @@ impl Writer<'_> {
             let v = self.g.node("Transpose", &[&v], perm(&bhsd));
             let q = self.rope(&q, &cos, &sin);
             let k = self.rope(&k, &cos, &sin);
-            let (pk, pv) = (format!("past_key_values.{l}.key"), format!("past_key_values.{l}.value"));
+            let (pk, pv) = (
+                format!("past_key_values.{l}.key"),
+                format!("past_key_values.{l}.value"),
+            );
             let (ok, ov) = (format!("present.{l}.key"), format!("present.{l}.value"));
             let axis2 = vec![("axis", Attr::Int(2))];
             self.g.node_named("Concat", &[&pk, &k], axis2, &ok);
-            self.g.node_named("Concat", &[&pv, &v], vec![("axis", Attr::Int(2))], &ov);
+            self.g
+                .node_named("Concat", &[&pv, &v], vec![("axis", Attr::Int(2))], &ov);
 
             let q5 = self.g.node("Reshape", &[&q, &grouped], vec![]); // (b, kvh, g, s, hd)
             let k5 = self.g.node("Unsqueeze", &[&ok, &ax2], vec![]); // (b, kvh, 1, t, hd)
@@ -285,7 +350,9 @@ impl Writer<'_> {
             let scores = self.g.node("MatMul", &[&q5, &kt], vec![]); // (b, kvh, g, s, t)
             let scores = self.g.node("Mul", &[&scores, &scale], vec![]);
             let scores = self.g.node("Where", &[&mask, &scores, &neg], vec![]);
-            let probs = self.g.node("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+            let probs = self
+                .g
+                .node("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
             let o = self.g.node("MatMul", &[&probs, &v5], vec![]); // (b, kvh, g, s, hd)
             let o = self.g.node("Reshape", &[&o, &merged], vec![]);
             let o = self.g.node("Transpose", &[&o], perm(&bhsd));
@@ -299,7 +366,12 @@ impl Writer<'_> {
             let sig = self.g.node("Sigmoid", &[&gate], vec![]);
             let silu = self.g.node("Mul", &[&gate, &sig], vec![]);
             let act = self.g.node("Mul", &[&silu, &up], vec![]);
-            let down = self.linear(&act, &format!("{pre}.mlp.down_proj.weight"), p.hidden, p.ffn)?;
+            let down = self.linear(
+                &act,
+                &format!("{pre}.mlp.down_proj.weight"),
+                p.hidden,
+                p.ffn,
+            )?;
             x = self.g.node("Add", &[&x, &down], vec![]);
         }
         let x = self.rms_norm(&x, "model.norm.weight")?;
@@ -307,9 +379,7 @@ impl Writer<'_> {
         let head = if p.tied_embeddings {
             match self.quant {
                 Quant::F32 => self.matmul_rhs("lm_head.weight", &emb)?,
-                Quant::Int8 => {
-                    self.g.node("Transpose", &[&table], perm(&[1, 0]))
-                }
+                Quant::Int8 => self.g.node("Transpose", &[&table], perm(&[1, 0])),
             }
         } else {
             drop(emb);

@@ -127,7 +127,10 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         data_bytes / 1_000_000,
         opts.quant.name()
     );
-    Ok(ConvertReport { layers: p.layers, data_bytes })
+    Ok(ConvertReport {
+        layers: p.layers,
+        data_bytes,
+    })
 }
 
 /// Opens a `.gguf` file or a Hugging Face checkpoint directory.
@@ -182,7 +185,11 @@ struct Progress {
 
 impl Progress {
     fn new(total: usize, enabled: bool) -> Progress {
-        Progress { done: 0, total: total.max(1), enabled }
+        Progress {
+            done: 0,
+            total: total.max(1),
+            enabled,
+        }
     }
 
     fn tick(&mut self) {

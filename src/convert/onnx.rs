@@ -82,7 +82,10 @@ impl ExternalData {
             .with_context(|| format!("writing \"{}\"", self.path.display()))?;
         let start = self.offset + pad;
         self.offset = start + bytes.len() as u64;
-        let entry = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+        let entry = |k: &str, v: String| pb::StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        };
         Ok(vec![
             entry("location", self.file_name.clone()),
             entry("offset", start.to_string()),
@@ -170,7 +173,10 @@ impl GraphBuilder {
             .into_iter()
             .map(|(name, a)| {
                 use pb::attribute_proto::AttributeType as T;
-                let mut p = pb::AttributeProto { name: name.into(), ..Default::default() };
+                let mut p = pb::AttributeProto {
+                    name: name.into(),
+                    ..Default::default()
+                };
                 match a {
                     Attr::Int(i) => {
                         p.r#type = T::Int as i32;
@@ -236,7 +242,10 @@ impl GraphBuilder {
             ir_version: 10,
             producer_name: "edgelm".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
             graph: Some(pb::GraphProto {
                 node: self.nodes,
                 name: graph_name.into(),

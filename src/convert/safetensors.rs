@@ -36,17 +36,26 @@ impl SafetensorsFile {
         // SAFETY: the file is opened read-only and we never hand out references that outlive
         // `self`; a concurrent truncation by another process is outside what we can defend.
         let mmap = unsafe { Mmap::map(&file) }.with_context(ctx)?;
-        ensure!(mmap.len() >= 8, "\"{}\": too short for a safetensors header", path.display());
+        ensure!(
+            mmap.len() >= 8,
+            "\"{}\": too short for a safetensors header",
+            path.display()
+        );
         let mut len8 = [0u8; 8];
         len8.copy_from_slice(&mmap[..8]);
         let header_len = u64::from_le_bytes(len8);
         let data_start = 8u64
             .checked_add(header_len)
             .filter(|end| *end <= mmap.len() as u64)
-            .with_context(|| format!("\"{}\": header length {header_len} exceeds the file", path.display()))?
-            as usize;
-        let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&mmap[8..data_start])
-            .with_context(|| format!("\"{}\": header is not valid JSON", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "\"{}\": header length {header_len} exceeds the file",
+                    path.display()
+                )
+            })? as usize;
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&mmap[8..data_start])
+                .with_context(|| format!("\"{}\": header is not valid JSON", path.display()))?;
         let data_len = mmap.len() - data_start;
         let mut tensors = BTreeMap::new();
         for (name, v) in header {
@@ -67,7 +76,12 @@ impl SafetensorsFile {
             );
             tensors.insert(name, t);
         }
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start, tensors })
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            tensors,
+        })
     }
 
     /// Names of the tensors in this file.
@@ -77,18 +91,33 @@ impl SafetensorsFile {
 
     /// The tensor converted to f32, or `None` if absent.
     pub fn tensor_f32(&self, name: &str) -> Result<Option<Weight>> {
-        let Some(t) = self.tensors.get(name) else { return Ok(None) };
-        let bytes = &self.mmap[self.data_start + t.data_offsets[0]..self.data_start + t.data_offsets[1]];
+        let Some(t) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let bytes =
+            &self.mmap[self.data_start + t.data_offsets[0]..self.data_start + t.data_offsets[1]];
         let data: Vec<f32> = match t.dtype.as_str() {
-            "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            "F16" => bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            "F32" => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            "F16" => bytes
+                .chunks_exact(2)
+                .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
             "BF16" => bytes
                 .chunks_exact(2)
                 .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
                 .collect(),
-            other => bail!("\"{}\": tensor \"{name}\" has unsupported dtype {other}", self.path.display()),
+            other => bail!(
+                "\"{}\": tensor \"{name}\" has unsupported dtype {other}",
+                self.path.display()
+            ),
         };
-        Ok(Some(Weight { shape: t.shape.clone(), data }))
+        Ok(Some(Weight {
+            shape: t.shape.clone(),
+            data,
+        }))
     }
 }
 
@@ -155,14 +184,23 @@ fn default_positions() -> usize {
 pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
     let read = |name: &str| -> Result<serde_json::Value> {
         let p = dir.join(name);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading \"{}\"", p.display()))?;
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading \"{}\"", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing \"{}\"", p.display()))
     };
     let cfg_value = read("config.json")?;
-    let cfg: HfLlamaConfig = serde_json::from_value(cfg_value)
-        .with_context(|| format!("\"{}\": not a Llama config", dir.join("config.json").display()))?;
+    let cfg: HfLlamaConfig = serde_json::from_value(cfg_value).with_context(|| {
+        format!(
+            "\"{}\": not a Llama config",
+            dir.join("config.json").display()
+        )
+    })?;
     if cfg.model_type != "llama" && cfg.model_type != "mistral" {
-        bail!("\"{}\": unsupported architecture \"{}\" (supported: llama)", dir.display(), cfg.model_type);
+        bail!(
+            "\"{}\": unsupported architecture \"{}\" (supported: llama)",
+            dir.display(),
+            cfg.model_type
+        );
     }
     if cfg.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
         bail!("\"{}\": RoPE scaling is not supported", dir.display());
@@ -173,7 +211,9 @@ pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
         layers: cfg.num_hidden_layers,
         heads: cfg.num_attention_heads,
         kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
-        head_dim: cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1)),
+        head_dim: cfg
+            .head_dim
+            .unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1)),
         ffn: cfg.intermediate_size,
         rope_theta: cfg.rope_theta,
         rms_eps: cfg.rms_norm_eps,
@@ -202,8 +242,14 @@ pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
         }
     }
     let eos_ids = match &cfg.eos_token_id {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => vec![],
     };
     Ok(Checkpoint {

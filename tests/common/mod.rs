@@ -29,14 +29,19 @@ pub fn default_gguf() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(path.is_file(), "fetch script printed {path:?}, which is not a file");
+    assert!(
+        path.is_file(),
+        "fetch script printed {path:?}, which is not a file"
+    );
     path
 }
 
 /// A bundle converted from the default GGUF, cached under `target/test-bundles/`.
 pub fn default_bundle(quant: Quant) -> PathBuf {
     let gguf = default_gguf();
-    let dir = root().join("target/test-bundles").join(format!("smollm2-{}", quant.name()));
+    let dir = root()
+        .join("target/test-bundles")
+        .join(format!("smollm2-{}", quant.name()));
     convert_once(&gguf, &dir, quant);
     dir
 }
