@@ -51,13 +51,13 @@ impl LlamaParams {
             "model has a zero dimension: {self:?}"
         );
         ensure!(
-            self.heads > 0 && self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            self.heads > 0 && self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
             "{} attention heads is not a multiple of {} key/value heads",
             self.heads,
             self.kv_heads
         );
         ensure!(
-            self.head_dim > 0 && self.head_dim % 2 == 0,
+            self.head_dim > 0 && self.head_dim.is_multiple_of(2),
             "head dimension {} must be even for RoPE",
             self.head_dim
         );
