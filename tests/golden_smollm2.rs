@@ -1,5 +1,5 @@
 //! SmolLM2-135M-Instruct converted from its GGUF against the Hugging Face transformers
-//! reference (`tests/fixtures/smollm2/golden_hf.json`: greedy, KV cache, 32 new tokens, no
+//! reference (`tests/fixtures/smollm2-135m-instruct/golden_hf.json`: greedy, KV cache, 32 new tokens, no
 //! EOS stop), and the int8 bundle against the f32 bundle, teacher-forced.
 
 mod common;
@@ -14,7 +14,7 @@ use serde_json::Value;
 
 fn golden() -> Value {
     let text =
-        std::fs::read_to_string(common::root().join("tests/fixtures/smollm2/golden_hf.json"))
+        std::fs::read_to_string(common::root().join("tests/fixtures/smollm2-135m-instruct/golden_hf.json"))
             .unwrap();
     serde_json::from_str(&text).unwrap()
 }
