@@ -1,6 +1,8 @@
 //! The GGUF reader against gguf-py: fixtures written and dequantized by gguf-py
 //! (tests/fixtures/gguf/make_fixtures.py), the real SmolLM2 Q4_1 model, and malformed files.
 
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
@@ -297,21 +299,9 @@ fn open_errors_name_the_path() {
 
 // ---------------------------------------------------------------- the real model
 
-fn real_model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("EDGELM_GGUF") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").expect("HOME is not set");
-    PathBuf::from(home).join(".cache/edgelm/gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
+/// The real model, fetched by `models/fetch-smollm2.sh` when missing.
 fn open_real_model() -> Gguf {
-    let path = real_model_path();
-    assert!(
-        path.exists(),
-        "the SmolLM2 GGUF is missing at {path:?}: run models/fetch-smollm2.sh (or set EDGELM_GGUF)"
-    );
-    Gguf::open(&path).unwrap()
+    Gguf::open(&common::default_gguf()).unwrap()
 }
 
 /// sum over i of (i + 1) * bits(value[i]), wrapping modulo 2^64 (as make_fixtures.py).

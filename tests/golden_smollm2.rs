@@ -13,9 +13,10 @@ use edgelm::sampler::SamplerConfig;
 use serde_json::Value;
 
 fn golden() -> Value {
-    let text =
-        std::fs::read_to_string(common::root().join("tests/fixtures/smollm2-135m-instruct/golden_hf.json"))
-            .unwrap();
+    let text = std::fs::read_to_string(
+        common::root().join("tests/fixtures/smollm2-135m-instruct/golden_hf.json"),
+    )
+    .unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
