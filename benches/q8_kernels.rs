@@ -6,6 +6,7 @@
 //! cached). Copies start at 64-byte aligned addresses, like tensors in the mmapped bundle.
 //!
 //! `cargo bench --bench q8_kernels -- <filter>`; groups: `matvec`, `matmul64`, `pool`.
+//! `EDGELM_BENCH_ARENA_MB=0` benches cache-resident weights instead (the compute ceiling).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +24,14 @@ const SHAPES: [(&str, usize, usize); 4] = [
 ];
 
 /// Total size of the rotating copies of one shape: well above the 8 MiB L3.
-const ARENA_BYTES: usize = 64 << 20;
+/// `EDGELM_BENCH_ARENA_MB=0` keeps small shapes in cache instead (compute ceiling).
+fn arena_bytes() -> usize {
+    std::env::var("EDGELM_BENCH_ARENA_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(64)
+        << 20
+}
 
 /// Copies of one weight matrix, each at a 64-byte aligned address.
 struct Arena {
@@ -131,7 +139,7 @@ fn bench_products(c: &mut Criterion, group_name: &str, m: usize) {
         group.sample_size(10);
     }
     for (name, k, n) in SHAPES {
-        let arena = Arena::new(k, n, if m > 1 { 0 } else { ARENA_BYTES });
+        let arena = Arena::new(k, n, if m > 1 { 0 } else { arena_bytes() });
         group.throughput(Throughput::Bytes(arena.matrix(0).weight_bytes() as u64));
         let x: Vec<f32> = (0..m * k)
             .map(|j| ((j * 7919) % 200) as f32 / 100.0 - 1.0)

@@ -192,7 +192,7 @@ impl QuantActs {
     /// Quantizes `x` (m, k) row by row with the portable code.
     pub fn quantize_scalar(x: &[f32], m: usize, k: usize) -> Self {
         let mut a = Self::zeroed(m, k);
-        a.fill(x, |x, q, s| quantize_row(x, q, s));
+        a.fill(x, quantize_row);
         a
     }
 

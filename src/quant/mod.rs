@@ -270,7 +270,7 @@ impl Q8Matrix<'_> {
         pool: &ThreadPool,
     ) -> Result<(), QuantError> {
         let (n, k) = (self.n(), self.k());
-        if x.len() % k != 0 {
+        if !x.len().is_multiple_of(k) {
             return Err(QuantError::InputLen { k, got: x.len() });
         }
         let m = x.len() / k;

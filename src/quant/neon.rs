@@ -7,6 +7,11 @@
 //! `vdotq_s32` is still unstable in Rust 1.95, so SDOT is written as inline assembly.
 //! Pair sums in the `vmull` path stay below 2^15 because activations are in -127..=127.
 
+// Kernels index several arrays (rows of a tile, lanes, blocks) with one counter; index
+// loops say that most plainly and, unlike iterator adapters with closures, always inline
+// into the `target_feature` functions.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;

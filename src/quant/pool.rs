@@ -236,7 +236,7 @@ fn wait_for_job(sh: &Shared, seen: u64) -> bool {
             return true;
         }
         spins = spins.wrapping_add(1);
-        if spins % 256 != 0 || start.elapsed() < sh.spin {
+        if !spins.is_multiple_of(256) || start.elapsed() < sh.spin {
             std::hint::spin_loop();
             continue;
         }

@@ -44,7 +44,7 @@ impl Problem {
         let q = (0..n * k).map(|_| rng.next_u64() as i8).collect();
         let scales = (0..n * nb)
             .map(|_| {
-                if rng.next_u64() % 16 == 0 {
+                if rng.next_u64().is_multiple_of(16) {
                     0.0
                 } else {
                     rng.unit() * 0.02
@@ -58,7 +58,7 @@ impl Problem {
             })
             .collect();
         for xr in x.chunks_mut(k) {
-            if rng.next_u64() % 4 == 0 {
+            if rng.next_u64().is_multiple_of(4) {
                 let b = (rng.next_u64() as usize) % nb;
                 let end = ((b + 1) * BLOCK).min(k);
                 xr[b * BLOCK..end].fill(0.0);
