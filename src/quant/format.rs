@@ -129,34 +129,47 @@ pub fn quantize_q8(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
 /// copy gives the same bits).
 #[inline(always)]
 pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
-    for ((xb, qb), s) in x
-        .chunks(BLOCK)
-        .zip(q.chunks_mut(BLOCK))
+    // Whole blocks as fixed-size arrays, so the compiler sees 32 lanes and vectorizes.
+    let (x_blocks, x_tail) = x.as_chunks::<BLOCK>();
+    let (q_blocks, q_tail) = q.as_chunks_mut::<BLOCK>();
+    for ((xb, qb), s) in x_blocks
+        .iter()
+        .zip(q_blocks.iter_mut())
         .zip(scales.iter_mut())
     {
-        // Eight independent maxima so the loop vectorizes; max is exact, so order is moot.
-        let mut lanes = [0f32; 8];
-        let mut chunks = xb.chunks_exact(8);
-        for c in &mut chunks {
-            for (l, v) in lanes.iter_mut().zip(c) {
-                *l = l.max(v.abs());
-            }
-        }
-        for (l, v) in lanes.iter_mut().zip(chunks.remainder()) {
-            *l = l.max(v.abs());
-        }
-        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
-        let scale = amax / 127.0;
-        *s = scale;
-        if scale == 0.0 {
-            qb.fill(0);
-            continue;
-        }
-        for (qv, &xv) in qb.iter_mut().zip(xb) {
-            // `as` saturates (and maps NaN to 0), the clamp documents the range.
-            *qv = (xv / scale).round().clamp(-127.0, 127.0) as i8;
-        }
+        *s = quantize_block(xb, qb);
     }
+    if !x_tail.is_empty() {
+        scales[x_blocks.len()] = quantize_block(x_tail, q_tail);
+    }
+}
+
+/// Quantizes one block (up to 32 values) by the Q8_0 rule and returns its scale.
+#[inline(always)]
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    // max|x| on the bit patterns with the sign cleared: for non-negative floats their order
+    // is the float order, and an integer max reduction vectorizes (a NaN wins, and then
+    // poisons only its own block).
+    let amax_bits = xb
+        .iter()
+        .map(|v| v.to_bits() & 0x7fff_ffff)
+        .max()
+        .unwrap_or(0);
+    let amax = f32::from_bits(amax_bits);
+    let scale = amax / 127.0;
+    if scale == 0.0 {
+        qb.fill(0);
+        return scale;
+    }
+    for (qv, &xv) in qb.iter_mut().zip(xb) {
+        // max/min (not clamp) also map NaN into range, which makes the conversion sound and
+        // lets it vectorize (a saturating `as i8` does not).
+        #[allow(clippy::manual_clamp)] // clamp would keep NaN
+        let v = (xv / scale).round().max(-127.0).min(127.0);
+        // SAFETY: v is finite and within -127..=127.
+        *qv = unsafe { v.to_int_unchecked::<i32>() } as i8;
+    }
+    scale
 }
 
 /// Activations quantized per block of 32 by the Q8_0 rule (scheme Q8Q8's right-hand side).
@@ -192,20 +205,21 @@ impl QuantActs {
     /// Quantizes `x` (m, k) row by row with the portable code.
     pub fn quantize_scalar(x: &[f32], m: usize, k: usize) -> Self {
         let mut a = Self::zeroed(m, k);
-        a.fill(x, quantize_row);
+        a.fill_from(x);
         a
     }
 
-    /// Quantizes `x` (m, k) with `row` doing one row (x, q, scales).
+    /// Quantizes `x` (m, k) into these buffers. `#[inline(always)]` so that a caller compiled
+    /// with more target features gets its own vectorized copy.
     #[inline(always)]
-    pub fn fill(&mut self, x: &[f32], mut row: impl FnMut(&[f32], &mut [i8], &mut [f32])) {
+    pub fn fill_from(&mut self, x: &[f32]) {
         let (k, nb) = (self.k, blocks_per_row(self.k));
-        for ((xr, qr), sr) in x
+        let rows = x
             .chunks_exact(k)
             .zip(self.q.chunks_exact_mut(k))
-            .zip(self.scales.chunks_exact_mut(nb))
-        {
-            row(xr, qr, sr);
+            .zip(self.scales.chunks_exact_mut(nb));
+        for ((xr, qr), sr) in rows {
+            quantize_row(xr, qr, sr);
         }
     }
 }

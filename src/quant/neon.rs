@@ -4,6 +4,7 @@
 //! `vmull_s8`/`vmlal_s8` pairs widened with `vpadal`), two rounds of `vpaddq` turn 4 blocks
 //! into one vector of their exact dot products, which is scaled and added into the low
 //! (lanes 0..4) or high (lanes 4..8) accumulator, matching lane `b % 8` of the scalar code.
+//! The last, partial group runs the same code with zeros for missing blocks.
 //! `vdotq_s32` is still unstable in Rust 1.95, so SDOT is written as inline assembly.
 //! Pair sums in the `vmull` path stay below 2^15 because activations are in -127..=127.
 
@@ -186,7 +187,131 @@ unsafe fn partials_sdot(w: *const i8, x: *const i8) -> int32x4_t {
     acc
 }
 
+/// Adds 4 blocks' partial sums `v` (per row) with scales `sw`, `sx[t]` into `acc`.
+///
+/// # Safety
+/// NEON is available.
+#[inline(always)]
+unsafe fn add_quad<const R: usize>(
+    acc: &mut [float32x4_t; R],
+    v: &[[int32x4_t; 4]; R],
+    sw: float32x4_t,
+    sx: [float32x4_t; R],
+) {
+    for t in 0..R {
+        // SAFETY: NEON is available (contract).
+        unsafe {
+            let idot = vpaddq_s32(vpaddq_s32(v[t][0], v[t][1]), vpaddq_s32(v[t][2], v[t][3]));
+            acc[t] = vaddq_f32(acc[t], vmulq_f32(vmulq_f32(sw, sx[t]), vcvtq_f32_s32(idot)));
+        }
+    }
+}
+
+/// Adds the 4 full blocks from block `b0` into `acc` (one accumulator half per row).
+///
+/// # Safety
+/// NEON (and dotprod if `DOT`) are available; blocks b0..b0 + 4 are full blocks of `wq`
+/// and of every `xs[t].0`.
+#[inline(always)]
+unsafe fn full_group<const R: usize, const DOT: bool>(
+    wq: &[i8],
+    ws: &[f32],
+    xs: [(&[i8], &[f32]); R],
+    b0: usize,
+    acc: &mut [float32x4_t; R],
+) {
+    let mut v = [[vdupq_n_s32(0); 4]; R];
+    let mut sx = [vdupq_n_f32(0.0); R];
+    // SAFETY: full blocks (contract), so each 32-byte read ends at or before k, and the
+    // 4-float reads at b0 + 4 <= full <= nb.
+    unsafe {
+        for e in 0..4 {
+            let off = (b0 + e) * BLOCK;
+            for t in 0..R {
+                v[t][e] = partials::<DOT>(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off));
+            }
+        }
+        for t in 0..R {
+            sx[t] = vld1q_f32(xs[t].1.as_ptr().add(b0));
+        }
+        add_quad(acc, &v, vld1q_f32(ws.as_ptr().add(b0)), sx);
+    }
+}
+
+/// Adds the last blocks, from block `b0` (a multiple of 4) to nb, into `acc`: up to 3 full
+/// blocks and the short one, with missing blocks as zero vectors, the short block
+/// zero-padded and missing scales zero, so each missing block adds an exact +0.
+///
+/// # Safety
+/// NEON (and dotprod if `DOT`) are available; every `xs[t]` has the lengths of (`wq`, `ws`);
+/// 0 < nb - b0 <= 4.
+#[inline(always)]
+unsafe fn last_group<const R: usize, const DOT: bool>(
+    wq: &[i8],
+    ws: &[f32],
+    xs: [(&[i8], &[f32]); R],
+    b0: usize,
+    acc: &mut [float32x4_t; R],
+) {
+    let (k, nb) = (wq.len(), ws.len());
+    let full = k / BLOCK;
+    let tail = full * BLOCK..k;
+    let mut w_pad = [0i8; BLOCK];
+    let mut x_pad = [[0i8; BLOCK]; R];
+    if !tail.is_empty() {
+        w_pad[..tail.len()].copy_from_slice(&wq[tail.clone()]);
+        for t in 0..R {
+            x_pad[t][..tail.len()].copy_from_slice(&xs[t].0[tail.clone()]);
+        }
+    }
+    let mut v = [[vdupq_n_s32(0); 4]; R];
+    for e in 0..4 {
+        let b = b0 + e;
+        for t in 0..R {
+            // SAFETY: a full block (b < full) has 32 bytes in both rows; the pads hold 32.
+            unsafe {
+                if b < full {
+                    v[t][e] = partials::<DOT>(
+                        wq.as_ptr().add(b * BLOCK),
+                        xs[t].0.as_ptr().add(b * BLOCK),
+                    );
+                } else if b == full && !tail.is_empty() {
+                    v[t][e] = partials::<DOT>(w_pad.as_ptr(), x_pad[t].as_ptr());
+                }
+            }
+        }
+    }
+    let mut sw = [0f32; 4];
+    sw[..nb - b0].copy_from_slice(&ws[b0..]);
+    let mut sx = [vdupq_n_f32(0.0); R];
+    for t in 0..R {
+        let mut s = [0f32; 4];
+        s[..nb - b0].copy_from_slice(&xs[t].1[b0..]);
+        // SAFETY: `s` holds 4 floats.
+        sx[t] = unsafe { vld1q_f32(s.as_ptr()) };
+    }
+    // SAFETY: NEON is available (contract); `sw` holds 4 floats.
+    unsafe { add_quad(acc, &v, vld1q_f32(sw.as_ptr()), sx) };
+}
+
+/// [`reduce8`] of lanes 0..4 in `lo` and 4..8 in `hi`, in the same order.
+///
+/// # Safety
+/// NEON is available.
+#[inline(always)]
+unsafe fn reduce_halves(lo: float32x4_t, hi: float32x4_t) -> f32 {
+    // SAFETY: NEON is available (contract).
+    unsafe {
+        let s4 = vaddq_f32(lo, hi); // a0+a4, a1+a5, a2+a6, a3+a7
+        let s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4)); // (a0+a4)+(a2+a6), (a1+a5)+(a3+a7)
+        vpadds_f32(s2)
+    }
+}
+
 /// Scheme Q8Q8: one weight row (`wq` (k), `ws` (nb)) against R quantized activation rows.
+///
+/// Blocks go 4 at a time, alternately into the low (lanes 0..4) and high (lanes 4..8)
+/// accumulator halves, then [`last_group`] adds the remainder.
 ///
 /// # Safety
 /// NEON (and dotprod if `DOT`) are available; every `xs[t]` has the lengths of (`wq`, `ws`).
@@ -200,54 +325,35 @@ unsafe fn dot_q8q8<const R: usize, const DOT: bool>(
     for (xq, xsc) in xs {
         assert!(xq.len() == k && xsc.len() == nb);
     }
-    // SAFETY (whole body): the features are available (contract); every block read below is a
-    // full block (index < full, so offset + 32 <= k) and every 4-float read ends at or before
-    // 4 * groups <= nb.
+    let full = k / BLOCK;
+    // SAFETY: NEON is available (contract).
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let mut lo = [zero; R]; // per row: lanes 0..4
+    let mut hi = [zero; R]; // per row: lanes 4..8
+    let mut b0 = 0;
+    // SAFETY (all calls): the features are available and the lengths match (contract); full
+    // groups end at or before `full`, the last group is checked by `last_group`.
     unsafe {
-        let full = k / BLOCK;
-        let groups = full / 4;
-        let mut acc = [[vdupq_n_f32(0.0); 2]; R]; // per row: lanes 0..4, lanes 4..8
-        for g in 0..groups {
-            let mut v = [[vdupq_n_s32(0); 4]; R];
-            for e in 0..4 {
-                let off = (g * 4 + e) * BLOCK;
-                for t in 0..R {
-                    v[t][e] = partials::<DOT>(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off));
-                }
-            }
-            let sw = vld1q_f32(ws.as_ptr().add(g * 4));
-            for t in 0..R {
-                let idot = vpaddq_s32(vpaddq_s32(v[t][0], v[t][1]), vpaddq_s32(v[t][2], v[t][3]));
-                let d = vmulq_f32(sw, vld1q_f32(xs[t].1.as_ptr().add(g * 4)));
-                let a = &mut acc[t][g % 2];
-                *a = vaddq_f32(*a, vmulq_f32(d, vcvtq_f32_s32(idot)));
-            }
+        while b0 + 8 <= full {
+            full_group::<R, DOT>(wq, ws, xs, b0, &mut lo);
+            full_group::<R, DOT>(wq, ws, xs, b0 + 4, &mut hi);
+            b0 += 8;
         }
-        let mut lanes = [[0f32; 8]; R];
-        for t in 0..R {
-            vst1q_f32(lanes[t].as_mut_ptr(), acc[t][0]);
-            vst1q_f32(lanes[t].as_mut_ptr().add(4), acc[t][1]);
+        if b0 + 4 <= full {
+            full_group::<R, DOT>(wq, ws, xs, b0, &mut lo);
+            b0 += 4;
         }
-        for b in groups * 4..nb {
-            let (start, end) = (b * BLOCK, ((b + 1) * BLOCK).min(k));
-            for t in 0..R {
-                let idot = if end - start == BLOCK {
-                    vaddvq_s32(partials::<DOT>(
-                        wq.as_ptr().add(start),
-                        xs[t].0.as_ptr().add(start),
-                    ))
-                } else {
-                    scalar::idot(&wq[start..end], &xs[t].0[start..end])
-                };
-                lanes[t][b % 8] += (ws[b] * xs[t].1[b]) * idot as f32;
-            }
+        if b0 < nb {
+            let acc = if b0 % 8 == 0 { &mut lo } else { &mut hi };
+            last_group::<R, DOT>(wq, ws, xs, b0, acc);
         }
-        let mut ys = [0f32; R];
-        for t in 0..R {
-            ys[t] = reduce8(&lanes[t]);
-        }
-        ys
     }
+    let mut ys = [0f32; R];
+    for t in 0..R {
+        // SAFETY: NEON is available (contract).
+        ys[t] = unsafe { reduce_halves(lo[t], hi[t]) };
+    }
+    ys
 }
 
 /// Scheme Q8F32: one weight row (`wq` (k), `ws` (nb)) against R f32 activation rows (k).
