@@ -1,5 +1,5 @@
-//! A small persistent thread pool for the kernels: `run(parts, f)` calls `f(0..parts)` once
-//! each, part 0 on the calling thread, and returns when all have finished.
+//! A small persistent thread pool for the kernels: `run(parts, f)` calls `f(p)` once for each
+//! part p, part 0 on the calling thread, and returns when all have finished.
 //!
 //! Decode calls the kernels ~200 times per token at 10–100 µs each, so dispatch must cost a
 //! few µs: workers spin on an atomic epoch for a while after each job (a new job then starts
@@ -103,7 +103,7 @@ impl ThreadPool {
             let shared = Arc::clone(&pool.shared);
             let handle = thread::Builder::new()
                 .name(format!("edgelm-q8-{index}"))
-                .spawn(move || worker(&shared, index))?;
+                .spawn(move || worker(&shared, index, threads))?;
             pool.workers.push(handle);
         }
         Ok(pool)
@@ -124,18 +124,16 @@ impl ThreadPool {
         self.threads
     }
 
-    /// Calls `f(p)` once for every `p` in `0..parts` (at most [`ThreadPool::threads`] parts,
-    /// extra parts are dropped) and returns when all calls have returned.
+    /// Calls `f(p)` once for every `p` in `0..parts` and returns when all calls have returned.
     ///
-    /// Part 0 runs on the calling thread. If another thread is using the pool, all parts run
-    /// on the calling thread, one after another. A panic in any part is re-raised here after
-    /// every part has finished.
+    /// With T = min(parts, threads) threads, thread i runs parts i, i + T, i + 2T, … in order;
+    /// thread 0 is the caller. If another thread is using the pool, all parts run on the
+    /// calling thread, one after another. A panic in any part is re-raised here after every
+    /// part has finished.
     pub fn run<F: Fn(usize) + Sync>(&self, parts: usize, f: F) {
-        let parts = parts.min(self.threads);
-        if parts <= 1 {
-            if parts == 1 {
-                f(0);
-            }
+        let active = parts.min(self.threads);
+        if active <= 1 {
+            (0..parts).for_each(&f);
             return;
         }
         let Ok(_busy) = self.dispatch.try_lock() else {
@@ -150,7 +148,7 @@ impl ThreadPool {
             unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), JobFn>(f_ref) };
         let sh = &*self.shared;
         sh.panicked.store(false, Ordering::Relaxed);
-        sh.remaining.store(parts - 1, Ordering::Relaxed);
+        sh.remaining.store(active - 1, Ordering::Relaxed);
         let epoch = {
             let mut job = lock(&sh.job);
             job.epoch += 1;
@@ -165,7 +163,7 @@ impl ThreadPool {
             let _g = lock(&sh.sleep_lock);
             sh.wake.notify_all();
         }
-        let own = panic::catch_unwind(AssertUnwindSafe(|| f(0)));
+        let own = panic::catch_unwind(AssertUnwindSafe(|| (0..parts).step_by(active).for_each(&f)));
         let mut spins = 0u32;
         while sh.remaining.load(Ordering::Acquire) != 0 {
             if spins < 1 << 14 {
@@ -201,8 +199,8 @@ impl Drop for ThreadPool {
     }
 }
 
-/// The loop of worker `index` (1-based; part 0 is the caller's).
-fn worker(sh: &Shared, index: usize) {
+/// The loop of worker `index` (1-based; thread 0 is the caller) of a pool of `threads`.
+fn worker(sh: &Shared, index: usize, threads: usize) {
     let mut seen = 0u64;
     loop {
         if !wait_for_job(sh, seen) {
@@ -211,13 +209,15 @@ fn worker(sh: &Shared, index: usize) {
         let job = *lock(&sh.job);
         seen = job.epoch;
         let Some(SendPtr(f)) = job.f else { continue };
-        if index >= job.parts {
+        let active = job.parts.min(threads);
+        if index >= active {
             continue;
         }
         // SAFETY: `f` belongs to the job of epoch `seen`, whose `run` call is still waiting
-        // for this part (it counted it in `remaining`), so the closure is alive.
+        // for this thread (it counted it in `remaining`), so the closure is alive.
         let f = unsafe { &*f };
-        if panic::catch_unwind(AssertUnwindSafe(|| f(index))).is_err() {
+        let mine = (index..job.parts).step_by(active);
+        if panic::catch_unwind(AssertUnwindSafe(|| mine.for_each(f))).is_err() {
             sh.panicked.store(true, Ordering::Relaxed);
         }
         sh.remaining.fetch_sub(1, Ordering::AcqRel);
