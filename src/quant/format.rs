@@ -96,7 +96,8 @@ impl<'a> Q8Matrix<'a> {
 ///
 /// The Q8_0 rule, per block of 32 consecutive values of a row (the last block of a row may
 /// be shorter): `scale = max|x| / 127`, `q = round(x / scale)` rounding half away from zero,
-/// and an all-zero block gets scale 0 and q 0.
+/// and an all-zero block gets scale 0 and q 0. Non-finite inputs give a deterministic but
+/// meaningless block (a NaN makes its block's scale NaN).
 ///
 /// # Panics
 /// If `w.len() != n * k`: the caller (the converter) has already checked the tensor's shape.
