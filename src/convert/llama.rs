@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Result};
 
 use super::onnx::{Attr, Dim, Elem, GraphBuilder};
 use super::{Quant, Weight, WeightSource};
-use crate::quant::quantize_q8;
+use crate::quant::quantize_q8_fitted;
 
 /// Block length of the int8 format (one f32 scale per 32 weights).
 pub const BLOCK: usize = 32;
@@ -163,7 +163,7 @@ impl Writer<'_> {
     /// Stores an (n, k) weight as int8 blocks and returns its `DequantizeLinear` output.
     fn dequantized(&mut self, name: &str, w: &Weight) -> Result<String> {
         let (n, k) = (w.shape[0], w.shape[1]);
-        let (q, scales) = quantize_q8(&w.data, n, k);
+        let (q, scales) = quantize_q8_fitted(&w.data, n, k);
         let q_bytes: Vec<u8> = q.iter().map(|v| *v as u8).collect();
         let q_name = self.g.weight(
             &format!("{name}.q8"),

@@ -1,93 +1,431 @@
-//! The int8 block format (Q8: 32 int8 + one f32 scale) and its quantizer.
+//! The int8 block format (Q8: 32 int8 + one f32 scale) and its kernels.
+//!
+//! # Format
+//! A linear layer `y = W x`, W of shape (n, k), is stored as `q: [i8]` (n, k) row-major and
+//! `scales: [f32]` (n, nb) row-major with `nb = ceil(k / 32)`: each row is cut into blocks of
+//! 32 consecutive values along k (the last one may be shorter), value = `q * scale`. See
+//! [`Q8Matrix`] and [`quantize_q8`].
+//!
+//! # Schemes
+//! Both compute `y[i, r] = sum_j W[r, j] * x[i, j]` for activations x (m, k), y (m, n):
+//! - [`Scheme::Q8Q8`]: each activation row is quantized per block of 32 by the same Q8_0 rule
+//!   (scale `sx`, int8 `xq`), then per block `b` the exact integer dot product
+//!   `idot_b = sum q * xq` (i32) is scaled: `t_b = (sw_b * sx_b) * (idot_b as f32)`
+//!   (two f32 multiplications, in that order). This is llama.cpp's Q8_0 path.
+//! - [`Scheme::Q8F32`]: int8 weights are widened to f32 and multiplied into the f32
+//!   activations, no activation rounding. Per block: `s_b[l] = sum over j ≡ l (mod 8) of
+//!   q_j * x_j` (8 lanes, j increasing), then `acc[l] += sw_b * s_b[l]`.
+//!
+//! # Accumulation order (what makes results reproducible)
+//! Per output element, block results go to 8 lanes, block `b` into lane `b % 8`, blocks in
+//! increasing order, each lane starting at +0.0: `acc[b % 8] += t_b`. The lanes are then
+//! reduced as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))` ([`reduce8`] ordering), which
+//! is what an 8-wide (AVX2) or two 4-wide (NEON) accumulators reduce to naturally.
+//!
+//! - Q8Q8: integer sums are exact in any order and every float operation above is done in the
+//!   same order by every variant, so scalar, AVX2, NEON and dotprod give bit-identical results.
+//! - Q8F32: the SIMD variants fuse `s += q * x` and `acc += sw * s` into FMAs where the scalar
+//!   code rounds twice, so they differ from the scalar reference by rounding only (bounded in
+//!   the tests by `(nb + 16) * f32::EPSILON * sum |sw * q * x|`).
+//!
+//! # Variants and dispatch
+//! [`Kernel`] names an instruction set: portable scalar, x86_64 AVX2+FMA, aarch64 NEON and
+//! NEON+dotprod (SDOT, scheme Q8Q8 only; Q8F32 with `Dotprod` runs the NEON code). On armv7,
+//! `core::arch::arm` intrinsics and `is_arm_feature_detected!` are unstable on stable Rust, so
+//! the portable code is used there (written to auto-vectorize when built with `+neon`).
+//! [`Kernel::select`] picks the best available one, or the one named by `EDGELM_KERNEL`.
+//!
+//! # Threads
+//! Output features (rows of W) are split into contiguous ranges, one per worker of a
+//! [`ThreadPool`]; each output element is computed by exactly one worker with the code above,
+//! so results are bit-identical whatever the thread count.
 
-/// Weights per block (one f32 scale each).
-pub const BLOCK: usize = 32;
+mod fit;
+mod format;
+pub mod pool;
+mod scalar;
 
-/// Quantizes an (n, k) f32 matrix into int8 blocks of 32 along k:
-/// (q (n, k), scales (n, ceil(k/32))); the last block of a row may be shorter.
-///
-/// Each block starts from the Q8_0 scale `max|x| / 127` and keeps whichever of a few
-/// slightly smaller scales (clipping the extremes to ±127) gives the least squared error:
-/// re-quantizing 4-bit checkpoints this way keeps more of their grid than plain rounding.
-pub fn quantize_q8(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
-    let nb = k.div_ceil(BLOCK);
-    let mut q = vec![0i8; n * k]; // (n, k)
-    let mut s = vec![0f32; n * nb]; // (n, nb)
-    for r in 0..n {
-        for b in 0..nb {
-            let (lo, hi) = (r * k + b * BLOCK, r * k + ((b + 1) * BLOCK).min(k));
-            let x = &w[lo..hi];
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax == 0.0 || !amax.is_finite() {
-                continue;
-            }
-            let mut best = (f32::INFINITY, amax / 127.0);
-            for step in 0..16 {
-                let d = amax / (127.0 + step as f32 * 0.5);
-                let err: f32 = x
-                    .iter()
-                    .map(|v| {
-                        let e = v - (v / d).round().clamp(-127.0, 127.0) * d;
-                        e * e
-                    })
-                    .sum();
-                if err < best.0 {
-                    best = (err, d);
-                }
-            }
-            let d = best.1;
-            s[r * nb + b] = d;
-            for (qi, v) in q[lo..hi].iter_mut().zip(x) {
-                *qi = (v / d).round().clamp(-127.0, 127.0) as i8;
-            }
-        }
-    }
-    (q, s)
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::str::FromStr;
+
+pub use fit::quantize_q8_fitted;
+pub use format::{blocks_per_row, quantize_q8, Q8Matrix, BLOCK};
+pub use pool::ThreadPool;
+
+use format::QuantActs;
+
+/// Environment variable that forces a kernel variant (`scalar`, `avx2`, `neon`, `dotprod`).
+pub const KERNEL_ENV: &str = "EDGELM_KERNEL";
+
+/// Below this many weight bytes per worker, extra threads cost more than they save.
+const MIN_BYTES_PER_PART: usize = 32 * 1024;
+
+/// Errors from building a [`Q8Matrix`], calling a product, or choosing a kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    /// A matrix with no rows or no columns (or too large to address).
+    #[error("a ({n}, {k}) int8 matrix is empty or too large")]
+    EmptyShape {
+        /// Rows.
+        n: usize,
+        /// Columns.
+        k: usize,
+    },
+    /// The int8 values do not fill the shape.
+    #[error("int8 weights of a ({n}, {k}) matrix need {expected} values, got {got}")]
+    WeightsLen {
+        /// Rows.
+        n: usize,
+        /// Columns.
+        k: usize,
+        /// n * k.
+        expected: usize,
+        /// Length given.
+        got: usize,
+    },
+    /// The scales do not fill the shape.
+    #[error("scales of a matrix with {n} rows of {nb} blocks need {expected} values, got {got}")]
+    ScalesLen {
+        /// Rows.
+        n: usize,
+        /// Blocks per row.
+        nb: usize,
+        /// n * nb.
+        expected: usize,
+        /// Length given.
+        got: usize,
+    },
+    /// The activations are not a whole number of rows of length k.
+    #[error("input of {got} values is not a whole number of rows of {k}")]
+    InputLen {
+        /// Row length expected.
+        k: usize,
+        /// Length given.
+        got: usize,
+    },
+    /// The output buffer does not match (m, n).
+    #[error("output needs {expected} values ({m} rows of {n}), got {got}")]
+    OutputLen {
+        /// Activation rows.
+        m: usize,
+        /// Output features.
+        n: usize,
+        /// m * n.
+        expected: usize,
+        /// Length given.
+        got: usize,
+    },
+    /// A kernel name that is not one of ours.
+    #[error("unknown kernel \"{0}\": expected scalar, avx2, neon or dotprod")]
+    UnknownKernel(String),
+    /// A kernel this CPU (or this build's target) cannot run.
+    #[error("kernel {0} is not supported on this CPU")]
+    KernelUnavailable(Kernel),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The arithmetic of a product (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// Activations quantized to int8 per block; int8·int8 dot products in i32.
+    Q8Q8,
+    /// Weights widened to f32 and multiplied into f32 activations.
+    Q8F32,
+}
 
-    #[test]
-    fn q8_0_blocks_round_trip_exactly() {
-        // A block already on a Q8_0 grid (max at ±127) comes back unchanged.
-        let d = 0.015625f32;
-        let w: Vec<f32> = (0..32)
-            .map(|i| (i as f32 * 8.0 - 127.0).clamp(-127.0, 127.0) * d)
-            .collect();
-        let (q, s) = quantize_q8(&w, 1, 32);
-        assert_eq!(s, vec![d]);
-        for (qi, wi) in q.iter().zip(&w) {
-            assert_eq!(*qi as f32 * d, *wi);
+/// An instruction-set variant of the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Portable code, the reference.
+    Scalar,
+    /// x86_64 AVX2 + FMA.
+    Avx2,
+    /// aarch64 NEON (Advanced SIMD).
+    Neon,
+    /// aarch64 NEON with the dot-product extension (SDOT) for Q8Q8.
+    Dotprod,
+}
+
+impl Kernel {
+    /// Every variant, best last.
+    pub const ALL: [Kernel; 4] = [Kernel::Scalar, Kernel::Avx2, Kernel::Neon, Kernel::Dotprod];
+
+    /// The name used by `EDGELM_KERNEL`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Neon => "neon",
+            Kernel::Dotprod => "dotprod",
         }
     }
 
-    #[test]
-    fn ragged_rows_and_zero_blocks() {
-        let mut w = vec![0f32; 2 * 40]; // (2, 40): blocks of 32 and 8
-        w[40 + 33] = -2.0;
-        let (q, s) = quantize_q8(&w, 2, 40);
-        assert_eq!(s.len(), 4);
-        assert_eq!((s[0], s[1], s[2]), (0.0, 0.0, 0.0));
-        assert_eq!(q[40 + 33] as f32 * s[3], -2.0);
-        assert!(q.iter().enumerate().all(|(i, v)| i == 73 || *v == 0));
+    /// Whether this CPU and this build can run the variant.
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Dotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)] // which arms remain depends on the target
+            _ => false,
+        }
     }
 
-    #[test]
-    fn error_is_no_worse_than_plain_q8_0_rounding() {
-        let w: Vec<f32> = (0..96)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let (q, s) = quantize_q8(&w, 1, 96);
-        for b in 0..3 {
-            let x = &w[b * 32..(b + 1) * 32];
-            let d0 = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-            let plain: f32 = x.iter().map(|v| (v - (v / d0).round() * d0).powi(2)).sum();
-            let ours: f32 = (0..32)
-                .map(|i| (x[i] - q[b * 32 + i] as f32 * s[b]).powi(2))
-                .sum();
-            assert!(ours <= plain, "block {b}: {ours} > {plain}");
+    /// The variants this CPU can run, scalar first.
+    pub fn available() -> Vec<Kernel> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The fastest variant this CPU can run.
+    pub fn best() -> Kernel {
+        Self::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_available())
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// The variant named by `EDGELM_KERNEL` if set (it must be available), else [`Kernel::best`].
+    pub fn select() -> Result<Kernel, QuantError> {
+        match std::env::var(KERNEL_ENV) {
+            Ok(name) if !name.is_empty() => name.parse::<Kernel>()?.checked(),
+            _ => Ok(Self::best()),
         }
+    }
+
+    /// `self` if this CPU can run it, else [`QuantError::KernelUnavailable`].
+    pub fn checked(self) -> Result<Kernel, QuantError> {
+        if self.is_available() {
+            Ok(self)
+        } else {
+            Err(QuantError::KernelUnavailable(self))
+        }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Kernel {
+    type Err = QuantError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| QuantError::UnknownKernel(s.to_owned()))
+    }
+}
+
+/// Reduces 8 lane accumulators in the fixed order `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+#[inline(always)]
+pub(crate) fn reduce8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+impl Q8Matrix<'_> {
+    /// `y = W x` for one activation vector: x (k), y (n).
+    pub fn matvec(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        scheme: Scheme,
+        kernel: Kernel,
+        pool: &ThreadPool,
+    ) -> Result<(), QuantError> {
+        if x.len() != self.k() {
+            return Err(QuantError::InputLen {
+                k: self.k(),
+                got: x.len(),
+            });
+        }
+        self.matmul(x, y, scheme, kernel, pool)
+    }
+
+    /// `y = x Wᵀ` for m activation rows: x (m, k) row-major, y (m, n) row-major.
+    ///
+    /// Each weight block is read from memory once per call and reused for every row of x.
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        scheme: Scheme,
+        kernel: Kernel,
+        pool: &ThreadPool,
+    ) -> Result<(), QuantError> {
+        let (n, k) = (self.n(), self.k());
+        if !x.len().is_multiple_of(k) {
+            return Err(QuantError::InputLen { k, got: x.len() });
+        }
+        let m = x.len() / k;
+        if y.len() != m * n {
+            return Err(QuantError::OutputLen {
+                m,
+                n,
+                expected: m * n,
+                got: y.len(),
+            });
+        }
+        let kernel = kernel.checked()?;
+        if m == 0 {
+            return Ok(());
+        }
+        let input = match scheme {
+            Scheme::Q8Q8 => Input::Quant(quantize_acts(x, m, k, kernel)),
+            Scheme::Q8F32 => Input::F32(x),
+        };
+        let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads());
+        if parts == 1 {
+            let mut out = OutRows::whole(y, m, n);
+            run_part(self, &input, kernel, 0..n, &mut out);
+            return Ok(());
+        }
+        // Contiguous ranges of whole cache lines of scales where possible.
+        let chunk = n.div_ceil(parts).next_multiple_of(16);
+        let shared = SharedOut {
+            ptr: y.as_mut_ptr(),
+            m,
+            n,
+            _y: PhantomData,
+        };
+        pool.run(parts, |p| {
+            let rows = (p * chunk).min(n)..((p + 1) * chunk).min(n);
+            // SAFETY: part p owns output columns `rows`; the ranges of distinct parts are
+            // disjoint, and `pool.run` returns only after every part has finished.
+            let mut out = unsafe { shared.part(rows.clone()) };
+            run_part(self, &input, kernel, rows, &mut out);
+        });
+        Ok(())
+    }
+}
+
+/// The right-hand side as a kernel consumes it.
+enum Input<'x> {
+    Quant(QuantActs),
+    F32(&'x [f32]), // (m, k)
+}
+
+/// Quantizes activations x (m, k) with the fastest code for `kernel` (same bits for all).
+fn quantize_acts(x: &[f32], m: usize, k: usize, kernel: Kernel) -> QuantActs {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => {
+            let mut a = QuantActs::zeroed(m, k);
+            // SAFETY: `kernel` was checked available, so the CPU has AVX2 and FMA.
+            unsafe { avx2::quantize_acts(x, &mut a) };
+            a
+        }
+        _ => QuantActs::quantize_scalar(x, m, k),
+    }
+}
+
+/// Computes output columns `rows` of every activation row with one variant.
+fn run_part(
+    w: &Q8Matrix<'_>,
+    input: &Input<'_>,
+    kernel: Kernel,
+    rows: Range<usize>,
+    out: &mut OutRows<'_>,
+) {
+    match (input, kernel) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `kernel` was checked available, so the CPU has AVX2 and FMA.
+        (Input::Quant(x), Kernel::Avx2) => unsafe { avx2::q8q8(w, x, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Input::F32(x), Kernel::Avx2) => unsafe { avx2::q8f32(w, x, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `kernel` was checked available, so the CPU has NEON.
+        (Input::Quant(x), Kernel::Neon) => unsafe { neon::q8q8(w, x, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `kernel` was checked available, so the CPU has NEON and dotprod.
+        (Input::Quant(x), Kernel::Dotprod) => unsafe { neon::q8q8_dotprod(w, x, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `kernel` was checked available, so the CPU has NEON.
+        (Input::F32(x), Kernel::Neon | Kernel::Dotprod) => unsafe { neon::q8f32(w, x, rows, out) },
+        (Input::Quant(x), _) => scalar::q8q8(w, x, rows, out),
+        (Input::F32(x), _) => scalar::q8f32(w, x, rows, out),
+    }
+}
+
+/// The output y (m, n) shared by the parts of one product.
+struct SharedOut<'y> {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+    _y: PhantomData<&'y mut [f32]>,
+}
+
+// SAFETY: parts only write through `OutRows`, each to its own disjoint set of columns.
+unsafe impl Send for SharedOut<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'y> SharedOut<'y> {
+    /// The writer for output columns `rows`.
+    ///
+    /// # Safety
+    /// No two live writers may have overlapping `rows`.
+    unsafe fn part(&self, rows: Range<usize>) -> OutRows<'y> {
+        OutRows {
+            ptr: self.ptr,
+            m: self.m,
+            n: self.n,
+            rows,
+            _y: PhantomData,
+        }
+    }
+}
+
+/// Write access to columns `rows` of an output y (m, n).
+pub(crate) struct OutRows<'y> {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+    rows: Range<usize>,
+    _y: PhantomData<&'y mut [f32]>,
+}
+
+impl<'y> OutRows<'y> {
+    /// Access to all of y (m, n).
+    pub(crate) fn whole(y: &'y mut [f32], m: usize, n: usize) -> Self {
+        assert_eq!(y.len(), m * n);
+        Self {
+            ptr: y.as_mut_ptr(),
+            m,
+            n,
+            rows: 0..n,
+            _y: PhantomData,
+        }
+    }
+
+    /// `y[i, r] = v`.
+    #[inline(always)]
+    pub(crate) fn set(&mut self, i: usize, r: usize, v: f32) {
+        assert!(
+            i < self.m && self.rows.contains(&r),
+            "output ({i}, {r}) outside this part"
+        );
+        // SAFETY: (i, r) is inside y (m, n) and in this writer's columns, which no other
+        // writer shares.
+        unsafe { *self.ptr.add(i * self.n + r) = v };
     }
 }

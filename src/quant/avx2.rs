@@ -1,0 +1,380 @@
+//! x86_64 AVX2 + FMA kernels, twins of `scalar.rs` (same accumulation order).
+//!
+//! Q8Q8 takes 4 blocks at a time: per block, `maddubs(|w|, sign(x, w))` and `madd` with ones
+//! give 8 partial i32 sums; an `hadd` tree and one add of 128-bit halves turn 4 such vectors
+//! into the 4 exact block dot products, which are scaled and added into the low (lanes 0..4)
+//! or high (lanes 4..8) accumulator, matching lane `b % 8` of the scalar code. (128-bit
+//! halves also avoid `vperm2i128`, slow on Zen 1.)
+//! `|w|` goes to the unsigned operand so every weight in -128..=127 is exact; activations are
+//! in -127..=127 by construction, so `sign` never overflows and pair sums stay below 2^15.
+//! The last, partial group of 4 blocks runs the same code with zeros for missing blocks.
+
+// Kernels index several arrays (rows of a tile, lanes, blocks) with one counter; index
+// loops say that most plainly and, unlike iterator adapters with closures, always inline
+// into the `target_feature` functions.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::format::{QuantActs, BLOCK};
+use super::{reduce8, scalar, OutRows, Q8Matrix};
+
+/// Activation rows processed together against one weight row (reusing each weight block).
+const TILE: usize = 4;
+
+/// Quantizes activations with AVX2 (the same arithmetic as the scalar quantizer).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_acts(x: &[f32], a: &mut QuantActs) {
+    a.fill_from(x);
+}
+
+/// Scheme Q8Q8 for output columns `rows`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn q8q8(
+    w: &Q8Matrix<'_>,
+    x: &QuantActs,
+    rows: Range<usize>,
+    out: &mut OutRows<'_>,
+) {
+    for r in rows {
+        let (wq, ws) = w.row(r);
+        let mut i = 0;
+        while i + TILE <= x.m {
+            let xs: [(&[i8], &[f32]); TILE] = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
+            // SAFETY: AVX2 and FMA are available (this function's contract).
+            let ys = unsafe { dot_q8q8::<TILE>(wq, ws, xs) };
+            for (t, y) in ys.into_iter().enumerate() {
+                out.set(i + t, r, y);
+            }
+            i += TILE;
+        }
+        for i in i..x.m {
+            // SAFETY: as above.
+            let [y] = unsafe { dot_q8q8::<1>(wq, ws, [x.row(i)]) };
+            out.set(i, r, y);
+        }
+    }
+}
+
+/// Scheme Q8F32 for output columns `rows`, x (m, k).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn q8f32(w: &Q8Matrix<'_>, x: &[f32], rows: Range<usize>, out: &mut OutRows<'_>) {
+    let k = w.k();
+    let m = x.len() / k;
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    for r in rows {
+        let (wq, ws) = w.row(r);
+        let mut i = 0;
+        while i + TILE <= m {
+            let xs = [row(i), row(i + 1), row(i + 2), row(i + 3)];
+            // SAFETY: AVX2 and FMA are available (this function's contract).
+            let ys = unsafe { dot_q8f32::<TILE>(wq, ws, xs) };
+            for (t, y) in ys.into_iter().enumerate() {
+                out.set(i + t, r, y);
+            }
+            i += TILE;
+        }
+        for i in i..m {
+            // SAFETY: as above.
+            let [y] = unsafe { dot_q8f32::<1>(wq, ws, [row(i)]) };
+            out.set(i, r, y);
+        }
+    }
+}
+
+/// 8 partial i32 sums of the dot product of one full block (32 values at `w` and `x`).
+///
+/// # Safety
+/// AVX2 is available; `w` and `x` are valid for 32 bytes of reads.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_partials(w: *const i8, x: *const i8, ones: __m256i) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at each; loadu needs no alignment.
+    let (wv, xv) = unsafe { (_mm256_loadu_si256(w.cast()), _mm256_loadu_si256(x.cast())) };
+    let sx = _mm256_sign_epi8(xv, wv);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), sx), ones)
+}
+
+/// How far ahead of the current block weights are prefetched.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Lane masks for `_mm_maskload_ps`: the first `i` lanes.
+const MASKS: [[i32; 4]; 5] = [
+    [0; 4],
+    [-1, 0, 0, 0],
+    [-1, -1, 0, 0],
+    [-1, -1, -1, 0],
+    [-1; 4],
+];
+
+/// Adds 4 blocks into `acc` (lanes 0..4 or 4..8): `pairs` are the two `hadd`s of their
+/// partial sums, `sw` and `sx` their scales. Lane j of each 128-bit half of the last `hadd`
+/// holds a half-sum of block j, so one add of the halves gives the exact dot products.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn add_quad(acc: &mut __m128, pairs: [__m256i; 2], sw: __m128, sx: __m128) {
+    let quad = _mm256_hadd_epi32(pairs[0], pairs[1]);
+    let idot = _mm_add_epi32(
+        _mm256_castsi256_si128(quad),
+        _mm256_extracti128_si256::<1>(quad),
+    );
+    *acc = _mm_add_ps(*acc, _mm_mul_ps(_mm_mul_ps(sw, sx), _mm_cvtepi32_ps(idot)));
+}
+
+/// [`reduce8`] of lanes 0..4 in `lo` and 4..8 in `hi`, in the same order.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce_halves(lo: __m128, hi: __m128) -> f32 {
+    let s4 = _mm_add_ps(lo, hi); // a0+a4, a1+a5, a2+a6, a3+a7
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // (a0+a4)+(a2+a6), (a1+a5)+(a3+a7)
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)))
+}
+
+/// The two `hadd`s of the partial sums of the 4 full blocks from block `b0`, per row.
+///
+/// # Safety
+/// AVX2 is available; blocks b0..b0 + 4 are full blocks of `wq` and of every `xs[t].0`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn full_quad<const R: usize>(
+    wq: &[i8],
+    xs: [(&[i8], &[f32]); R],
+    b0: usize,
+    ones: __m256i,
+) -> [[__m256i; 2]; R] {
+    let zero = _mm256_setzero_si256();
+    let mut pairs = [[zero; 2]; R];
+    for p in 0..2 {
+        let mut v = [[zero; 2]; R];
+        for e in 0..2 {
+            let off = (b0 + p * 2 + e) * BLOCK;
+            for t in 0..R {
+                // SAFETY: a full block: off + 32 <= k, the length of both rows (contract).
+                v[t][e] = unsafe {
+                    block_partials(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off), ones)
+                };
+            }
+        }
+        for t in 0..R {
+            pairs[t][p] = _mm256_hadd_epi32(v[t][0], v[t][1]);
+        }
+    }
+    pairs
+}
+
+/// Adds the 4 full blocks from block `b0` into `acc` (one accumulator half per row).
+///
+/// # Safety
+/// AVX2 is available; blocks b0..b0 + 4 are full blocks of `wq` and of every `xs[t].0`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn full_group<const R: usize>(
+    wq: &[i8],
+    ws: &[f32],
+    xs: [(&[i8], &[f32]); R],
+    b0: usize,
+    ones: __m256i,
+    acc: &mut [__m128; R],
+) {
+    // Weights stream from DRAM; prefetching a few rows ahead hides part of the latency.
+    // Prefetches never fault, and `wrapping_add` keeps the pointer arithmetic defined.
+    let ahead = wq.as_ptr().wrapping_add(b0 * BLOCK + PREFETCH_BYTES);
+    _mm_prefetch::<_MM_HINT_T0>(ahead);
+    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+    // SAFETY: forwarded contract.
+    let pairs = unsafe { full_quad(wq, xs, b0, ones) };
+    // SAFETY: b0 + 4 <= full <= nb floats in `ws` and in every `xs[t].1`.
+    let sw = unsafe { _mm_loadu_ps(ws.as_ptr().add(b0)) };
+    for t in 0..R {
+        // SAFETY: as for `sw`.
+        let sx = unsafe { _mm_loadu_ps(xs[t].1.as_ptr().add(b0)) };
+        add_quad(&mut acc[t], pairs[t], sw, sx);
+    }
+}
+
+/// Adds the last blocks, from block `b0` (a multiple of 4) to nb, into `acc`: up to 3 full
+/// blocks and the short one, with missing blocks as zero vectors, the short block
+/// zero-padded and missing scales masked to zero, so each missing block adds an exact +0.
+///
+/// # Safety
+/// AVX2 is available; every `xs[t]` has the lengths of (`wq`, `ws`); 0 < nb - b0 <= 4.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn last_group<const R: usize>(
+    wq: &[i8],
+    ws: &[f32],
+    xs: [(&[i8], &[f32]); R],
+    b0: usize,
+    ones: __m256i,
+    acc: &mut [__m128; R],
+) {
+    let (k, nb) = (wq.len(), ws.len());
+    let full = k / BLOCK;
+    let tail = full * BLOCK..k;
+    let zero = _mm256_setzero_si256();
+    let mut w_pad = [0i8; BLOCK];
+    let mut x_pad = [[0i8; BLOCK]; R];
+    if !tail.is_empty() {
+        w_pad[..tail.len()].copy_from_slice(&wq[tail.clone()]);
+        for t in 0..R {
+            x_pad[t][..tail.len()].copy_from_slice(&xs[t].0[tail.clone()]);
+        }
+    }
+    let mut pairs = [[zero; 2]; R];
+    for p in 0..2 {
+        let mut v = [[zero; 2]; R];
+        for e in 0..2 {
+            let b = b0 + p * 2 + e;
+            for t in 0..R {
+                // SAFETY: a full block (b < full) has 32 bytes in both rows; the pads hold 32.
+                v[t][e] = unsafe {
+                    if b < full {
+                        block_partials(
+                            wq.as_ptr().add(b * BLOCK),
+                            xs[t].0.as_ptr().add(b * BLOCK),
+                            ones,
+                        )
+                    } else if b == full && !tail.is_empty() {
+                        block_partials(w_pad.as_ptr(), x_pad[t].as_ptr(), ones)
+                    } else {
+                        zero
+                    }
+                };
+            }
+        }
+        for t in 0..R {
+            pairs[t][p] = _mm256_hadd_epi32(v[t][0], v[t][1]);
+        }
+    }
+    // SAFETY: the mask enables lanes b0..nb only; masked lanes are not read.
+    let (mask, sw) = unsafe {
+        let mask = _mm_loadu_si128(MASKS[nb - b0].as_ptr().cast());
+        (mask, _mm_maskload_ps(ws.as_ptr().add(b0), mask))
+    };
+    for t in 0..R {
+        // SAFETY: as above.
+        let sx = unsafe { _mm_maskload_ps(xs[t].1.as_ptr().add(b0), mask) };
+        add_quad(&mut acc[t], pairs[t], sw, sx);
+    }
+}
+
+/// Scheme Q8Q8: one weight row (`wq` (k), `ws` (nb)) against R quantized activation rows.
+///
+/// Blocks go 4 at a time, alternately into the low (lanes 0..4) and high (lanes 4..8)
+/// accumulator halves, then [`last_group`] adds the remainder.
+///
+/// # Safety
+/// AVX2 and FMA are available; every `xs[t]` has the lengths of (`wq`, `ws`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8q8<const R: usize>(wq: &[i8], ws: &[f32], xs: [(&[i8], &[f32]); R]) -> [f32; R] {
+    let (k, nb) = (wq.len(), ws.len());
+    for (xq, xsc) in xs {
+        assert!(xq.len() == k && xsc.len() == nb);
+    }
+    let full = k / BLOCK;
+    let ones = _mm256_set1_epi16(1);
+    let mut lo = [_mm_setzero_ps(); R]; // per row: lanes 0..4
+    let mut hi = [_mm_setzero_ps(); R]; // per row: lanes 4..8
+    let mut b0 = 0;
+    // SAFETY (all calls): the lengths match (contract) and every group read is in bounds:
+    // full groups end at or before `full`, the last group is checked by `last_group`.
+    unsafe {
+        while b0 + 8 <= full {
+            full_group(wq, ws, xs, b0, ones, &mut lo);
+            full_group(wq, ws, xs, b0 + 4, ones, &mut hi);
+            b0 += 8;
+        }
+        if b0 + 4 <= full {
+            full_group(wq, ws, xs, b0, ones, &mut lo);
+            b0 += 4;
+        }
+        if b0 < nb {
+            let acc = if b0 % 8 == 0 { &mut lo } else { &mut hi };
+            last_group(wq, ws, xs, b0, ones, acc);
+        }
+    }
+    let mut ys = [0f32; R];
+    for t in 0..R {
+        ys[t] = reduce_halves(lo[t], hi[t]);
+    }
+    ys
+}
+
+/// 8 int8 at `p` widened to f32.
+///
+/// # Safety
+/// AVX2 is available; `p` is valid for 8 bytes of reads.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen8(p: *const i8) -> __m256 {
+    // SAFETY: 8 readable bytes (caller); loadl needs no alignment.
+    let v = unsafe { _mm_loadl_epi64(p.cast()) };
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+/// Scheme Q8F32: one weight row (`wq` (k), `ws` (nb)) against R f32 activation rows (k).
+///
+/// # Safety
+/// AVX2 and FMA are available; every `xs[t]` has length k.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8f32<const R: usize>(wq: &[i8], ws: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+    let k = wq.len();
+    for x in xs {
+        assert!(x.len() == k);
+    }
+    let full = k / BLOCK;
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..full {
+        let off = b * BLOCK;
+        let wp = wq.as_ptr();
+        // SAFETY: off + 32 <= k bytes of `wq`.
+        let wf = unsafe {
+            [
+                widen8(wp.add(off)),
+                widen8(wp.add(off + 8)),
+                widen8(wp.add(off + 16)),
+                widen8(wp.add(off + 24)),
+            ]
+        };
+        let scale = _mm256_set1_ps(ws[b]);
+        for t in 0..R {
+            let xp = xs[t].as_ptr();
+            // SAFETY: off + 32 <= k floats of `xs[t]`.
+            let s = unsafe {
+                let s = _mm256_mul_ps(wf[0], _mm256_loadu_ps(xp.add(off)));
+                let s = _mm256_fmadd_ps(wf[1], _mm256_loadu_ps(xp.add(off + 8)), s);
+                let s = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(xp.add(off + 16)), s);
+                _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(xp.add(off + 24)), s)
+            };
+            acc[t] = _mm256_fmadd_ps(s, scale, acc[t]);
+        }
+    }
+    let mut lanes = [[0f32; 8]; R];
+    for t in 0..R {
+        // SAFETY: `lanes[t]` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes[t].as_mut_ptr(), acc[t]) };
+    }
+    if full * BLOCK < k {
+        let start = full * BLOCK;
+        for t in 0..R {
+            scalar::block_q8f32(&mut lanes[t], &wq[start..], &xs[t][start..], ws[full]);
+        }
+    }
+    let mut ys = [0f32; R];
+    for t in 0..R {
+        ys[t] = reduce8(&lanes[t]);
+    }
+    ys
+}
