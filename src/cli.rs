@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::convert::{ConvertOptions, Quant};
+use crate::model::{Int8Path, LoadOptions};
+use crate::quant::Kernel;
 use crate::sampler::SamplerConfig;
 
 /// Default bundle directory, relative to the working directory.
@@ -40,6 +42,43 @@ pub struct ModelArgs {
     /// Worker threads for the matrix kernels (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+    /// How int8 weights run: f32 activations (q8f32), quantized activations as llama.cpp
+    /// (q8q8), or dequantized to f32 by tract at load (fold).
+    #[arg(long, value_enum, default_value_t = Int8Arg::Q8f32)]
+    pub int8: Int8Arg,
+    /// Force a kernel variant (scalar, avx2, neon, dotprod); default: the best this CPU has.
+    #[arg(long, env = "EDGELM_KERNEL")]
+    pub kernel: Option<String>,
+}
+
+/// `--int8` values.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Arg {
+    /// int8 weights in place, f32 activations.
+    Q8f32,
+    /// int8 weights and per-block int8 activations (llama.cpp's Q8_0 path).
+    Q8q8,
+    /// Dequantize to f32 at load and let tract run them.
+    Fold,
+}
+
+impl ModelArgs {
+    /// The library's load options for these flags.
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        let kernel = match self.kernel.as_deref() {
+            None | Some("") => None,
+            Some(name) => Some(name.parse::<Kernel>()?.checked()?),
+        };
+        Ok(LoadOptions {
+            threads: self.threads,
+            int8: match self.int8 {
+                Int8Arg::Q8f32 => Int8Path::Q8F32,
+                Int8Arg::Q8q8 => Int8Path::Q8Q8,
+                Int8Arg::Fold => Int8Path::Fold,
+            },
+            kernel,
+        })
+    }
 }
 
 /// Sampling flags, shared by the commands that generate.

@@ -23,7 +23,7 @@ pub struct Engine {
 
 impl Engine {
     /// Loads the bundle in `dir`.
-    pub fn load(dir: &Path, threads: usize) -> Result<Engine> {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Engine> {
         let t0 = Instant::now();
         if !dir.is_dir() {
             bail!(
@@ -31,7 +31,7 @@ impl Engine {
                 dir.display()
             );
         }
-        let model = Model::load(dir, &LoadOptions { threads })?;
+        let model = Model::load(dir, opts)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let config_path = dir.join("tokenizer_config.json");
         let template = if config_path.exists() {

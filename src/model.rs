@@ -30,6 +30,8 @@ use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 
 use crate::config::Config;
+use crate::quant::op::{self as q8op, Q8Exec, Q8Gather, Q8MatMul, Q8Weights, WeightBytes};
+use crate::quant::{blocks_per_row, Kernel, Scheme, ThreadPool, BLOCK};
 
 /// The graph file inside a bundle.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -39,6 +41,22 @@ pub const MODEL_FILE: &str = "model.onnx";
 pub struct LoadOptions {
     /// Threads for matrix products; 0 = all cores.
     pub threads: usize,
+    /// How int8 weights run.
+    pub int8: Int8Path,
+    /// Kernel variant for the int8 path; `None` = [`Kernel::select`] (best, or `EDGELM_KERNEL`).
+    pub kernel: Option<Kernel>,
+}
+
+/// How the int8 weights of a bundle are computed with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Int8Path {
+    /// Our operators, int8 weights used in place, f32 activations ([`Scheme::Q8F32`]).
+    #[default]
+    Q8F32,
+    /// Our operators, activations quantized per block too ([`Scheme::Q8Q8`], llama.cpp's).
+    Q8Q8,
+    /// Dequantized to f32 at load and run by tract (the reference; ~4x the memory).
+    Fold,
 }
 
 /// Errors of [`State::forward`] a caller may want to act on (e.g. by trimming the cache).
@@ -130,26 +148,67 @@ impl Model {
             .ok_or_else(|| anyhow!("{model_path:?} has no graph"))?;
         let external = ExternalData::collect(graph, dir)
             .with_context(|| format!("external data of {model_path:?}"))?;
+        let q8 = match opts.int8 {
+            Int8Path::Fold => Q8Table::new(),
+            Int8Path::Q8F32 | Int8Path::Q8Q8 => {
+                route_q8(graph, &external).with_context(|| format!("rewriting {model_path:?}"))?
+            }
+        };
         let rewritten = rewrite_blocked_dequantize(graph, &external)
             .with_context(|| format!("rewriting {model_path:?}"))?;
         if rewritten > 0 {
             fold_weight_transposes(graph);
         }
+        prune_initializers(graph);
+        if !q8.is_empty() {
+            proto.opset_import.push(pb::OperatorSetIdProto {
+                domain: q8op::DOMAIN.into(),
+                version: 1,
+            });
+        }
         pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
         let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
 
         cap_opset(&mut proto);
-        let typed =
+        let mut typed =
             to_typed(&proto, dir, external).with_context(|| format!("analysing {model_path:?}"))?;
         drop(proto);
+        let threads = match opts.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if !q8.is_empty() {
+            let scheme = match opts.int8 {
+                Int8Path::Q8Q8 => Scheme::Q8Q8,
+                _ => Scheme::Q8F32,
+            };
+            let kernel = match opts.kernel {
+                Some(k) => k.checked()?,
+                None => Kernel::select()?,
+            };
+            let pool = ThreadPool::new(threads).context("starting the int8 kernel threads")?;
+            let exec = Q8Exec {
+                scheme,
+                kernel,
+                pool: Arc::new(pool),
+            };
+            bind_q8(&mut typed, &q8, &exec)
+                .with_context(|| format!("binding the int8 weights of {model_path:?}"))?;
+            let copied = q8.values().filter(|w| !w.is_mapped()).count();
+            log::info!(
+                "{} int8 weights ({} MB) run by {exec:?}; {copied} copied to the heap",
+                q8.len(),
+                q8.values().map(|w| w.bytes()).sum::<usize>() >> 20
+            );
+        }
         let optimized = typed
             .into_optimized()
             .with_context(|| format!("optimizing {model_path:?}"))?;
         let io = io_names
             .bind(&optimized, &config)
             .with_context(|| format!("binding the inputs and outputs of {model_path:?}"))?;
-        let plan = make_plan(optimized, opts.threads)
-            .with_context(|| format!("planning {model_path:?}"))?;
+        let plan =
+            make_plan(optimized, threads).with_context(|| format!("planning {model_path:?}"))?;
         log::info!(
             "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded)",
             started.elapsed(),
@@ -357,7 +416,7 @@ struct ExternalData {
     /// The canonical bundle directory; `None` when nothing is external.
     root: Option<PathBuf>,
     /// Canonical path → map.
-    files: HashMap<PathBuf, Mmap>,
+    files: HashMap<PathBuf, Arc<Mmap>>,
 }
 
 impl ExternalData {
@@ -425,7 +484,7 @@ impl ExternalData {
                 // loading (a concurrent truncation could fault, as with any mmap reader).
                 let map =
                     unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
-                files.insert(path.clone(), map);
+                files.insert(path.clone(), Arc::new(map));
             }
             let file_len = files[&path].len();
             ensure!(
@@ -454,6 +513,30 @@ impl ExternalData {
         let offset: usize = external_entry(t, "offset").map_or(Ok(0), str::parse)?;
         let length: usize = external_entry(t, "length").context("no length")?.parse()?;
         self.slice(&path, offset, Some(length))
+    }
+
+    /// Where a tensor's bytes sit, for using them in place: its mapped file and range.
+    fn mapped(&self, t: &pb::TensorProto) -> Result<(Arc<Mmap>, std::ops::Range<usize>)> {
+        let root = self
+            .root
+            .as_ref()
+            .context("external data was not validated")?;
+        let location = external_entry(t, "location").context("no location")?;
+        let path = root.join(location).canonicalize()?;
+        let offset: usize = external_entry(t, "offset").map_or(Ok(0), str::parse)?;
+        let length: usize = external_entry(t, "length").context("no length")?.parse()?;
+        let map = self
+            .files
+            .get(&path)
+            .with_context(|| format!("external data {path:?} was not validated"))?;
+        let end = offset
+            .checked_add(length)
+            .context("external range overflows")?;
+        ensure!(
+            end <= map.len(),
+            "external range {offset}..{end} is past the end of {path:?}"
+        );
+        Ok((Arc::clone(map), offset..end))
     }
 
     fn slice(&self, path: &Path, offset: usize, length: Option<usize>) -> Result<&[u8]> {
@@ -636,6 +719,237 @@ fn rewrite_blocked_dequantize(
         .collect();
     graph.initializer.retain(|t| used.contains(&t.name));
     Ok(count)
+}
+
+/// Weights of our int8 nodes, by the name of the `DequantizeLinear` output they replaced.
+type Q8Table = HashMap<String, Arc<Q8Weights>>;
+
+/// Replaces `DequantizeLinear(block_size=32) -> Transpose([1,0]) -> MatMul` (the weight on the
+/// right) by a `Q8MatMul` node and `DequantizeLinear -> Gather(axis=0)` by a `Q8Gather` node,
+/// for Q8 weights (int8 (n, k), f32 scales (n, ceil(k/32)), no zero point) held in
+/// initializers, and returns those weights, in place in the mapped file where possible.
+///
+/// A `DequantizeLinear` with any other consumer stays, for `rewrite_blocked_dequantize` to
+/// fold; so does anything that does not match exactly.
+fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<Q8Table> {
+    let inits: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut consumers: HashMap<&str, Vec<(usize, usize)>> = HashMap::new(); // (node, slot)
+    for (i, node) in graph.node.iter().enumerate() {
+        for (slot, input) in node.input.iter().enumerate() {
+            consumers.entry(input.as_str()).or_default().push((i, slot));
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let none = Vec::new();
+    let mut replace: HashMap<usize, pb::NodeProto> = HashMap::new();
+    let mut remove: HashSet<usize> = HashSet::new();
+    let mut table = Q8Table::new();
+    for (di, d) in graph.node.iter().enumerate() {
+        let Some((x, scale, n, k)) = q8_candidate(d, &inits, external)? else {
+            continue;
+        };
+        let out = d.output[0].as_str();
+        if outputs.contains(out) {
+            continue;
+        }
+        let (mut routed, mut kept) = (0, 0);
+        for &(ci, slot) in consumers.get(out).unwrap_or(&none) {
+            let c = &graph.node[ci];
+            let is_default_domain = c.domain.is_empty() || c.domain == "ai.onnx";
+            let perm = c
+                .attribute
+                .iter()
+                .find(|a| a.name == "perm")
+                .map(|a| a.ints.as_slice());
+            if is_default_domain
+                && c.op_type == "Gather"
+                && slot == 0
+                && c.input.len() == 2
+                && int_attr(c, "axis").unwrap_or(0) == 0
+            {
+                replace.insert(ci, q8_node(q8op::GATHER, &c.input[1], c, out, n, k));
+                routed += 1;
+            } else if is_default_domain
+                && c.op_type == "Transpose"
+                && perm == Some(&[1, 0])
+                && !outputs.contains(c.output[0].as_str())
+            {
+                let mut all = true;
+                for &(mi, mslot) in consumers.get(c.output[0].as_str()).unwrap_or(&none) {
+                    let m = &graph.node[mi];
+                    if (m.domain.is_empty() || m.domain == "ai.onnx")
+                        && m.op_type == "MatMul"
+                        && mslot == 1
+                        && m.input.len() == 2
+                    {
+                        replace.insert(mi, q8_node(q8op::MATMUL, &m.input[0], m, out, n, k));
+                        routed += 1;
+                    } else {
+                        all = false;
+                    }
+                }
+                if all {
+                    remove.insert(ci);
+                } else {
+                    kept += 1;
+                }
+            } else {
+                kept += 1;
+            }
+        }
+        if routed == 0 {
+            continue;
+        }
+        let weights = Q8Weights::new(
+            out,
+            n,
+            k,
+            weight_bytes(x, external)?,
+            weight_bytes(scale, external)?,
+        )?;
+        table.insert(out.to_string(), Arc::new(weights));
+        if kept == 0 {
+            remove.insert(di);
+        }
+    }
+    drop(consumers);
+    drop(inits);
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !remove.contains(i))
+        .map(|(i, node)| replace.remove(&i).unwrap_or(node))
+        .collect();
+    Ok(table)
+}
+
+/// A tensor's bytes for the int8 operators: in the mapped file, or inline in the protobuf.
+fn weight_bytes<'t>(t: &'t pb::TensorProto, external: &ExternalData) -> Result<WeightBytes<'t>> {
+    if is_external(t) {
+        let (map, range) = external.mapped(t)?;
+        Ok(WeightBytes::Mapped(map, range))
+    } else {
+        Ok(WeightBytes::Inline(&t.raw_data))
+    }
+}
+
+/// `(x, scale, n, k)` if `node` is a `DequantizeLinear` our int8 operators can take over.
+fn q8_candidate<'g>(
+    node: &pb::NodeProto,
+    inits: &HashMap<&str, &'g pb::TensorProto>,
+    external: &ExternalData,
+) -> Result<Option<(&'g pb::TensorProto, &'g pb::TensorProto, usize, usize)>> {
+    if node.op_type != "DequantizeLinear"
+        || !(node.domain.is_empty() || node.domain == "ai.onnx")
+        || int_attr(node, "block_size") != Some(BLOCK as i64)
+        || !matches!(int_attr(node, "axis"), None | Some(1) | Some(-1))
+        || !matches!(int_attr(node, "output_dtype"), None | Some(0) | Some(1))
+        || node.output.len() != 1
+    {
+        return Ok(None);
+    }
+    let init = |ix: usize| {
+        node.input
+            .get(ix)
+            .and_then(|n| inits.get(n.as_str()).copied())
+    };
+    let (Some(x), Some(scale)) = (init(0), init(1)) else {
+        return Ok(None);
+    };
+    let (n, k) = match x.dims.as_slice() {
+        &[n, k] if n > 0 && k > 0 => (n as usize, k as usize),
+        _ => return Ok(None),
+    };
+    let raw_or_external = |t: &pb::TensorProto| is_external(t) || !t.raw_data.is_empty();
+    if x.data_type != DataType::Int8 as i32
+        || scale.data_type != DataType::Float as i32
+        || scale.dims != [n as i64, blocks_per_row(k) as i64]
+        || !raw_or_external(x)
+        || !raw_or_external(scale)
+    {
+        return Ok(None);
+    }
+    match node.input.get(2).filter(|s| !s.is_empty()) {
+        None => {}
+        Some(name) => match inits.get(name.as_str()) {
+            Some(zp) if tensor_ints(zp, external)?.iter().all(|&z| z == 0) => {}
+            _ => return Ok(None),
+        },
+    }
+    Ok(Some((x, scale, n, k)))
+}
+
+/// One of our int8 nodes, taking `input` and replacing `replaced` (same name and outputs).
+fn q8_node(
+    op: &str,
+    input: &str,
+    replaced: &pb::NodeProto,
+    weight: &str,
+    n: usize,
+    k: usize,
+) -> pb::NodeProto {
+    use pb::attribute_proto::AttributeType;
+    let int = |name: &str, i: usize| pb::AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: i as i64,
+        ..Default::default()
+    };
+    pb::NodeProto {
+        name: replaced.name.clone(),
+        op_type: op.into(),
+        domain: q8op::DOMAIN.into(),
+        input: vec![input.into()],
+        output: replaced.output.clone(),
+        attribute: vec![
+            pb::AttributeProto {
+                name: "weight".into(),
+                r#type: AttributeType::String as i32,
+                s: weight.as_bytes().to_vec(),
+                ..Default::default()
+            },
+            int("n", n),
+            int("k", k),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Hands every int8 node of the typed model its weights and kernel settings.
+fn bind_q8(model: &mut TypedModel, table: &Q8Table, exec: &Q8Exec) -> Result<()> {
+    let lookup = |name: &str| {
+        table
+            .get(name)
+            .cloned()
+            .with_context(|| format!("no int8 weights named {name:?}"))
+    };
+    for node in model.nodes_mut() {
+        if let Some(op) = node.op_as_mut::<Q8MatMul>() {
+            let w = lookup(op.weight())?;
+            op.bind(w, exec.clone())?;
+        } else if let Some(op) = node.op_as_mut::<Q8Gather>() {
+            let w = lookup(op.weight())?;
+            op.bind(w, exec.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops initializers no node, input or output reads, so tract never loads them.
+fn prune_initializers(graph: &mut pb::GraphProto) {
+    let used: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter())
+        .chain(graph.output.iter().chain(&graph.input).map(|o| &o.name))
+        .cloned()
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
 }
 
 /// Replaces `Transpose(perm=[1,0])` of a 2-D f32 initializer by the transposed initializer.
@@ -998,6 +1312,7 @@ fn set_once(
 fn to_typed(proto: &pb::ModelProto, dir: &Path, external: ExternalData) -> Result<TypedModel> {
     let has_external = external.root.is_some();
     let mut onnx = tract_onnx::onnx();
+    q8op::register(&mut onnx);
     onnx.provider = Arc::new(external);
     let dir = match dir.to_str() {
         Some(dir) => Some(dir),
@@ -1370,7 +1685,14 @@ mod fixture_tests {
             "tiny-gpt2/onnx-f32",
             "tiny-gpt2/onnx-int8",
         ] {
-            let model = Model::load(&fixture(bundle), &LoadOptions { threads: 1 }).unwrap();
+            let model = Model::load(
+                &fixture(bundle),
+                &LoadOptions {
+                    threads: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             assert!(model.config().tie_word_embeddings);
             let stale = per_step_constants(model.plan.model());
             assert_eq!(stale, Vec::<String>::new(), "{bundle}");

@@ -15,7 +15,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let engine = Engine::load(&args.model.model, args.model.threads)?;
+    let engine = Engine::load(&args.model.model, &args.model.load_options()?)?;
     let prompt = if args.chat {
         let mut messages = vec![];
         if let Some(system) = &args.system {

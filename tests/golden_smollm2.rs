@@ -27,7 +27,7 @@ fn engine(quant: Quant) -> &'static Engine {
         Quant::F32 => &F32,
         Quant::Int8 => &INT8,
     };
-    cell.get_or_init(|| Engine::load(&common::default_bundle(quant), 0).unwrap())
+    cell.get_or_init(|| Engine::load(&common::default_bundle(quant), &Default::default()).unwrap())
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -134,7 +134,7 @@ fn int8_bundle_keeps_16_leading_tokens_on_3_of_4_prompts() {
 
 /// Teacher-forced over a fixed 500+-token text: top-1 agreement and perplexities.
 #[test]
-fn int8_agrees_with_f32_on_97_percent_of_positions() {
+fn int8_agrees_with_f32_on_98_percent_of_positions() {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();
     let f = engine(Quant::F32);
@@ -172,9 +172,9 @@ fn int8_agrees_with_f32_on_97_percent_of_positions() {
         "teacher-forced over {positions} positions: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
         rate * 100.0
     );
-    // The issue asks for 98%; measured 97.54% (MSE-fitted int8 scales, perplexity +0.3%):
-    // the flips are near-ties. Guard what we have until the fast int8 path revisits it.
-    assert!(rate >= 0.97, "top-1 agreement {:.2}% < 97%", rate * 100.0);
+    // Measured 99.38% with lattice-fitted scales (plain Q8_0 rounding of the Q4_1 weights:
+    // 97.79%).
+    assert!(rate >= 0.98, "top-1 agreement {:.2}% < 98%", rate * 100.0);
     assert!(
         ppl_q < ppl_f * 1.05,
         "int8 perplexity {ppl_q:.3} is more than 5% above f32 {ppl_f:.3}"

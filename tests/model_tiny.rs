@@ -35,7 +35,14 @@ fn reference(model: &str) -> Reference {
 }
 
 fn load(bundle: &str) -> Model {
-    Model::load(&fixture(bundle), &LoadOptions { threads: 1 }).unwrap()
+    Model::load(
+        &fixture(bundle),
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// A fresh scratch directory under cargo's per-target tmp dir.
@@ -373,7 +380,14 @@ fn set_entry(t: &mut pb::TensorProto, key: &str, value: &str) {
 #[test]
 fn external_data_loads_and_matches_reference() {
     let dir = external_bundle("external-ok", |_, _| {});
-    let model = Model::load(&dir, &LoadOptions { threads: 1 }).unwrap();
+    let model = Model::load(
+        &dir,
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let reference = reference("tiny-llama");
     let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
     assert!(max_abs_diff(&logits, &reference.logits.concat()) <= 1e-4);
@@ -467,6 +481,13 @@ fn two_threads_give_the_same_logits() {
         .new_state()
         .forward_all(&ids)
         .unwrap();
-    let two = Model::load(&fixture("tiny-llama/onnx-f32"), &LoadOptions { threads: 2 }).unwrap();
+    let two = Model::load(
+        &fixture("tiny-llama/onnx-f32"),
+        &LoadOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(two.new_state().forward_all(&ids).unwrap(), one);
 }

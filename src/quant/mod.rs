@@ -42,6 +42,7 @@
 
 mod fit;
 mod format;
+pub mod op;
 pub mod pool;
 mod scalar;
 
