@@ -31,6 +31,25 @@ pub enum Command {
     Run(RunArgs),
     /// Convert a GGUF file or Hugging Face checkpoint directory into an ONNX bundle.
     Convert(ConvertArgs),
+    /// Measure load time, first-token latency, prefill and decode speed, and memory.
+    Bench(BenchArgs),
+}
+
+/// `edgelm bench` flags.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model and threads.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length for the prefill and first-token figures.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded for the decode figure.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the model bundle is and how to run it.

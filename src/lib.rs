@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: bytes → tokens → graph → logits → sampler → tokens → text.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod convert;

@@ -96,6 +96,8 @@ struct Bindings {
     input_ids: usize,
     attention_mask: Option<usize>,
     position_ids: Option<usize>,
+    /// The rows to compute logits for, if the pre-pass added that input.
+    logit_rows: Option<usize>,
     /// Per layer: (key input, value input).
     past: Vec<(usize, usize)>,
     logits: usize,
@@ -112,6 +114,7 @@ pub struct Model {
     plan: Arc<Plan>,
     io: Arc<Bindings>,
     config: Config,
+    threads: usize,
 }
 
 /// One conversation's KV cache and position; cheap to create, owned by the caller.
@@ -160,6 +163,7 @@ impl Model {
             fold_weight_transposes(graph);
         }
         prune_initializers(graph);
+        let logit_rows = select_logit_rows(graph);
         if !q8.is_empty() {
             proto.opset_import.push(pb::OperatorSetIdProto {
                 domain: q8op::DOMAIN.into(),
@@ -210,16 +214,28 @@ impl Model {
         let plan =
             make_plan(optimized, threads).with_context(|| format!("planning {model_path:?}"))?;
         log::info!(
-            "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded)",
+            "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded, \
+             logits {})",
             started.elapsed(),
             io.past.len(),
-            rewritten
+            rewritten,
+            if logit_rows {
+                "of the rows asked for"
+            } else {
+                "of every row"
+            }
         );
         Ok(Model {
             plan,
             io: Arc::new(io),
             config,
+            threads,
         })
+    }
+
+    /// Threads the matrix products use.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// The bundle's validated configuration.
@@ -244,14 +260,14 @@ impl Model {
 impl State {
     /// Feeds `tokens` in one pass and returns the logits of the last one, (vocab).
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = self.run(tokens)?;
+        let logits = self.run(tokens, false)?;
         let all = logits.try_as_plain_ram()?.as_slice::<f32>()?;
         Ok(all[all.len() - self.vocab_size..].to_vec())
     }
 
     /// Feeds `tokens` in one pass and returns the logits of every one, (tokens, vocab).
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = self.run(tokens)?;
+        let logits = self.run(tokens, true)?;
         Ok(logits.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
     }
 
@@ -272,7 +288,9 @@ impl State {
     }
 
     /// Runs the plan once; on error the cache is left as it was. Returns logits (1, n, vocab).
-    fn run(&mut self, tokens: &[u32]) -> Result<TValue> {
+    /// One pass over `tokens`; logits of every token if `all_logits`, else of the last one
+    /// at least (of every token when the graph cannot select rows).
+    fn run(&mut self, tokens: &[u32], all_logits: bool) -> Result<TValue> {
         let n = tokens.len();
         if n == 0 {
             return Err(ForwardError::Empty.into());
@@ -309,6 +327,19 @@ impl State {
             let positions: Vec<i64> = (self.len..self.len + n).map(|p| p as i64).collect();
             inputs[ix] = Some(Tensor::from_shape(&[1, n], &positions)?.into()); // (1, n)
         }
+        let rows = match io.logit_rows {
+            Some(ix) => {
+                let rows: Vec<i64> = if all_logits {
+                    (0..n as i64).collect()
+                } else {
+                    vec![n as i64 - 1]
+                };
+                let count = rows.len();
+                inputs[ix] = Some(Tensor::from_shape(&[count], &rows)?.into()); // (rows)
+                count
+            }
+            None => n,
+        };
         for (layer, &(k, v)) in io.past.iter().enumerate() {
             inputs[k] = Some(self.past[2 * layer].clone());
             inputs[v] = Some(self.past[2 * layer + 1].clone());
@@ -346,8 +377,9 @@ impl State {
         }
         let logits = std::mem::replace(&mut outputs[io.logits], Tensor::zero::<f32>(&[0])?.into());
         ensure!(
-            logits.shape() == [1, n, self.vocab_size] && logits.datum_type() == f32::datum_type(),
-            "logits have shape {:?} {:?}, not [1, {n}, {}] f32",
+            logits.shape() == [1, rows, self.vocab_size]
+                && logits.datum_type() == f32::datum_type(),
+            "logits have shape {:?} {:?}, not [1, {rows}, {}] f32",
             logits.shape(),
             logits.datum_type(),
             self.vocab_size
@@ -940,6 +972,69 @@ fn bind_q8(model: &mut TypedModel, table: &Q8Table, exec: &Q8Exec) -> Result<()>
     Ok(())
 }
 
+/// The extra graph input naming which rows (positions) of the hidden state get logits.
+const LOGIT_ROWS: &str = "edgelm_logit_rows";
+
+/// Makes the LM head compute logits only for the rows given in a new `int64` input
+/// [`LOGIT_ROWS`] (a `Gather` on the sequence axis in front of it): prefill needs the last
+/// row only, and the full (tokens, vocab) product would be a fifth of its work and its
+/// largest buffer. Returns false (graph unchanged) if `logits` is not made by a `MatMul`.
+fn select_logit_rows(graph: &mut pb::GraphProto) -> bool {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    let Some(head) = graph.node.iter().position(|n| {
+        n.output.first().map(String::as_str) == Some("logits")
+            && n.input.len() <= 2
+            && ((n.op_type == "MatMul" && (n.domain.is_empty() || n.domain == "ai.onnx"))
+                || (n.op_type == q8op::MATMUL && n.domain == q8op::DOMAIN))
+    }) else {
+        return false;
+    };
+    let selected = format!("{LOGIT_ROWS}.hidden");
+    let hidden = std::mem::replace(&mut graph.node[head].input[0], selected.clone());
+    graph.node.insert(
+        head,
+        pb::NodeProto {
+            name: selected.clone(),
+            op_type: "Gather".into(),
+            input: vec![hidden, LOGIT_ROWS.into()],
+            output: vec![selected],
+            attribute: vec![pb::AttributeProto {
+                name: "axis".into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let rows = || Dimension {
+        value: Some(Value::DimParam("logit_rows".into())),
+        ..Default::default()
+    };
+    graph.input.push(pb::ValueInfoProto {
+        name: LOGIT_ROWS.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: DataType::Int64 as i32,
+                shape: Some(pb::TensorShapeProto { dim: vec![rows()] }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    // The declared (batch, sequence, vocab) would tie the rows to the sequence length.
+    for out in graph.output.iter_mut().filter(|o| o.name == "logits") {
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            out.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            if let Some(shape) = t.shape.as_mut().filter(|s| s.dim.len() == 3) {
+                shape.dim[1] = rows();
+            }
+        }
+    }
+    true
+}
+
 /// Drops initializers no node, input or output reads, so tract never loads them.
 fn prune_initializers(graph: &mut pb::GraphProto) {
     let used: HashSet<String> = graph
@@ -1201,9 +1296,11 @@ impl IoNames {
         let layers = config.num_hidden_layers;
         let mut past = vec![(None, None); layers];
         let (mut input_ids, mut attention_mask, mut position_ids) = (None, None, None);
+        let mut logit_rows = None;
         for (ix, name) in self.inputs.iter().enumerate() {
             match name.as_str() {
                 "input_ids" => input_ids = Some(ix),
+                LOGIT_ROWS => logit_rows = Some(ix),
                 "attention_mask" => attention_mask = Some(ix),
                 "position_ids" => position_ids = Some(ix),
                 _ => {
@@ -1273,6 +1370,7 @@ impl IoNames {
             input_ids,
             attention_mask,
             position_ids,
+            logit_rows,
             past,
             logits,
             present,

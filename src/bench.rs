@@ -1,0 +1,185 @@
+//! `edgelm bench`: load time, time to first token, prefill and decode speed, memory.
+//!
+//! Prompts are token ids cut from a fixed English text (repeated as needed), so every run
+//! feeds the same ids; decoding is greedy with EOS ignored. Decode speed is the median of the
+//! per-token times, which shrugs off a stray scheduler hiccup.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+
+use crate::cli::BenchArgs;
+use crate::engine::Engine;
+use crate::model::State;
+
+/// The text prompts are cut from.
+const TEXT: &str = "The history of the Raspberry Pi begins in 2006, when a group at the \
+University of Cambridge noticed that fewer students arrived with hands-on experience of \
+programming. They set out to build a computer cheap enough to give away, small enough to \
+carry in a pocket, and open enough to be taken apart. Early prototypes ran on a \
+microcontroller; the final board used a mobile phone processor, a handful of connectors and a \
+row of general-purpose pins that anyone could wire to a sensor, a motor or a light. ";
+
+/// Cached tokens for the long-context decode figure.
+const LONG_CONTEXT: usize = 1024;
+/// Tokens decoded (and timed) at the long context.
+const LONG_DECODE: usize = 16;
+
+/// Runs `edgelm bench`, writing a table (or one JSON object) to `out`.
+pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
+    ensure!(args.gen_tokens > 0, "--gen-tokens must be at least 1");
+    let mut rss = RssWatch::default();
+    let opts = args.model.load_options()?;
+    let t0 = Instant::now();
+    let engine = Engine::load(&args.model.model, &opts)?;
+    let load = t0.elapsed();
+    rss.sample();
+
+    let prompt = prompt_ids(&engine, args.prompt_tokens)?;
+    let mut state = engine.model.new_state();
+    let t0 = Instant::now();
+    let logits = state.forward(&prompt).context("prefill")?;
+    let mut next = argmax(&logits);
+    let ttft = t0.elapsed();
+    rss.sample();
+
+    let decode = decode_times(&mut state, &mut next, args.gen_tokens)?;
+    rss.sample();
+
+    // Decode with a long history, when the model's context allows it.
+    let long = if engine.model.config().max_position_embeddings >= LONG_CONTEXT + LONG_DECODE {
+        let ids = prompt_ids(&engine, LONG_CONTEXT)?;
+        let mut state = engine.model.new_state();
+        for chunk in ids.chunks(256) {
+            let logits = state.forward(chunk).context("filling the cache")?;
+            next = argmax(&logits);
+        }
+        rss.sample();
+        Some(decode_times(&mut state, &mut next, LONG_DECODE)?)
+    } else {
+        None
+    };
+    rss.sample();
+
+    let config = engine.model.config();
+    let kv_bytes_per_token =
+        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4;
+    let report = json!({
+        "model": args.model.model.display().to_string(),
+        "threads": engine.model.threads(),
+        "int8": format!("{:?}", opts.int8),
+        "load_ms": ms(load),
+        "prompt_tokens": prompt.len(),
+        "ttft_ms": ms(ttft),
+        "prefill_tok_s": prompt.len() as f64 / ttft.as_secs_f64(),
+        "gen_tokens": decode.len(),
+        "decode_tok_s": per_second(median(&decode)),
+        "decode_tok_s_at_1024": long.as_deref().map(|t| per_second(median(t))),
+        "peak_rss_kb": rss.peak_kb,
+        "anon_rss_kb": rss.peak_anon_kb,
+        "model_bytes": model_bytes(&args.model.model)?,
+        "kv_bytes_per_token": kv_bytes_per_token,
+    });
+    if args.json {
+        writeln!(out, "{report}")?;
+    } else if let Some(map) = report.as_object() {
+        for (key, value) in map {
+            writeln!(out, "{key:>22}  {value}")?;
+        }
+    }
+    Ok(())
+}
+
+/// `n` token ids of the fixed text (no BOS: the prompt is cut at an arbitrary point).
+fn prompt_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
+    let once = engine.encode_raw(TEXT)?;
+    ensure!(!once.is_empty(), "the tokenizer produced no tokens");
+    Ok(once.iter().copied().cycle().take(n).collect())
+}
+
+/// Decodes `n` tokens greedily from `next`, returning each step's time.
+fn decode_times(state: &mut State, next: &mut u32, n: usize) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let logits = state.forward(&[*next]).context("decode")?;
+        *next = argmax(&logits);
+        times.push(t0.elapsed());
+    }
+    Ok(times)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut t = times.to_vec();
+    t.sort();
+    t.get(t.len() / 2).copied().unwrap_or_default()
+}
+
+fn per_second(d: Duration) -> f64 {
+    if d.is_zero() {
+        0.0
+    } else {
+        1.0 / d.as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// Bytes of the bundle's graph and weight files (everything but JSON metadata).
+fn model_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {dir:?}"))? {
+        let entry = entry.with_context(|| format!("listing {dir:?}"))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".onnx") || name.ends_with(".onnx_data") || name.ends_with(".data") {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Peak resident and anonymous memory, from `/proc/self/status` (Linux; zeros elsewhere).
+#[derive(Default)]
+struct RssWatch {
+    peak_kb: u64,
+    peak_anon_kb: u64,
+}
+
+impl RssWatch {
+    fn sample(&mut self) {
+        let Ok(status) = fs::read_to_string("/proc/self/status") else {
+            return;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        // VmHWM is the kernel's own high-water mark; RssAnon has none, so it is sampled.
+        if let Some(hwm) = field("VmHWM:") {
+            self.peak_kb = self.peak_kb.max(hwm);
+        }
+        if let Some(anon) = field("RssAnon:") {
+            self.peak_anon_kb = self.peak_anon_kb.max(anon);
+        }
+    }
+}
