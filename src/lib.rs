@@ -9,6 +9,7 @@ pub mod engine;
 pub mod generate;
 pub mod logger;
 pub mod model;
+pub mod protocol;
 pub mod quant;
 pub mod run;
 pub mod sampler;
