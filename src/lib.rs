@@ -13,6 +13,8 @@ pub mod protocol;
 pub mod quant;
 pub mod run;
 pub mod sampler;
+pub mod serve;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod transport;

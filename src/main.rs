@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => edgelm::run::run(args, &mut std::io::stdout().lock()),
         Command::Convert(args) => edgelm::convert::convert(&args.to_options()).map(|_| ()),
+        Command::Serve(args) => edgelm::serve::serve(&args.to_options()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
