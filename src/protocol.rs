@@ -842,7 +842,7 @@ mod tests {
         );
         // A truncated sequence at the end of a line is invalid too; valid UTF-8 passes.
         assert_eq!(
-            frames(&[&"é".as_bytes()[..], b"\xc3\n", "CHAT héllo 🙂\n".as_bytes()].concat()),
+            frames(&["é".as_bytes(), b"\xc3\n", "CHAT héllo 🙂\n".as_bytes()].concat()),
             [
                 F::Err(ProtocolError::InvalidUtf8 { at: 2 }),
                 line("CHAT héllo 🙂")
