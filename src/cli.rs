@@ -6,8 +6,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::convert::{ConvertOptions, Quant};
 use crate::model::{Int8Path, LoadOptions};
+use crate::protocol::{StreamMode, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_LIMIT};
 use crate::quant::Kernel;
 use crate::sampler::SamplerConfig;
+use crate::serve::{ServeOptions, Settings};
+use crate::transport::{FlowControl, SerialConfig};
 
 /// Default bundle directory, relative to the working directory.
 pub const DEFAULT_MODEL_DIR: &str = "models/smollm2-135m-instruct";
@@ -33,6 +36,8 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Measure load time, first-token latency, prefill and decode speed, and memory.
     Bench(BenchArgs),
+    /// Serve the line protocol (PROTOCOL.md) on stdin/stdout or a serial port.
+    Serve(ServeArgs),
 }
 
 /// `edgelm bench` flags.
@@ -198,5 +203,64 @@ impl ConvertArgs {
             quant: self.quant,
             progress: true,
         }
+    }
+}
+
+/// `edgelm serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling defaults (changeable per session with SET).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Default cap on new tokens per request.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Serial device to serve on (default: stdin/stdout).
+    #[arg(long, value_name = "DEV")]
+    pub serial: Option<PathBuf>,
+    /// Serial speed in bits per second.
+    #[arg(long, default_value_t = 115200)]
+    pub baud: u32,
+    /// Serial flow control.
+    #[arg(long, value_enum, default_value_t = FlowControl::None)]
+    pub flow: FlowControl,
+    /// Echo input and show a `> ` prompt, with CRLF line ends (for terminals that do not echo).
+    #[arg(long)]
+    pub echo: bool,
+    /// Longest request line in bytes.
+    #[arg(long, default_value_t = DEFAULT_LINE_LIMIT as u64,
+          value_parser = clap::value_parser!(u64).range(MIN_LINE_LIMIT as u64..=MAX_LINE_LIMIT as u64))]
+    pub max_line: u64,
+    /// First wait before reopening a lost serial device, in ms (doubles up to 5 s).
+    #[arg(long, default_value_t = 250)]
+    pub reconnect_ms: u64,
+}
+
+impl ServeArgs {
+    /// The serve options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<ServeOptions> {
+        Ok(ServeOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            serial: self.serial.as_ref().map(|path| SerialConfig {
+                path: path.clone(),
+                baud: self.baud,
+                flow: self.flow,
+                backoff: std::time::Duration::from_millis(self.reconnect_ms.max(1)),
+            }),
+            echo: self.echo,
+            line_limit: self.max_line as usize,
+            settings: Settings {
+                sampler: self.sampling.to_config(),
+                max_tokens: self.max_tokens.max(1),
+                stop: vec![],
+                stream: StreamMode::Escaped,
+                coalesce_ms: 0,
+                ignore_eos: false,
+            },
+        })
     }
 }

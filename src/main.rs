@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Run(args) => edgelm::run::run(args, &mut std::io::stdout().lock()),
         Command::Convert(args) => edgelm::convert::convert(&args.to_options()).map(|_| ()),
         Command::Bench(args) => edgelm::bench::run(args, &mut std::io::stdout().lock()),
+        Command::Serve(args) => args.to_options().and_then(|o| edgelm::serve::serve(&o)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

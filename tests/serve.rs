@@ -1,0 +1,486 @@
+//! `edgelm serve` driven end to end: the real binary over pipes and over a pseudo-terminal
+//! pair configured like a serial line, with the tiny Llama fixture. Every read has a
+//! timeout, so a wedged server fails the test with the lines seen so far instead of hanging.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use edgelm::engine::Engine;
+use edgelm::generate::{generate, Flow, GenerateOptions};
+use edgelm::sampler::SamplerConfig;
+use edgelm::template::Message;
+
+/// Generous: a debug build loading a model on a busy 2-core machine.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The tiny Llama int8 bundle plus SmolLM2's chat template (the fixture has none), so
+/// `CHAT` works.
+fn chat_bundle() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edgelm-serve-tiny-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    for entry in fs::read_dir(fixture("tiny-llama/onnx-int8")).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    fs::copy(
+        fixture("smollm2-135m-instruct/chat_template.jinja"),
+        dir.join("chat_template.jinja"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Kills the server when a test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A line-oriented client with timeouts. Dropping it closes its descriptors (its reader
+/// thread polls a stop flag), so a pty master really closes.
+struct Client {
+    tx: Box<dyn Write + Send>,
+    rx: Receiver<String>,
+    seen: Vec<String>,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Client {
+    fn new(tx: Box<dyn Write + Send>, mut out: impl Read + AsRawFd + Send + 'static) -> Client {
+        let (line_tx, rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let reader = std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !stopped.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: out.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                    continue;
+                }
+                let n = match out.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        let text = String::from_utf8_lossy(&line)
+                            .trim_end_matches('\r')
+                            .to_string();
+                        line.clear();
+                        if line_tx.send(text).is_err() {
+                            return;
+                        }
+                    } else {
+                        line.push(b);
+                    }
+                }
+            }
+        });
+        Client {
+            tx,
+            rx,
+            seen: vec![],
+            stop,
+            reader: Some(reader),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.tx.write_all(bytes).unwrap();
+        self.tx.flush().unwrap();
+    }
+
+    fn line(&mut self) -> String {
+        match self.rx.recv_timeout(TIMEOUT) {
+            Ok(l) => {
+                self.seen.push(l.clone());
+                l
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                panic!(
+                    "no line from the server within {TIMEOUT:?}; lines so far: {:#?}",
+                    self.seen
+                )
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!(
+                    "the server closed its output; lines so far: {:#?}",
+                    self.seen
+                )
+            }
+        }
+    }
+
+    /// Sends one request line and returns the single response line.
+    fn request(&mut self, line: &str) -> String {
+        self.send(format!("{line}\n").as_bytes());
+        self.line()
+    }
+
+    /// Reads a generation's lines up to `END`: (the unescaped text of the TOK lines, END).
+    fn generation(&mut self) -> (String, String) {
+        let mut text = String::new();
+        loop {
+            let l = self.line();
+            if let Some(t) = l.strip_prefix("TOK ") {
+                text.push_str(&unescape(t));
+            } else if l.starts_with("END ") {
+                return (text, l);
+            } else {
+                panic!(
+                    "expected TOK or END, got {l:?}; lines so far: {:#?}",
+                    self.seen
+                );
+            }
+        }
+    }
+
+    fn ready(&mut self) {
+        let l = self.line();
+        assert_eq!(l, "EVT ready context=256");
+    }
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    edgelm::protocol::unescape_into(s, &mut out).unwrap();
+    out
+}
+
+/// The `key=value` fields of an END line.
+fn field(end: &str, key: &str) -> usize {
+    end.split(' ')
+        .find_map(|f| f.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {end:?}"))
+        .parse()
+        .unwrap()
+}
+
+fn serve_cmd(model: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelm"));
+    cmd.args(["serve", "-m"]).arg(model).args(["-t", "1"]);
+    cmd.stderr(Stdio::inherit());
+    cmd
+}
+
+fn over_pipes(model: &Path) -> (Server, Client) {
+    let mut child = serve_cmd(model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin: ChildStdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    (Server(child), Client::new(Box::new(stdin), stdout))
+}
+
+/// A pty pair: (master, slave, slave path). Both ends are close-on-exec from the start, so
+/// servers spawned by concurrent tests never inherit them (a leaked master would keep the
+/// line up after the test "unplugs" it).
+fn openpty() -> (File, File, PathBuf) {
+    // SAFETY: plain syscall wrapper; the flags are valid for posix_openpt.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let master = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: `fd` is an open pty master.
+    assert_eq!(unsafe { libc::grantpt(fd) }, 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::unlockpt(fd) }, 0);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `name` is a writable buffer of the given length.
+    assert_eq!(
+        unsafe { libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) },
+        0
+    );
+    // SAFETY: ptsname_r wrote a NUL-terminated string into `name`.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    let slave = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .unwrap();
+    (master, slave, PathBuf::from(path))
+}
+
+fn client_on(master: &File) -> Client {
+    Client::new(
+        Box::new(master.try_clone().unwrap()),
+        master.try_clone().unwrap(),
+    )
+}
+
+/// Points the symlink `link` at `target`, atomically (as udev does for by-id names).
+fn point(link: &Path, target: &Path) {
+    let tmp = link.with_extension("new");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    fs::rename(&tmp, link).unwrap();
+}
+
+/// PING, GEN to END, bad input of every framing kind, then a normal request.
+fn basic_session(c: &mut Client) {
+    assert_eq!(c.request("PING"), "OK PONG");
+    assert_eq!(c.request("ping"), "OK PONG");
+    assert_eq!(c.request("SET max_tokens 12"), "OK max_tokens=12");
+    c.send(b"GEN Once upon a time\n");
+    let (text, end) = c.generation();
+    assert!(
+        end.starts_with("END eos ") || end.starts_with("END length "),
+        "{end}"
+    );
+    assert_eq!(field(&end, "prompt"), 6);
+    assert!(field(&end, "gen") >= 1 && field(&end, "gen") <= 12, "{end}");
+    assert!(!text.is_empty());
+    // Greedy decoding is deterministic.
+    c.send(b"gen Once upon a time\r\n");
+    assert_eq!(c.generation().0, text);
+
+    let long = vec![b'x'; 10_000];
+    c.send(&long);
+    c.send(b"\r\n");
+    assert_eq!(
+        c.line(),
+        "ERR line_too_long line of 10000 bytes exceeds the limit of 4096"
+    );
+    c.send(b"GEN \xff\xfe\n");
+    assert_eq!(
+        c.line(),
+        "ERR invalid_utf8 line is not valid UTF-8 (byte 4)"
+    );
+    c.send(b"\xff\xfe\r");
+    assert_eq!(
+        c.line(),
+        "ERR invalid_utf8 line is not valid UTF-8 (byte 0)"
+    );
+    assert_eq!(
+        c.request("FROB"),
+        "ERR unknown_verb unknown verb (try HELP)"
+    );
+    assert_eq!(
+        c.request("SET temp hot"),
+        "ERR bad_value temp expects a number in [0, 100]"
+    );
+    assert_eq!(
+        c.request("GET colour"),
+        "ERR bad_key unknown key (GET lists them)"
+    );
+    assert_eq!(c.request("GEN"), "ERR bad_request usage: GEN <text>");
+    assert_eq!(c.request("STOP"), "ERR idle nothing is being generated");
+    c.send(b"\n\r\n");
+    assert_eq!(c.request("PING"), "OK PONG");
+    c.send(b"GEN Once upon a time\n");
+    assert_eq!(c.generation().0, text);
+}
+
+/// Starts a long generation, waits for its first token, sends `cancel`, expects `END
+/// cancelled` well before the cap.
+fn cancel_mid_generation(c: &mut Client, cancel: &[u8]) {
+    assert_eq!(c.request("SET max_tokens 240"), "OK max_tokens=240");
+    assert_eq!(c.request("SET ignore_eos on"), "OK ignore_eos=on");
+    c.send(b"GEN Once upon a time\n");
+    let first = c.line();
+    assert!(first.starts_with("TOK "), "{first}");
+    c.send(cancel);
+    let (_, end) = c.generation();
+    assert!(end.starts_with("END cancelled "), "{end}");
+    assert!(field(&end, "gen") < 240, "{end}");
+    assert_eq!(c.request("SET ignore_eos off"), "OK ignore_eos=off");
+    assert_eq!(c.request("PING"), "OK PONG");
+}
+
+/// Two CHAT turns; the second turn's reply equals what a fresh model gives for the whole
+/// rendered conversation, so reusing the KV cache between turns changed nothing.
+fn two_chat_turns(c: &mut Client, model: &Path) {
+    assert_eq!(c.request("SET max_tokens 10"), "OK max_tokens=10");
+    c.send(b"CHAT Hello there\n");
+    let (reply1, end1) = c.generation();
+    assert!(end1.starts_with("END "), "{end1}");
+    c.send(b"CHAT And then?\n");
+    let (reply2, end2) = c.generation();
+    assert!(end2.starts_with("END "), "{end2}");
+
+    let engine = Engine::load(
+        model,
+        &edgelm::model::LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids = engine
+        .encode_chat(&[
+            Message::new("user", "Hello there"),
+            Message::new("assistant", reply1.as_str()),
+            Message::new("user", "And then?"),
+        ])
+        .unwrap();
+    assert!(
+        field(&end2, "prompt") <= ids.len(),
+        "{end2} vs {} tokens",
+        ids.len()
+    );
+    let opts = GenerateOptions {
+        max_tokens: 10,
+        sampler: SamplerConfig {
+            seed: 42,
+            ..SamplerConfig::default()
+        },
+        stop: vec![],
+        eos_ids: engine.eos_ids(),
+        ignore_eos: false,
+    };
+    let mut state = engine.model.new_state();
+    let mut fresh = String::new();
+    generate(&mut state, &engine.tokenizer, &ids, &opts, |_, t| {
+        fresh.push_str(t);
+        Flow::Continue
+    })
+    .unwrap();
+    assert_eq!(reply2, fresh);
+    assert_eq!(c.request("RESET"), "OK");
+}
+
+#[test]
+fn pipes_full_session_then_quit() {
+    let model = chat_bundle();
+    let (mut server, mut c) = over_pipes(&model);
+    c.ready();
+    basic_session(&mut c);
+    cancel_mid_generation(&mut c, b"\x03");
+    cancel_mid_generation(&mut c, b"STOP\n");
+    two_chat_turns(&mut c, &model);
+    assert_eq!(c.request("QUIT"), "OK bye");
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn pipes_ctrl_d_and_end_of_input_end_the_session() {
+    let model = fixture("tiny-llama/onnx-int8");
+    let (mut server, mut c) = over_pipes(&model);
+    c.ready();
+    c.send(b"\x04");
+    assert_eq!(c.line(), "OK bye");
+    assert!(server.0.wait().unwrap().success());
+
+    let (mut server, mut c) = over_pipes(&model);
+    c.ready();
+    assert_eq!(c.request("PING"), "OK PONG");
+    c.tx = Box::new(std::io::sink()); // closes the server's stdin
+    assert!(server.0.wait().unwrap().success());
+}
+
+#[test]
+fn pty_serial_session() {
+    let model = chat_bundle();
+    let (master, slave, path) = openpty();
+    let _server = Server(
+        serve_cmd(&model)
+            .arg("--serial")
+            .arg(&path)
+            .args(["--baud", "57600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = client_on(&master);
+    c.ready();
+
+    // The server set the line raw, 8N1, at the requested speed.
+    // SAFETY: termios is plain data; tcgetattr fills it from an open pty slave.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut t) }, 0);
+    assert_eq!(t.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
+    assert_eq!(t.c_cflag & libc::CSIZE, libc::CS8);
+    assert_eq!(t.c_cflag & (libc::PARENB | libc::CSTOPB), 0);
+    assert_eq!(t.c_iflag & (libc::IXON | libc::ICRNL), 0);
+    assert_eq!(t.c_oflag & libc::OPOST, 0);
+    // SAFETY: `t` is a valid termios.
+    assert_eq!(unsafe { libc::cfgetospeed(&t) }, libc::B57600);
+
+    basic_session(&mut c);
+    two_chat_turns(&mut c, &model);
+    cancel_mid_generation(&mut c, b"\x03");
+    cancel_mid_generation(&mut c, b"STOP\r\n");
+    // QUIT on a serial line keeps serving.
+    assert_eq!(c.request("QUIT"), "OK bye");
+    assert_eq!(c.request("PING"), "OK PONG");
+}
+
+#[test]
+fn pty_peer_closing_and_coming_back_triggers_reconnect() {
+    let dir = std::env::temp_dir().join(format!("edgelm-serve-link-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("ttyEDGE");
+    let (master, slave, path) = openpty();
+    point(&link, &path);
+    let _server = Server(
+        serve_cmd(&fixture("tiny-llama/onnx-int8"))
+            .arg("--serial")
+            .arg(&link)
+            .args(["--reconnect-ms", "20"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = client_on(&master);
+    c.ready();
+    assert_eq!(c.request("PING"), "OK PONG");
+
+    // Unplug: every handle on our side of the first pair goes away.
+    drop(c);
+    drop(master);
+    drop(slave);
+    let (master2, _slave2, path2) = openpty();
+    point(&link, &path2);
+    let mut c = client_on(&master2);
+    assert_eq!(c.line(), "EVT reconnect");
+    assert_eq!(c.request("PING"), "OK PONG");
+    assert_eq!(c.request("SET max_tokens 4"), "OK max_tokens=4");
+    c.send(b"GEN Once upon a time\n");
+    let (_, end) = c.generation();
+    assert!(end.starts_with("END "), "{end}");
+    let _ = fs::remove_dir_all(&dir);
+}
