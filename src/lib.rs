@@ -2,11 +2,13 @@
 //!
 //! Data flows one way: bytes → tokens → graph → logits → sampler → tokens → text.
 
+pub mod attention;
 pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod generate;
+pub mod kv_cache;
 pub mod logger;
 pub mod model;
 pub mod quant;

@@ -1,0 +1,399 @@
+//! The fixed-capacity KV cache: a ring of `capacity` slots per layer, allocated once when a
+//! conversation starts, written in place. This is the only file that knows about wrap-around.
+//!
+//! Contract:
+//! - **What is kept.** Slots fill in order `0, 1, …`. Once all `capacity` slots hold a token,
+//!   the first `n_keep` slots (the sink tokens: the start of the conversation, StreamingLLM
+//!   style) are never overwritten, and each new token overwrites the oldest of the others. So
+//!   the cache always holds the first `n_keep` tokens and the latest `capacity - n_keep`.
+//! - **How it is attended.** Keys are cached after RoPE, so attention is order-invariant over
+//!   them: every query attends over the physical slots `0..len` whose stamp (the token's index
+//!   in the conversation) is not after its own; nothing is ever moved or copied.
+//! - **Which positions are fed.** RoPE positions keep growing with every token while they stay
+//!   below the model's trained context; when the next chunk would pass it, the caller
+//!   re-prefills the kept tokens ([`RingLayout::kept_tokens`]) at fresh positions `0..` after a
+//!   [`RingLayout::reset`].
+//! - **What is lossy.** Evicted tokens are gone: later tokens cannot attend to them (the model
+//!   was not trained for that gap, so quality can degrade, which is why every eviction is
+//!   reported). Within one chunk that wraps, the earlier tokens of the chunk also lose the old
+//!   tokens overwritten by the later ones; chunks are capped at `capacity - n_keep` tokens so a
+//!   token never overwrites another of its own chunk. With `--kv f16` keys and values are
+//!   rounded to half precision.
+
+use anyhow::{ensure, Result};
+use tract_onnx::prelude::f16;
+
+/// Stamp of an empty slot.
+pub const EMPTY: u64 = u64::MAX;
+
+/// How keys and values are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvType {
+    /// 4 bytes per value (exact).
+    #[default]
+    F32,
+    /// 2 bytes per value: half the memory, values rounded to half precision.
+    F16,
+}
+
+/// A change of what the cache holds, reported to the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shift {
+    /// Tokens evicted.
+    pub dropped: usize,
+    /// Tokens held afterwards.
+    pub kept: usize,
+    /// The kept tokens were re-prefilled at fresh positions (the positions reached the
+    /// model's trained context).
+    pub repositioned: bool,
+}
+
+/// Where one call's new tokens go, and who may see whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Slot of each new token, in order.
+    pub slots: Vec<usize>,
+    /// Stamp (conversation index) of each new token.
+    pub new_stamps: Vec<u64>,
+    /// Stamp of every slot once the new tokens are written, [`EMPTY`] if none; (capacity).
+    pub stamps: Vec<u64>,
+    /// Slots `0..used` may hold tokens; the rest are empty.
+    pub used: usize,
+    /// Tokens evicted by this step.
+    pub dropped: usize,
+}
+
+/// Which slot holds which token: the bookkeeping shared by every layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingLayout {
+    capacity: usize,
+    n_keep: usize,
+    /// Token id in each slot; (capacity).
+    tokens: Vec<u32>,
+    /// Conversation index of the token in each slot, [`EMPTY`] if none; (capacity).
+    stamps: Vec<u64>,
+    /// Slots used so far (a prefix).
+    used: usize,
+    /// Next slot to overwrite once full, in `n_keep..capacity`.
+    oldest: usize,
+    /// Tokens written since the last reset.
+    written: u64,
+}
+
+impl RingLayout {
+    /// An empty ring of `capacity` slots whose first `n_keep` tokens are never evicted.
+    pub fn new(capacity: usize, n_keep: usize) -> Result<RingLayout> {
+        ensure!(capacity > 0, "the KV cache needs at least one slot");
+        ensure!(
+            n_keep < capacity,
+            "--keep {n_keep} must be smaller than the cache size --ctx {capacity}"
+        );
+        Ok(RingLayout {
+            capacity,
+            n_keep,
+            tokens: vec![0; capacity],
+            stamps: vec![EMPTY; capacity],
+            used: 0,
+            oldest: n_keep,
+            written: 0,
+        })
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Sink tokens kept forever.
+    pub fn n_keep(&self) -> usize {
+        self.n_keep
+    }
+
+    /// Tokens currently held.
+    pub fn len(&self) -> usize {
+        self.used
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// The longest chunk [`RingLayout::place`] accepts.
+    pub fn max_chunk(&self) -> usize {
+        self.capacity - self.n_keep
+    }
+
+    /// Forgets every token.
+    pub fn reset(&mut self) {
+        self.stamps.fill(EMPTY);
+        self.used = 0;
+        self.oldest = self.n_keep;
+        self.written = 0;
+    }
+
+    /// Assigns slots to `tokens`, evicting the oldest non-sink tokens once full.
+    pub fn place(&mut self, tokens: &[u32]) -> Result<Step> {
+        ensure!(
+            tokens.len() <= self.max_chunk(),
+            "{} tokens in one chunk exceed the {} the cache can take at once",
+            tokens.len(),
+            self.max_chunk()
+        );
+        let mut slots = Vec::with_capacity(tokens.len());
+        let mut new_stamps = Vec::with_capacity(tokens.len());
+        let mut dropped = 0;
+        for &token in tokens {
+            let slot = if self.used < self.capacity {
+                self.used += 1;
+                self.used - 1
+            } else {
+                let slot = self.oldest;
+                self.oldest = if slot + 1 == self.capacity {
+                    self.n_keep
+                } else {
+                    slot + 1
+                };
+                dropped += 1;
+                slot
+            };
+            self.tokens[slot] = token;
+            self.stamps[slot] = self.written;
+            slots.push(slot);
+            new_stamps.push(self.written);
+            self.written += 1;
+        }
+        Ok(Step {
+            slots,
+            new_stamps,
+            stamps: self.stamps.clone(),
+            used: self.used,
+            dropped,
+        })
+    }
+
+    /// Undoes the bookkeeping of a step whose forward failed: back to `before`.
+    pub fn restore(&mut self, before: RingLayout) {
+        *self = before;
+    }
+
+    /// The held tokens in conversation order (sinks first).
+    pub fn kept_tokens(&self) -> Vec<u32> {
+        let mut held: Vec<(u64, u32)> = (0..self.used)
+            .map(|s| (self.stamps[s], self.tokens[s]))
+            .collect();
+        held.sort_unstable();
+        held.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Token id held in each slot, `None` when empty; (capacity).
+    pub fn slots(&self) -> Vec<Option<u32>> {
+        (0..self.capacity)
+            .map(|s| (self.stamps[s] != EMPTY).then_some(self.tokens[s]))
+            .collect()
+    }
+}
+
+/// Values of one layer's K or V ring.
+#[derive(Clone, Debug)]
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// One layer's keys and values, (kv_head, slot, head_dim) each; allocated once.
+#[derive(Clone, Debug)]
+pub struct LayerKv {
+    kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
+    k: Store, // (kv_head, slot, head_dim)
+    v: Store, // (kv_head, slot, head_dim)
+}
+
+impl LayerKv {
+    /// Zeroed storage for `capacity` slots.
+    pub fn new(kv_heads: usize, capacity: usize, head_dim: usize, ty: KvType) -> LayerKv {
+        let n = kv_heads * capacity * head_dim;
+        let store = || match ty {
+            KvType::F32 => Store::F32(vec![0.0; n]),
+            KvType::F16 => Store::F16(vec![f16::from_f32(0.0); n]),
+        };
+        LayerKv {
+            kv_heads,
+            capacity,
+            head_dim,
+            k: store(),
+            v: store(),
+        }
+    }
+
+    /// Bytes held by the keys and values (constant for the life of the cache).
+    pub fn bytes(&self) -> usize {
+        let size = |s: &Store| match s {
+            Store::F32(v) => v.capacity() * 4,
+            Store::F16(v) => v.capacity() * 2,
+        };
+        size(&self.k) + size(&self.v)
+    }
+
+    /// Writes the `head_dim` values of one key and one value into `slot` of `kv_head`.
+    pub fn write(&mut self, kv_head: usize, slot: usize, key: &[f32], value: &[f32]) {
+        let at = (kv_head * self.capacity + slot) * self.head_dim;
+        for (store, src) in [(&mut self.k, key), (&mut self.v, value)] {
+            match store {
+                Store::F32(d) => d[at..at + self.head_dim].copy_from_slice(src),
+                Store::F16(d) => {
+                    for (d, &s) in d[at..at + self.head_dim].iter_mut().zip(src) {
+                        *d = f16::from_f32(s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Key of `slot` in `kv_head`, widened to f32 into `out` when stored as f16.
+    pub fn key<'a>(&'a self, kv_head: usize, slot: usize, out: &'a mut [f32]) -> &'a [f32] {
+        Self::read(
+            &self.k,
+            (kv_head * self.capacity + slot) * self.head_dim,
+            out,
+        )
+    }
+
+    /// Value of `slot` in `kv_head`, like [`LayerKv::key`].
+    pub fn value<'a>(&'a self, kv_head: usize, slot: usize, out: &'a mut [f32]) -> &'a [f32] {
+        Self::read(
+            &self.v,
+            (kv_head * self.capacity + slot) * self.head_dim,
+            out,
+        )
+    }
+
+    fn read<'a>(store: &'a Store, at: usize, out: &'a mut [f32]) -> &'a [f32] {
+        match store {
+            Store::F32(d) => &d[at..at + out.len()],
+            Store::F16(d) => {
+                for (o, h) in out.iter_mut().zip(&d[at..]) {
+                    *o = h.to_f32();
+                }
+                out
+            }
+        }
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds tokens `first..first+n` one chunk at a time.
+    fn feed(ring: &mut RingLayout, tokens: std::ops::Range<u32>) -> Vec<Step> {
+        tokens.map(|t| ring.place(&[t]).unwrap()).collect()
+    }
+
+    #[test]
+    fn fills_in_order_then_wraps_past_the_sinks() {
+        let mut ring = RingLayout::new(6, 2).unwrap();
+        let steps = feed(&mut ring, 0..6);
+        assert_eq!(
+            steps.iter().map(|s| s.slots[0]).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4, 5]
+        );
+        assert!(steps.iter().all(|s| s.dropped == 0));
+        assert_eq!(ring.slots(), [0, 1, 2, 3, 4, 5].map(Some));
+
+        // First wrap: 6..10 overwrite slots 2, 3, 4, 5 (the sinks 0 and 1 stay).
+        let steps = feed(&mut ring, 6..10);
+        assert_eq!(
+            steps.iter().map(|s| s.slots[0]).collect::<Vec<_>>(),
+            [2, 3, 4, 5]
+        );
+        assert!(steps.iter().all(|s| s.dropped == 1));
+        assert_eq!(ring.slots(), [0, 1, 6, 7, 8, 9].map(Some));
+        assert_eq!(ring.kept_tokens(), [0, 1, 6, 7, 8, 9]);
+
+        // Second and third wraps, mid-ring.
+        feed(&mut ring, 10..13);
+        assert_eq!(ring.slots(), [0, 1, 10, 11, 12, 9].map(Some));
+        assert_eq!(ring.kept_tokens(), [0, 1, 9, 10, 11, 12]);
+        feed(&mut ring, 13..19);
+        assert_eq!(ring.slots(), [0, 1, 18, 15, 16, 17].map(Some));
+        assert_eq!(ring.kept_tokens(), [0, 1, 15, 16, 17, 18]);
+        assert_eq!(ring.len(), 6);
+    }
+
+    #[test]
+    fn a_chunk_that_wraps_gets_consecutive_slots_and_stamps() {
+        let mut ring = RingLayout::new(5, 1).unwrap();
+        ring.place(&[10, 11, 12]).unwrap();
+        let step = ring.place(&[13, 14, 15, 16]).unwrap();
+        assert_eq!(step.slots, [3, 4, 1, 2]);
+        assert_eq!(step.new_stamps, [3, 4, 5, 6]);
+        assert_eq!(step.stamps, [0, 5, 6, 3, 4]);
+        assert_eq!((step.used, step.dropped), (5, 2));
+        assert_eq!(ring.slots(), [10, 15, 16, 13, 14].map(Some));
+        assert_eq!(ring.kept_tokens(), [10, 13, 14, 15, 16]);
+    }
+
+    #[test]
+    fn no_sinks_is_a_plain_sliding_window() {
+        let mut ring = RingLayout::new(3, 0).unwrap();
+        feed(&mut ring, 0..8);
+        assert_eq!(ring.slots(), [6, 7, 5].map(Some));
+        assert_eq!(ring.kept_tokens(), [5, 6, 7]);
+    }
+
+    #[test]
+    fn empty_slots_have_no_token_and_reset_forgets() {
+        let mut ring = RingLayout::new(4, 1).unwrap();
+        let step = ring.place(&[7, 8]).unwrap();
+        assert_eq!(step.stamps, [0, 1, EMPTY, EMPTY]);
+        assert_eq!(step.used, 2);
+        assert_eq!(ring.slots(), [Some(7), Some(8), None, None]);
+        ring.reset();
+        assert!(ring.is_empty());
+        assert_eq!(ring.slots(), [None; 4]);
+        assert_eq!(ring.place(&[9]).unwrap().slots, [0]);
+    }
+
+    #[test]
+    fn chunks_longer_than_the_free_window_and_bad_sizes_are_refused() {
+        let mut ring = RingLayout::new(4, 1).unwrap();
+        let err = ring.place(&[1, 2, 3, 4]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "4 tokens in one chunk exceed the 3 the cache can take at once"
+        );
+        assert!(RingLayout::new(4, 4).is_err());
+        assert!(RingLayout::new(0, 0).is_err());
+    }
+
+    #[test]
+    fn layer_storage_never_grows_and_f16_rounds() {
+        let mut kv = LayerKv::new(2, 3, 4, KvType::F16);
+        let bytes = kv.bytes();
+        assert_eq!(bytes, 2 * 2 * 3 * 4 * 2);
+        kv.write(1, 2, &[1.0, 2.0, 3.0, 1.0 / 3.0], &[4.0; 4]);
+        let mut tmp = [0f32; 4];
+        assert_eq!(kv.key(1, 2, &mut tmp), [1.0, 2.0, 3.0, 0.333_251_95]);
+        assert_eq!(kv.value(1, 2, &mut tmp), [4.0; 4]);
+        assert_eq!(kv.key(0, 2, &mut tmp), [0.0; 4]);
+        assert_eq!(kv.bytes(), bytes);
+
+        let mut kv = LayerKv::new(1, 2, 2, KvType::F32);
+        kv.write(0, 1, &[0.1, 0.2], &[0.3, 0.4]);
+        assert_eq!(kv.key(0, 1, &mut [0.0; 2]), [0.1, 0.2]);
+        assert_eq!(kv.value(0, 1, &mut [0.0; 2]), [0.3, 0.4]);
+    }
+}
