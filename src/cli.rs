@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::convert::{ConvertOptions, Quant};
+use crate::kv_cache::KvType;
+use crate::model::{CacheOptions, DEFAULT_KEEP};
 use crate::sampler::SamplerConfig;
 
 /// Default bundle directory, relative to the working directory.
@@ -40,6 +42,32 @@ pub struct ModelArgs {
     /// Worker threads for the matrix kernels (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
+}
+
+/// KV cache flags, shared by the commands that generate.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// KV cache slots (0 = the smaller of the model's context and 2048); when full, the
+    /// oldest tokens after the first --keep are dropped (and reported).
+    #[arg(long, default_value_t = 0)]
+    pub ctx: usize,
+    /// KV cache storage: f16 halves its memory.
+    #[arg(long, value_enum, default_value_t = KvType::F32)]
+    pub kv: KvType,
+    /// First tokens never dropped when the cache is full.
+    #[arg(long, default_value_t = DEFAULT_KEEP)]
+    pub keep: usize,
+}
+
+impl CacheArgs {
+    /// The cache these flags describe.
+    pub fn to_options(&self) -> CacheOptions {
+        CacheOptions {
+            ctx: self.ctx,
+            kv: self.kv,
+            keep: self.keep,
+        }
+    }
 }
 
 /// Sampling flags, shared by the commands that generate.
@@ -96,6 +124,9 @@ pub struct RunArgs {
     /// Sampling.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// KV cache.
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Maximum number of new tokens.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
     pub max_tokens: usize,
