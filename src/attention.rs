@@ -17,6 +17,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::TypedConcat;
@@ -166,13 +167,14 @@ fn attend(
     }
 
     let used = step.used;
-    scores.clear();
-    scores.resize(used, 0.0);
     let mut out = vec![0f32; q.len()]; // (heads, s, head_dim)
-    let mut kbuf = vec![0f32; hd]; // (head_dim)
-    let mut vbuf = vec![0f32; hd]; // (head_dim)
-    for head in 0..heads {
+    let kv = &*kv;
+    let one_head = |head: usize, o: &mut [f32], scores: &mut Vec<f32>| {
         let h = head / group;
+        scores.clear();
+        scores.resize(used, 0.0);
+        let mut kbuf = vec![0f32; hd]; // (head_dim)
+        let mut vbuf = vec![0f32; hd]; // (head_dim)
         for i in 0..s {
             let row = (head * s + i) * hd;
             let qi = &q[row..row + hd];
@@ -192,16 +194,29 @@ fn attend(
                 *score = (*score - max).exp();
                 sum += *score;
             }
-            let o = &mut out[row..row + hd];
+            let o = &mut o[i * hd..(i + 1) * hd];
             for (j, &p) in scores.iter().enumerate() {
                 if p > 0.0 {
                     axpy(p / sum, kv.value(h, j, &mut vbuf), o);
                 }
             }
         }
+    };
+    if heads > 1 && s * used >= PARALLEL_WORK {
+        // Heads are independent; the matrix threads are idle while attention runs.
+        out.par_chunks_mut(s * hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (head, o)| one_head(head, o, scores));
+    } else {
+        for (head, o) in out.chunks_mut(s * hd).enumerate() {
+            one_head(head, o, scores);
+        }
     }
-    Ok(Tensor::from_shape(q_shape, &out)?)
+    Tensor::from_shape(q_shape, &out)
 }
+
+/// Query×slot pairs per head above which heads run on the thread pool.
+const PARALLEL_WORK: usize = 256;
 
 /// `a · b`, four partial sums so the compiler can keep them in registers.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -606,6 +621,49 @@ mod tests {
             let want = reference(&qs[t], &keys[..=t], &values[..=t], 0.5);
             for (g, w) in got[t * hd..(t + 1) * hd].iter().zip(&want) {
                 assert!((g - w).abs() < 1e-6, "token {t}");
+            }
+        }
+    }
+
+    /// Enough work to run the heads in parallel: same answers as the plain reference.
+    #[test]
+    fn parallel_heads_match_the_reference() {
+        let (kvh, heads, hd, n) = (2, 6, 8, 40);
+        let mut ring = RingLayout::new(n, 0).unwrap();
+        let mut kv = LayerKv::new(kvh, n, hd, KvType::F32);
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let step = ring.place(&ids).unwrap();
+        assert!(n * n >= PARALLEL_WORK);
+        let k: Vec<f32> = (0..kvh * n).flat_map(|t| vector(t, hd)).collect(); // (kvh, n, hd)
+        let v: Vec<f32> = (0..kvh * n).flat_map(|t| vector(500 + t, hd)).collect();
+        let q: Vec<f32> = (0..heads * n).flat_map(|t| vector(900 + t, hd)).collect();
+        let out = attend(
+            &mut kv,
+            &step,
+            0.25,
+            &Tensor::from_shape(&[1, heads, n, hd], &q).unwrap(),
+            &Tensor::from_shape(&[1, kvh, n, hd], &k).unwrap(),
+            &Tensor::from_shape(&[1, kvh, n, hd], &v).unwrap(),
+            &mut vec![],
+            0,
+        )
+        .unwrap();
+        let out = out
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        for head in 0..heads {
+            let h = head / (heads / kvh);
+            for i in 0..n {
+                let row = (head * n + i) * hd;
+                let keys: Vec<Vec<f32>> = (0..=i).map(|j| vector(h * n + j, hd)).collect();
+                let values: Vec<Vec<f32>> = (0..=i).map(|j| vector(500 + h * n + j, hd)).collect();
+                let want = reference(&q[row..row + hd], &keys, &values, 0.25);
+                for (g, w) in out[row..row + hd].iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-6, "head {head} token {i}");
+                }
             }
         }
     }
