@@ -29,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from one prompt, streamed to stdout.
     Run(RunArgs),
+    /// Talk with the model in the terminal; the KV cache is kept between turns.
+    Chat(ChatArgs),
     /// Convert a GGUF file or Hugging Face checkpoint directory into an ONNX bundle.
     Convert(ConvertArgs),
 }
@@ -147,6 +149,29 @@ pub struct RunArgs {
     pub json: bool,
     /// The prompt.
     pub prompt: String,
+}
+
+/// `edgelm chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// KV cache.
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Maximum number of new tokens per reply.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// System prompt (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop a reply before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
 }
 
 /// `edgelm convert`.

@@ -3,6 +3,7 @@
 //! Data flows one way: bytes → tokens → graph → logits → sampler → tokens → text.
 
 pub mod attention;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod convert;
