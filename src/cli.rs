@@ -147,6 +147,12 @@ pub struct RunArgs {
     /// Print one JSON object per token and a final summary line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Continue the conversation saved in FILE (its cache settings replace --ctx/--kv/--keep).
+    #[arg(long, value_name = "FILE")]
+    pub load_session: Option<PathBuf>,
+    /// Save the conversation (tokens and KV cache) to FILE at the end.
+    #[arg(long, value_name = "FILE")]
+    pub save_session: Option<PathBuf>,
     /// The prompt.
     pub prompt: String,
 }

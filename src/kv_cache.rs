@@ -194,6 +194,74 @@ impl RingLayout {
     }
 }
 
+/// A [`RingLayout`]'s fields, as a session file stores them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutParts {
+    /// Slots.
+    pub capacity: usize,
+    /// Sink tokens.
+    pub n_keep: usize,
+    /// Token id per slot; (capacity).
+    pub tokens: Vec<u32>,
+    /// Conversation index per slot, [`EMPTY`] if none; (capacity).
+    pub stamps: Vec<u64>,
+    /// Slots used (a prefix).
+    pub used: usize,
+    /// Next slot to overwrite once full.
+    pub oldest: usize,
+    /// Tokens written since the last reset.
+    pub written: u64,
+}
+
+impl RingLayout {
+    /// The layout's fields.
+    pub fn to_parts(&self) -> LayoutParts {
+        LayoutParts {
+            capacity: self.capacity,
+            n_keep: self.n_keep,
+            tokens: self.tokens.clone(),
+            stamps: self.stamps.clone(),
+            used: self.used,
+            oldest: self.oldest,
+            written: self.written,
+        }
+    }
+
+    /// A layout from stored fields, checked for consistency (used slots form a prefix with
+    /// distinct stamps below `written`; the overwrite cursor is past the sinks).
+    pub fn from_parts(p: LayoutParts) -> Result<RingLayout> {
+        let mut ring = RingLayout::new(p.capacity, p.n_keep)?;
+        ensure!(
+            p.tokens.len() == p.capacity && p.stamps.len() == p.capacity,
+            "{} tokens and {} stamps for {} slots",
+            p.tokens.len(),
+            p.stamps.len(),
+            p.capacity
+        );
+        ensure!(
+            p.used <= p.capacity && (p.n_keep..p.capacity).contains(&p.oldest),
+            "slot counters out of range (used {}, oldest {}, capacity {})",
+            p.used,
+            p.oldest,
+            p.capacity
+        );
+        let mut seen: Vec<u64> = p.stamps[..p.used].to_vec();
+        seen.sort_unstable();
+        ensure!(
+            seen.windows(2).all(|w| w[0] < w[1])
+                && seen.last().is_none_or(|&last| last < p.written)
+                && p.stamps[p.used..].iter().all(|&s| s == EMPTY),
+            "slot stamps are inconsistent"
+        );
+        ring.tokens = p.tokens;
+        ring.stamps = p.stamps;
+        ring.used = p.used;
+        ring.oldest = p.oldest;
+        ring.written = p.written;
+        Ok(ring)
+    }
+}
+
 /// Values of one layer's K or V ring.
 #[derive(Clone, Debug)]
 enum Store {
@@ -280,6 +348,72 @@ impl LayerKv {
                 out
             }
         }
+    }
+
+    /// Storage type.
+    pub fn kv_type(&self) -> KvType {
+        match self.k {
+            Store::F32(_) => KvType::F32,
+            Store::F16(_) => KvType::F16,
+        }
+    }
+
+    /// Little-endian bytes of slots `0..used` of every head, keys then values.
+    pub fn export(&self, used: usize) -> Vec<u8> {
+        let mut out = vec![];
+        for store in [&self.k, &self.v] {
+            for h in 0..self.kv_heads {
+                let range =
+                    h * self.capacity * self.head_dim..(h * self.capacity + used) * self.head_dim;
+                match store {
+                    Store::F32(d) => d[range].iter().for_each(|v| out.extend(v.to_le_bytes())),
+                    Store::F16(d) => d[range].iter().for_each(|v| out.extend(v.to_le_bytes())),
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes [`LayerKv::export`] writes for `used` slots.
+    pub fn export_len(&self, used: usize) -> usize {
+        let size = match self.kv_type() {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        };
+        2 * self.kv_heads * used * self.head_dim * size
+    }
+
+    /// Reads back what [`LayerKv::export`] wrote for `used` slots.
+    pub fn import(&mut self, used: usize, bytes: &[u8]) -> Result<()> {
+        ensure!(
+            used <= self.capacity && bytes.len() == self.export_len(used),
+            "{} bytes of keys and values for {used} slots, expected {}",
+            bytes.len(),
+            self.export_len(used)
+        );
+        let (cap, hd, kvh) = (self.capacity, self.head_dim, self.kv_heads);
+        let mut at = 0;
+        for store in [&mut self.k, &mut self.v] {
+            for h in 0..kvh {
+                let range = h * cap * hd..(h * cap + used) * hd;
+                match store {
+                    Store::F32(d) => {
+                        for v in &mut d[range] {
+                            let b = &bytes[at..at + 4];
+                            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            at += 4;
+                        }
+                    }
+                    Store::F16(d) => {
+                        for v in &mut d[range] {
+                            *v = f16::from_le_bytes([bytes[at], bytes[at + 1]]);
+                            at += 2;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Key/value heads.

@@ -15,6 +15,7 @@ pub mod model;
 pub mod quant;
 pub mod run;
 pub mod sampler;
+pub mod session;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

@@ -346,6 +346,76 @@ impl State {
         }
     }
 
+    /// Storage type of the ring.
+    pub fn kv_type(&self) -> KvType {
+        self.kv
+    }
+
+    /// Each layer's ring storage, in layer order; `None` before the first forward or on the
+    /// explicit path.
+    pub fn layer_kv(&self) -> Option<Vec<&LayerKv>> {
+        let runner = self.runner.as_ref()?;
+        self.io
+            .ring
+            .iter()
+            .map(|&node| ring_state(runner, node).and_then(|s| s.kv.as_ref()))
+            .collect::<Option<Vec<_>>>()
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Replaces the conversation by a saved one: its ring layout, the next RoPE position and
+    /// each layer's exported keys and values ([`LayerKv::export`] of `layout.len()` slots).
+    /// On error the conversation is empty.
+    pub fn restore(
+        &mut self,
+        layout: RingLayout,
+        next_pos: usize,
+        layers: &[Vec<u8>],
+    ) -> Result<()> {
+        ensure!(
+            !self.io.ring.is_empty(),
+            "this model has no ring KV cache to restore"
+        );
+        ensure!(
+            layout.capacity() == self.ring.capacity() && layout.n_keep() == self.ring.n_keep(),
+            "the saved cache has {} slots keeping {}, this one {} keeping {}",
+            layout.capacity(),
+            layout.n_keep(),
+            self.ring.capacity(),
+            self.ring.n_keep()
+        );
+        ensure!(
+            layers.len() == self.io.ring.len(),
+            "{} saved layers, the model has {}",
+            layers.len(),
+            self.io.ring.len()
+        );
+        ensure!(
+            next_pos <= self.max_positions && layout.len() <= next_pos,
+            "saved position {next_pos} is inconsistent with {} cached tokens and the model's {} \
+             positions",
+            layout.len(),
+            self.max_positions
+        );
+        self.reset();
+        self.ensure_runner()?;
+        let io = Arc::clone(&self.io);
+        let runner = self
+            .runner
+            .as_mut()
+            .context("the model state was not started")?;
+        for (&node, bytes) in io.ring.iter().zip(layers) {
+            let kv = ring_state_mut(runner, node)?
+                .kv
+                .as_mut()
+                .context("no cache storage")?;
+            kv.import(layout.len(), bytes)?;
+        }
+        self.ring = layout;
+        self.next_pos = next_pos;
+        Ok(())
+    }
+
     /// The cache shifts (evictions, re-positionings) since the last call, oldest first.
     pub fn take_shifts(&mut self) -> Vec<Shift> {
         std::mem::take(&mut self.shifts)

@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::cli::RunArgs;
 use crate::engine::Engine;
 use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::session;
 use crate::template::Message;
 
 /// Runs the `run` command, writing to `out`.
@@ -39,7 +40,10 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         eos_ids: engine.eos_ids(),
         ignore_eos: args.ignore_eos,
     };
-    let mut state = engine.model.new_state_with(args.cache.to_options())?;
+    let mut state = match &args.load_session {
+        Some(path) => session::load(&engine.model, path)?,
+        None => engine.model.new_state_with(args.cache.to_options())?,
+    };
     let mut write_err = None;
     let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {
         let r = match (event, args.json) {
@@ -71,6 +75,9 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     })?;
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
+    }
+    if let Some(path) = &args.save_session {
+        session::save(&engine.model, &state, path)?;
     }
     if args.json {
         let summary = json!({
