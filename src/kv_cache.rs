@@ -88,7 +88,15 @@ impl RingLayout {
             n_keep < capacity,
             "--keep {n_keep} must be smaller than the cache size --ctx {capacity}"
         );
-        Ok(RingLayout {
+        Ok(RingLayout::clamped(capacity, n_keep))
+    }
+
+    /// Like [`RingLayout::new`] with the arguments brought into range: at least one slot,
+    /// fewer sinks than slots.
+    pub fn clamped(capacity: usize, n_keep: usize) -> RingLayout {
+        let capacity = capacity.max(1);
+        let n_keep = n_keep.min(capacity - 1);
+        RingLayout {
             capacity,
             n_keep,
             tokens: vec![0; capacity],
@@ -96,7 +104,7 @@ impl RingLayout {
             used: 0,
             oldest: n_keep,
             written: 0,
-        })
+        }
     }
 
     /// Number of slots.

@@ -225,8 +225,7 @@ impl Model {
 
     /// A fresh, empty conversation with the default cache.
     pub fn new_state(&self) -> State {
-        let max = self.config.max_position_embeddings.max(1);
-        let ctx = max.min(DEFAULT_CTX);
+        let ctx = self.config.max_position_embeddings.min(DEFAULT_CTX);
         let opts = CacheOptions {
             ctx,
             kv: KvType::F32,
@@ -251,10 +250,8 @@ impl Model {
     }
 
     fn state_with(&self, opts: CacheOptions, ctx: usize) -> State {
-        // Checked by the callers; a 1-slot ring without sinks is the fallback of last resort.
-        let ring = RingLayout::new(ctx, opts.keep)
-            .or_else(|_| RingLayout::new(ctx.max(1), 0))
-            .unwrap_or_else(|_| unreachable_ring());
+        // In range already (checked or derived by the callers); clamping only guards the types.
+        let ring = RingLayout::clamped(ctx, opts.keep);
         State {
             plan: Arc::clone(&self.plan),
             io: Arc::clone(&self.io),
@@ -268,14 +265,6 @@ impl Model {
             next_pos: 0,
             shifts: Vec::new(),
         }
-    }
-}
-
-/// `RingLayout::new(1, 0)` cannot fail; this only satisfies the types.
-fn unreachable_ring() -> RingLayout {
-    match RingLayout::new(1, 0) {
-        Ok(r) => r,
-        Err(_) => unreachable!("a ring of one slot without sinks is valid"),
     }
 }
 

@@ -13,6 +13,10 @@ use edgelm::sampler::SamplerConfig;
 #[test]
 fn second_turn_prefills_only_its_tokens_and_equals_a_full_prefill() {
     let engine = Engine::load(&common::default_bundle(Quant::Int8), 0).unwrap();
+    assert!(
+        engine.model.has_ring_cache(),
+        "our converter's graph is fused"
+    );
     let opts = GenerateOptions {
         max_tokens: 40,
         sampler: SamplerConfig::default(),
