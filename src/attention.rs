@@ -24,7 +24,7 @@ use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::nn::Softmax;
 
-use crate::kv_cache::{LayerKv, Step};
+use crate::kv_cache::{Elem, HeadRows, LayerKv, Step};
 
 /// One layer's attention over its ring; inputs `q` (1, heads…, s, head_dim) with the heads in
 /// key/value-head-major order, `k_new` and `v_new` (1, kv_heads, s, head_dim); output like `q`.
@@ -170,36 +170,10 @@ fn attend(
     let mut out = vec![0f32; q.len()]; // (heads, s, head_dim)
     let kv = &*kv;
     let one_head = |head: usize, o: &mut [f32], scores: &mut Vec<f32>| {
-        let h = head / group;
-        scores.clear();
-        scores.resize(used, 0.0);
-        let mut kbuf = vec![0f32; hd]; // (head_dim)
-        let mut vbuf = vec![0f32; hd]; // (head_dim)
-        for i in 0..s {
-            let row = (head * s + i) * hd;
-            let qi = &q[row..row + hd];
-            let me = step.new_stamps[i];
-            let mut max = f32::NEG_INFINITY;
-            for (j, score) in scores.iter_mut().enumerate() {
-                *score = if step.stamps[j] <= me {
-                    let x = dot(qi, kv.key(h, j, &mut kbuf)) * scale;
-                    max = max.max(x);
-                    x
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-            let mut sum = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            let o = &mut o[i * hd..(i + 1) * hd];
-            for (j, &p) in scores.iter().enumerate() {
-                if p > 0.0 {
-                    axpy(p / sum, kv.value(h, j, &mut vbuf), o);
-                }
-            }
+        let qs = &q[head * s * hd..(head + 1) * s * hd]; // (s, head_dim)
+        match kv.head(head / group) {
+            HeadRows::F32(k, v) => head_attention(k, v, qs, o, step, scale, hd, scores),
+            HeadRows::F16(k, v) => head_attention(k, v, qs, o, step, scale, hd, scores),
         }
     };
     if heads > 1 && s * used >= PARALLEL_WORK {
@@ -215,31 +189,76 @@ fn attend(
     Tensor::from_shape(q_shape, &out)
 }
 
+/// One head: queries `q` (s, head_dim) over `keys`/`values` (slot, head_dim) into `o`.
+#[allow(clippy::too_many_arguments)]
+fn head_attention<E: Elem>(
+    keys: &[E],
+    values: &[E],
+    q: &[f32],
+    o: &mut [f32],
+    step: &Step,
+    scale: f32,
+    hd: usize,
+    scores: &mut Vec<f32>,
+) {
+    let used = step.used;
+    scores.clear();
+    scores.resize(used, 0.0);
+    let keys = keys[..used * hd].chunks_exact(hd);
+    for ((qi, oi), &me) in q
+        .chunks_exact(hd)
+        .zip(o.chunks_exact_mut(hd))
+        .zip(&step.new_stamps)
+    {
+        let mut max = f32::NEG_INFINITY;
+        for ((score, k), &stamp) in scores.iter_mut().zip(keys.clone()).zip(&step.stamps) {
+            *score = if stamp <= me {
+                let x = dot(qi, k) * scale;
+                max = max.max(x);
+                x
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        let mut sum = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        let inv = 1.0 / sum;
+        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+            if p > 0.0 {
+                axpy(p * inv, v, oi);
+            }
+        }
+    }
+}
+
 /// Query×slot pairs per head above which heads run on the thread pool.
 const PARALLEL_WORK: usize = 256;
 
 /// `a · b`, four partial sums so the compiler can keep them in registers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0f32; 4];
     let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f32 = a4
         .remainder()
         .iter()
         .zip(b4.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.get())
         .sum();
     for (x, y) in a4.zip(b4) {
         for k in 0..4 {
-            acc[k] += x[k] * y[k];
+            acc[k] += x[k] * y[k].get();
         }
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// `y += a * x`.
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+fn axpy<E: Elem>(a: f32, x: &[E], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+        *y += a * x.get();
     }
 }
 

@@ -270,11 +270,40 @@ impl RingLayout {
     }
 }
 
-/// Values of one layer's K or V ring.
+/// An element of stored keys and values, read as f32.
+pub trait Elem: Copy + Send + Sync {
+    /// The value as f32.
+    fn get(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// One key/value head's keys and values, (slot, head_dim) each, as stored.
+#[derive(Clone, Copy, Debug)]
+pub enum HeadRows<'a> {
+    /// f32 storage.
+    F32(&'a [f32], &'a [f32]),
+    /// f16 storage.
+    F16(&'a [f16], &'a [f16]),
+}
+
+/// One layer's keys and values, each (kv_head, slot, head_dim), in one storage type.
 #[derive(Clone, Debug)]
 enum Store {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+    F32(Vec<f32>, Vec<f32>),
+    F16(Vec<f16>, Vec<f16>),
 }
 
 /// One layer's keys and values, (kv_head, slot, head_dim) each; allocated once.
@@ -283,99 +312,116 @@ pub struct LayerKv {
     kv_heads: usize,
     capacity: usize,
     head_dim: usize,
-    k: Store, // (kv_head, slot, head_dim)
-    v: Store, // (kv_head, slot, head_dim)
+    store: Store,
 }
 
 impl LayerKv {
     /// Zeroed storage for `capacity` slots.
     pub fn new(kv_heads: usize, capacity: usize, head_dim: usize, ty: KvType) -> LayerKv {
         let n = kv_heads * capacity * head_dim;
-        let store = || match ty {
-            KvType::F32 => Store::F32(vec![0.0; n]),
-            KvType::F16 => Store::F16(vec![f16::from_f32(0.0); n]),
+        let store = match ty {
+            KvType::F32 => Store::F32(vec![0.0; n], vec![0.0; n]),
+            KvType::F16 => Store::F16(vec![f16::ZERO; n], vec![f16::ZERO; n]),
         };
         LayerKv {
             kv_heads,
             capacity,
             head_dim,
-            k: store(),
-            v: store(),
+            store,
         }
     }
 
     /// Bytes held by the keys and values (constant for the life of the cache).
     pub fn bytes(&self) -> usize {
-        let size = |s: &Store| match s {
-            Store::F32(v) => v.capacity() * 4,
-            Store::F16(v) => v.capacity() * 2,
-        };
-        size(&self.k) + size(&self.v)
+        match &self.store {
+            Store::F32(k, v) => (k.capacity() + v.capacity()) * 4,
+            Store::F16(k, v) => (k.capacity() + v.capacity()) * 2,
+        }
     }
 
     /// Writes the `head_dim` values of one key and one value into `slot` of `kv_head`.
     pub fn write(&mut self, kv_head: usize, slot: usize, key: &[f32], value: &[f32]) {
         let at = (kv_head * self.capacity + slot) * self.head_dim;
-        for (store, src) in [(&mut self.k, key), (&mut self.v, value)] {
-            match store {
-                Store::F32(d) => d[at..at + self.head_dim].copy_from_slice(src),
-                Store::F16(d) => {
-                    for (d, &s) in d[at..at + self.head_dim].iter_mut().zip(src) {
-                        *d = f16::from_f32(s);
-                    }
+        let range = at..at + self.head_dim;
+        match &mut self.store {
+            Store::F32(k, v) => {
+                k[range.clone()].copy_from_slice(key);
+                v[range].copy_from_slice(value);
+            }
+            Store::F16(k, v) => {
+                for (d, &x) in k[range.clone()].iter_mut().zip(key) {
+                    *d = f16::from_f32(x);
+                }
+                for (d, &x) in v[range].iter_mut().zip(value) {
+                    *d = f16::from_f32(x);
                 }
             }
         }
     }
 
-    /// Key of `slot` in `kv_head`, widened to f32 into `out` when stored as f16.
-    pub fn key<'a>(&'a self, kv_head: usize, slot: usize, out: &'a mut [f32]) -> &'a [f32] {
-        Self::read(
-            &self.k,
-            (kv_head * self.capacity + slot) * self.head_dim,
-            out,
-        )
+    /// Key of `slot` in `kv_head`, widened to f32 into `out` (head_dim).
+    pub fn key<'a>(&self, kv_head: usize, slot: usize, out: &'a mut [f32]) -> &'a [f32] {
+        self.read(kv_head, slot, out, true)
     }
 
     /// Value of `slot` in `kv_head`, like [`LayerKv::key`].
-    pub fn value<'a>(&'a self, kv_head: usize, slot: usize, out: &'a mut [f32]) -> &'a [f32] {
-        Self::read(
-            &self.v,
-            (kv_head * self.capacity + slot) * self.head_dim,
-            out,
-        )
+    pub fn value<'a>(&self, kv_head: usize, slot: usize, out: &'a mut [f32]) -> &'a [f32] {
+        self.read(kv_head, slot, out, false)
     }
 
-    fn read<'a>(store: &'a Store, at: usize, out: &'a mut [f32]) -> &'a [f32] {
-        match store {
-            Store::F32(d) => &d[at..at + out.len()],
-            Store::F16(d) => {
-                for (o, h) in out.iter_mut().zip(&d[at..]) {
+    fn read<'a>(&self, kv_head: usize, slot: usize, out: &'a mut [f32], key: bool) -> &'a [f32] {
+        let at = (kv_head * self.capacity + slot) * self.head_dim;
+        match &self.store {
+            Store::F32(k, v) => {
+                let src = if key { k } else { v };
+                out.copy_from_slice(&src[at..at + out.len()]);
+            }
+            Store::F16(k, v) => {
+                let src = if key { k } else { v };
+                for (o, h) in out.iter_mut().zip(&src[at..]) {
                     *o = h.to_f32();
                 }
-                out
             }
+        }
+        out
+    }
+
+    /// Keys and values of `kv_head`, every slot, (slot, head_dim) each.
+    pub fn head(&self, kv_head: usize) -> HeadRows<'_> {
+        let n = self.capacity * self.head_dim;
+        let range = kv_head * n..(kv_head + 1) * n;
+        match &self.store {
+            Store::F32(k, v) => HeadRows::F32(&k[range.clone()], &v[range]),
+            Store::F16(k, v) => HeadRows::F16(&k[range.clone()], &v[range]),
         }
     }
 
     /// Storage type.
     pub fn kv_type(&self) -> KvType {
-        match self.k {
-            Store::F32(_) => KvType::F32,
-            Store::F16(_) => KvType::F16,
+        match self.store {
+            Store::F32(..) => KvType::F32,
+            Store::F16(..) => KvType::F16,
         }
     }
 
     /// Little-endian bytes of slots `0..used` of every head, keys then values.
     pub fn export(&self, used: usize) -> Vec<u8> {
-        let mut out = vec![];
-        for store in [&self.k, &self.v] {
-            for h in 0..self.kv_heads {
-                let range =
-                    h * self.capacity * self.head_dim..(h * self.capacity + used) * self.head_dim;
-                match store {
-                    Store::F32(d) => d[range].iter().for_each(|v| out.extend(v.to_le_bytes())),
-                    Store::F16(d) => d[range].iter().for_each(|v| out.extend(v.to_le_bytes())),
+        let mut out = Vec::with_capacity(self.export_len(used));
+        let (cap, hd) = (self.capacity, self.head_dim);
+        let ranges = (0..self.kv_heads).map(|h| h * cap * hd..(h * cap + used) * hd);
+        match &self.store {
+            Store::F32(k, v) => {
+                for src in [k, v] {
+                    for r in ranges.clone() {
+                        src[r].iter().for_each(|x| out.extend(x.to_le_bytes()));
+                    }
+                }
+            }
+            Store::F16(k, v) => {
+                for src in [k, v] {
+                    for r in ranges.clone() {
+                        src[r].iter().for_each(|x| out.extend(x.to_le_bytes()));
+                    }
                 }
             }
         }
@@ -399,23 +445,25 @@ impl LayerKv {
             bytes.len(),
             self.export_len(used)
         );
-        let (cap, hd, kvh) = (self.capacity, self.head_dim, self.kv_heads);
-        let mut at = 0;
-        for store in [&mut self.k, &mut self.v] {
-            for h in 0..kvh {
-                let range = h * cap * hd..(h * cap + used) * hd;
-                match store {
-                    Store::F32(d) => {
-                        for v in &mut d[range] {
-                            let b = &bytes[at..at + 4];
-                            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                            at += 4;
+        let (cap, hd) = (self.capacity, self.head_dim);
+        let ranges = (0..self.kv_heads).map(|h| h * cap * hd..(h * cap + used) * hd);
+        match &mut self.store {
+            Store::F32(k, v) => {
+                let mut src = bytes.chunks_exact(4);
+                for dst in [k, v] {
+                    for r in ranges.clone() {
+                        for (d, b) in dst[r].iter_mut().zip(&mut src) {
+                            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                         }
                     }
-                    Store::F16(d) => {
-                        for v in &mut d[range] {
-                            *v = f16::from_le_bytes([bytes[at], bytes[at + 1]]);
-                            at += 2;
+                }
+            }
+            Store::F16(k, v) => {
+                let mut src = bytes.chunks_exact(2);
+                for dst in [k, v] {
+                    for r in ranges.clone() {
+                        for (d, b) in dst[r].iter_mut().zip(&mut src) {
+                            *d = f16::from_le_bytes([b[0], b[1]]);
                         }
                     }
                 }
