@@ -41,7 +41,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     rss.sample();
 
     let prompt = prompt_ids(&engine, args.prompt_tokens)?;
-    let mut state = engine.model.new_state();
+    let mut state = engine.model.new_state_with(args.cache.to_options())?;
     let t0 = Instant::now();
     let logits = state.forward(&prompt).context("prefill")?;
     let mut next = argmax(&logits);
@@ -50,11 +50,13 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
 
     let decode = decode_times(&mut state, &mut next, args.gen_tokens)?;
     rss.sample();
+    let kv_cache_bytes = state.cache_bytes();
+    drop(state);
 
     // Decode with a long history, when the model's context allows it.
     let long = if engine.model.config().max_position_embeddings >= LONG_CONTEXT + LONG_DECODE {
         let ids = prompt_ids(&engine, LONG_CONTEXT)?;
-        let mut state = engine.model.new_state();
+        let mut state = engine.model.new_state_with(args.cache.to_options())?;
         for chunk in ids.chunks(256) {
             let logits = state.forward(chunk).context("filling the cache")?;
             next = argmax(&logits);
@@ -84,6 +86,8 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         "anon_rss_kb": rss.peak_anon_kb,
         "model_bytes": model_bytes(&args.model.model)?,
         "kv_bytes_per_token": kv_bytes_per_token,
+        "kv_cache_bytes": kv_cache_bytes,
+        "ctx": args.cache.ctx,
     });
     if args.json {
         writeln!(out, "{report}")?;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::convert::{ConvertOptions, Quant};
+use crate::kv_cache::KvType;
+use crate::model::{CacheOptions, DEFAULT_KEEP};
 use crate::model::{Int8Path, LoadOptions};
 use crate::protocol::{StreamMode, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_LIMIT};
 use crate::quant::Kernel;
@@ -32,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from one prompt, streamed to stdout.
     Run(RunArgs),
+    /// Talk with the model in the terminal; the KV cache is kept between turns.
+    Chat(ChatArgs),
     /// Convert a GGUF file or Hugging Face checkpoint directory into an ONNX bundle.
     Convert(ConvertArgs),
     /// Measure load time, first-token latency, prefill and decode speed, and memory.
@@ -46,6 +50,9 @@ pub struct BenchArgs {
     /// Model and threads.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// KV cache.
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Prompt length for the prefill and first-token figures.
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
@@ -105,6 +112,32 @@ impl ModelArgs {
     }
 }
 
+/// KV cache flags, shared by the commands that generate.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// KV cache slots (0 = the smaller of the model's context and 2048); when full, the
+    /// oldest tokens after the first --keep are dropped (and reported).
+    #[arg(long, default_value_t = 0)]
+    pub ctx: usize,
+    /// KV cache storage: f16 halves its memory.
+    #[arg(long, value_enum, default_value_t = KvType::F32)]
+    pub kv: KvType,
+    /// First tokens never dropped when the cache is full.
+    #[arg(long, default_value_t = DEFAULT_KEEP)]
+    pub keep: usize,
+}
+
+impl CacheArgs {
+    /// The cache these flags describe.
+    pub fn to_options(&self) -> CacheOptions {
+        CacheOptions {
+            ctx: self.ctx,
+            kv: self.kv,
+            keep: self.keep,
+        }
+    }
+}
+
 /// Sampling flags, shared by the commands that generate.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -159,6 +192,9 @@ pub struct RunArgs {
     /// Sampling.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// KV cache.
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Maximum number of new tokens.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
     pub max_tokens: usize,
@@ -177,8 +213,37 @@ pub struct RunArgs {
     /// Print one JSON object per token and a final summary line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Continue the conversation saved in FILE (its cache settings replace --ctx/--kv/--keep).
+    #[arg(long, value_name = "FILE")]
+    pub load_session: Option<PathBuf>,
+    /// Save the conversation (tokens and KV cache) to FILE at the end.
+    #[arg(long, value_name = "FILE")]
+    pub save_session: Option<PathBuf>,
     /// The prompt.
     pub prompt: String,
+}
+
+/// `edgelm chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// KV cache.
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Maximum number of new tokens per reply.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// System prompt (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop a reply before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
 }
 
 /// `edgelm convert`.

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::kv_cache::Shift;
 use crate::model::State;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::stop::StopMatcher;
@@ -99,17 +100,44 @@ impl Generation {
     }
 }
 
+/// What [`generate_events`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A sampled token and the text that became safe to show (possibly empty: a partial
+    /// UTF-8 character or a possible stop-string prefix).
+    Token(u32, &'a str),
+    /// Text held back until the end.
+    Tail(&'a str),
+    /// The KV cache dropped or re-positioned tokens.
+    Shift(Shift),
+}
+
 /// Generates from `prompt` (already tokenized) on top of whatever `state` holds.
 ///
 /// `on_token(Some(id), text)` is called once per sampled token with the text that became safe
-/// to show (possibly empty: a partial UTF-8 character or a possible stop-string prefix), and
-/// `on_token(None, text)` once at the end for text that was held back until then.
+/// to show, and `on_token(None, text)` once at the end for text that was held back until then.
+/// Cache shifts are not reported; see [`generate_events`].
 pub fn generate(
     state: &mut State,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(Option<u32>, &str) -> Flow,
+) -> Result<Generation> {
+    generate_events(state, tokenizer, prompt, opts, |event| match event {
+        Event::Token(id, text) => on_token(Some(id), text),
+        Event::Tail(text) => on_token(None, text),
+        Event::Shift(_) => Flow::Continue,
+    })
+}
+
+/// [`generate`], also reporting every KV cache shift as it happens.
+pub fn generate_events(
+    state: &mut State,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_event: impl FnMut(Event) -> Flow,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -123,9 +151,10 @@ pub fn generate(
     let t0 = Instant::now();
     let mut logits = state.forward(prompt)?;
     let prefill = t0.elapsed();
+    let mut cancelled = report_shifts(state, &mut on_event);
     let t1 = Instant::now();
     let mut reason = StopReason::Length;
-    while ids.len() < opts.max_tokens {
+    while !cancelled && ids.len() < opts.max_tokens {
         let id = sampler.sample(&logits, &history);
         ids.push(id);
         history.push(id);
@@ -135,7 +164,7 @@ pub fn generate(
         }
         let piece = stream.push(tokenizer, id)?.unwrap_or_default();
         let outcome = stops.push(&sanitize(&piece));
-        if on_token(Some(id), &outcome.text) == Flow::Stop {
+        if on_event(Event::Token(id, &outcome.text)) == Flow::Stop {
             reason = StopReason::Cancelled;
             break;
         }
@@ -147,6 +176,10 @@ pub fn generate(
             break;
         }
         logits = state.forward(&[id])?;
+        cancelled = report_shifts(state, &mut on_event);
+    }
+    if cancelled {
+        reason = StopReason::Cancelled;
     }
     if reason != StopReason::Stop && reason != StopReason::Cancelled {
         // Release what was held back (an incomplete character or a partial stop string).
@@ -163,7 +196,7 @@ pub fn generate(
             reason = StopReason::Stop;
         }
         if !tail.is_empty() {
-            on_token(None, &tail);
+            on_event(Event::Tail(&tail));
         }
     }
     let decode = t1.elapsed();
@@ -175,4 +208,13 @@ pub fn generate(
         prefill,
         decode,
     })
+}
+
+/// Passes the state's new shifts on; true when the callback asked to stop.
+fn report_shifts(state: &mut State, on_event: &mut impl FnMut(Event) -> Flow) -> bool {
+    let mut stop = false;
+    for shift in state.take_shifts() {
+        stop |= on_event(Event::Shift(shift)) == Flow::Stop;
+    }
+    stop
 }

@@ -2,12 +2,15 @@
 //!
 //! Data flows one way: bytes → tokens → graph → logits → sampler → tokens → text.
 
+pub mod attention;
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod generate;
+pub mod kv_cache;
 pub mod logger;
 pub mod model;
 pub mod protocol;
@@ -15,6 +18,7 @@ pub mod quant;
 pub mod run;
 pub mod sampler;
 pub mod serve;
+pub mod session;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

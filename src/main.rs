@@ -10,6 +10,11 @@ fn main() -> ExitCode {
     edgelm::logger::init(cli.verbose);
     let result = match &cli.command {
         Command::Run(args) => edgelm::run::run(args, &mut std::io::stdout().lock()),
+        Command::Chat(args) => edgelm::chat::chat(
+            args,
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout().lock(),
+        ),
         Command::Convert(args) => edgelm::convert::convert(&args.to_options()).map(|_| ()),
         Command::Bench(args) => edgelm::bench::run(args, &mut std::io::stdout().lock()),
         Command::Serve(args) => args.to_options().and_then(|o| edgelm::serve::serve(&o)),

@@ -9,8 +9,12 @@
 //! parse → typed → decluttered → optimized → plan. Everything heavy happens once, in
 //! [`Model::load`]; [`State::forward`] only feeds tensors through the plan.
 //!
-//! The KV cache is the graph's own `past_key_values.{i}.key/value` inputs and
-//! `present.{i}.key/value` outputs: each forward feeds the previous presents back as pasts.
+//! The KV cache: after typing, [`crate::attention::fuse`] replaces each layer's
+//! `past_key_values` → `Concat` → attention → `present` subgraph by a
+//! [`crate::attention::RingAttention`] op whose state is that layer's ring buffer
+//! ([`crate::kv_cache`]); [`State`] decides the slots and positions of every step. A graph that
+//! does not match keeps the explicit path (each forward feeds the previous presents back as
+//! pasts, bounded by the model's context), with a log line saying so.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -29,7 +33,9 @@ use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 
+use crate::attention::{self, RingState};
 use crate::config::Config;
+use crate::kv_cache::{KvType, LayerKv, RingLayout, Shift};
 use crate::quant::op::{self as q8op, Q8Exec, Q8Gather, Q8MatMul, Q8Weights, WeightBytes};
 use crate::quant::{blocks_per_row, Kernel, Scheme, ThreadPool, BLOCK};
 
@@ -88,6 +94,33 @@ pub enum ForwardError {
 type Plan = SimplePlan<TypedFact, Box<dyn TypedOp>>;
 type Runner = SimpleState<TypedFact, Box<dyn TypedOp>>;
 
+/// The most KV-cache slots a conversation gets by default.
+pub const DEFAULT_CTX: usize = 2048;
+
+/// Sink tokens kept by default when the cache wraps (StreamingLLM uses 4).
+pub const DEFAULT_KEEP: usize = 4;
+
+/// The per-conversation KV cache: size, storage type, sink tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Slots; 0 = the smaller of the model's context and [`DEFAULT_CTX`].
+    pub ctx: usize,
+    /// Storage of keys and values.
+    pub kv: KvType,
+    /// First tokens never evicted when the cache wraps.
+    pub keep: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            ctx: 0,
+            kv: KvType::F32,
+            keep: DEFAULT_KEEP,
+        }
+    }
+}
+
 /// Where each tensor the decoder exchanges sits among the plan's inputs and outputs.
 #[derive(Debug, Clone)]
 struct Bindings {
@@ -98,12 +131,14 @@ struct Bindings {
     position_ids: Option<usize>,
     /// The rows to compute logits for, if the pre-pass added that input.
     logit_rows: Option<usize>,
-    /// Per layer: (key input, value input).
+    /// Per layer: (key input, value input); empty when the cache is fused into ring ops.
     past: Vec<(usize, usize)>,
     logits: usize,
-    /// Per layer: (key output, value output).
+    /// Per layer: (key output, value output); empty when fused.
     present: Vec<(usize, usize)>,
-    /// Key/value heads and head width of the cache tensors, from the graph's input facts.
+    /// Per layer: the node of its `RingAttention` op; empty on the explicit path.
+    ring: Vec<usize>,
+    /// Key/value heads and head width of the cache tensors.
     kv_heads: usize,
     head_dim: usize,
 }
@@ -117,19 +152,26 @@ pub struct Model {
     threads: usize,
 }
 
-/// One conversation's KV cache and position; cheap to create, owned by the caller.
+/// One conversation's KV cache and position; owned by the caller.
 #[derive(Debug)]
 pub struct State {
     plan: Arc<Plan>,
     io: Arc<Bindings>,
     vocab_size: usize,
     max_positions: usize,
-    /// Created on the first forward; reused so per-op state is not rebuilt every step.
+    kv: KvType,
+    /// Created on the first forward (with the ring storage); reused so per-op state persists.
     runner: Option<Runner>,
-    /// Per layer, key then value, each (1, kv_heads, len, head_dim); empty before the first
-    /// forward.
+    /// Explicit path: per layer, key then value, each (1, kv_heads, len, head_dim).
     past: Vec<TValue>,
+    /// Explicit path: tokens in `past`.
     len: usize,
+    /// Ring path: which slot holds which token.
+    ring: RingLayout,
+    /// Ring path: RoPE position of the next token.
+    next_pos: usize,
+    /// Shifts not yet taken by the caller.
+    shifts: Vec<Shift>,
 }
 
 impl Model {
@@ -171,7 +213,7 @@ impl Model {
             });
         }
         pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
-        let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
+        let mut io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
 
         cap_opset(&mut proto);
         let mut typed =
@@ -205,20 +247,28 @@ impl Model {
                 q8.values().map(|w| w.bytes()).sum::<usize>() >> 20
             );
         }
+        let fused = io_names
+            .fuse_cache(&mut typed, config.num_hidden_layers)
+            .with_context(|| format!("fusing the KV cache of {model_path:?}"))?;
         let optimized = typed
             .into_optimized()
             .with_context(|| format!("optimizing {model_path:?}"))?;
         let io = io_names
-            .bind(&optimized, &config)
+            .bind(&optimized, &config, fused)
             .with_context(|| format!("binding the inputs and outputs of {model_path:?}"))?;
         let plan =
             make_plan(optimized, threads).with_context(|| format!("planning {model_path:?}"))?;
         log::info!(
-            "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded, \
+            "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded, {}, \
              logits {})",
             started.elapsed(),
-            io.past.len(),
+            config.num_hidden_layers,
             rewritten,
+            if fused {
+                "ring-buffer KV cache"
+            } else {
+                "explicit past/present KV cache"
+            },
             if logit_rows {
                 "of the rows asked for"
             } else {
@@ -243,62 +293,378 @@ impl Model {
         &self.config
     }
 
-    /// A fresh, empty conversation.
+    /// Whether the KV cache is the fixed-capacity ring (else the graph's explicit I/O).
+    pub fn has_ring_cache(&self) -> bool {
+        !self.io.ring.is_empty()
+    }
+
+    /// A fresh, empty conversation with the default cache.
     pub fn new_state(&self) -> State {
+        let ctx = self.config.max_position_embeddings.min(DEFAULT_CTX);
+        let opts = CacheOptions {
+            ctx,
+            kv: KvType::F32,
+            keep: DEFAULT_KEEP.min(ctx / 2),
+        };
+        self.state_with(opts, ctx)
+    }
+
+    /// A fresh, empty conversation with the given cache (checked against the model).
+    pub fn new_state_with(&self, opts: CacheOptions) -> Result<State> {
+        let max = self.config.max_position_embeddings;
+        let ctx = match opts.ctx {
+            0 => max.min(DEFAULT_CTX),
+            n => n,
+        };
+        ensure!(
+            ctx <= max,
+            "--ctx {ctx} exceeds the model's context of {max} positions"
+        );
+        RingLayout::new(ctx, opts.keep)?;
+        Ok(self.state_with(opts, ctx))
+    }
+
+    fn state_with(&self, opts: CacheOptions, ctx: usize) -> State {
+        // In range already (checked or derived by the callers); clamping only guards the types.
+        let ring = RingLayout::clamped(ctx, opts.keep);
         State {
             plan: Arc::clone(&self.plan),
             io: Arc::clone(&self.io),
             vocab_size: self.config.vocab_size,
             max_positions: self.config.max_position_embeddings,
+            kv: opts.kv,
             runner: None,
             past: Vec::new(),
             len: 0,
+            ring,
+            next_pos: 0,
+            shifts: Vec::new(),
         }
     }
 }
 
 impl State {
-    /// Feeds `tokens` in one pass and returns the logits of the last one, (vocab).
+    /// Feeds `tokens` and returns the logits of the last one, (vocab).
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = self.run(tokens, false)?;
-        let all = logits.try_as_plain_ram()?.as_slice::<f32>()?;
-        Ok(all[all.len() - self.vocab_size..].to_vec())
+        self.run(tokens, false)
     }
 
-    /// Feeds `tokens` in one pass and returns the logits of every one, (tokens, vocab).
+    /// Feeds `tokens` and returns the logits of every one, (tokens, vocab).
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = self.run(tokens, true)?;
-        Ok(logits.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+        self.run(tokens, true)
     }
 
-    /// Number of tokens in the cache, i.e. the position of the next token.
+    /// Number of tokens in the cache.
     pub fn len(&self) -> usize {
-        self.len
+        if self.io.ring.is_empty() {
+            self.len
+        } else {
+            self.ring.len()
+        }
     }
 
     /// Whether the cache is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Forgets the conversation.
+    /// The RoPE position the next token gets.
+    pub fn position(&self) -> usize {
+        if self.io.ring.is_empty() {
+            self.len
+        } else {
+            self.next_pos
+        }
+    }
+
+    /// Slots of the KV cache (the model's context on the explicit path).
+    pub fn capacity(&self) -> usize {
+        if self.io.ring.is_empty() {
+            self.max_positions
+        } else {
+            self.ring.capacity()
+        }
+    }
+
+    /// The ring's bookkeeping: which token each slot holds.
+    pub fn ring(&self) -> &RingLayout {
+        &self.ring
+    }
+
+    /// Bytes of key/value storage allocated for this conversation (0 before the first
+    /// forward; constant after it on the ring path).
+    pub fn cache_bytes(&self) -> usize {
+        match &self.runner {
+            Some(runner) if !self.io.ring.is_empty() => self
+                .io
+                .ring
+                .iter()
+                .filter_map(|&node| ring_state(runner, node))
+                .filter_map(|s| s.kv.as_ref().map(LayerKv::bytes))
+                .sum(),
+            _ => self
+                .past
+                .iter()
+                .map(|t| t.len() * t.datum_type().size_of())
+                .sum(),
+        }
+    }
+
+    /// Storage type of the ring.
+    pub fn kv_type(&self) -> KvType {
+        self.kv
+    }
+
+    /// Each layer's ring storage, in layer order; `None` before the first forward or on the
+    /// explicit path.
+    pub fn layer_kv(&self) -> Option<Vec<&LayerKv>> {
+        let runner = self.runner.as_ref()?;
+        self.io
+            .ring
+            .iter()
+            .map(|&node| ring_state(runner, node).and_then(|s| s.kv.as_ref()))
+            .collect::<Option<Vec<_>>>()
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Replaces the conversation by a saved one: its ring layout, the next RoPE position and
+    /// each layer's exported keys and values ([`LayerKv::export`] of `layout.len()` slots).
+    /// On error the conversation is empty.
+    pub fn restore(
+        &mut self,
+        layout: RingLayout,
+        next_pos: usize,
+        layers: &[Vec<u8>],
+    ) -> Result<()> {
+        ensure!(
+            !self.io.ring.is_empty(),
+            "this model has no ring KV cache to restore"
+        );
+        ensure!(
+            layout.capacity() == self.ring.capacity() && layout.n_keep() == self.ring.n_keep(),
+            "the saved cache has {} slots keeping {}, this one {} keeping {}",
+            layout.capacity(),
+            layout.n_keep(),
+            self.ring.capacity(),
+            self.ring.n_keep()
+        );
+        ensure!(
+            layers.len() == self.io.ring.len(),
+            "{} saved layers, the model has {}",
+            layers.len(),
+            self.io.ring.len()
+        );
+        ensure!(
+            next_pos <= self.max_positions && layout.len() <= next_pos,
+            "saved position {next_pos} is inconsistent with {} cached tokens and the model's {} \
+             positions",
+            layout.len(),
+            self.max_positions
+        );
+        self.reset();
+        self.ensure_runner()?;
+        let io = Arc::clone(&self.io);
+        let runner = self
+            .runner
+            .as_mut()
+            .context("the model state was not started")?;
+        for (&node, bytes) in io.ring.iter().zip(layers) {
+            let kv = ring_state_mut(runner, node)?
+                .kv
+                .as_mut()
+                .context("no cache storage")?;
+            kv.import(layout.len(), bytes)?;
+        }
+        self.ring = layout;
+        self.next_pos = next_pos;
+        Ok(())
+    }
+
+    /// The cache shifts (evictions, re-positionings) since the last call, oldest first.
+    pub fn take_shifts(&mut self) -> Vec<Shift> {
+        std::mem::take(&mut self.shifts)
+    }
+
+    /// Forgets the conversation (the ring storage is kept, not reallocated).
     pub fn reset(&mut self) {
         self.past.clear();
         self.len = 0;
+        self.ring.reset();
+        self.next_pos = 0;
+        self.shifts.clear();
     }
 
-    /// Runs the plan once; on error the cache is left as it was. Returns logits (1, n, vocab).
-    /// One pass over `tokens`; logits of every token if `all_logits`, else of the last one
-    /// at least (of every token when the graph cannot select rows).
-    fn run(&mut self, tokens: &[u32], all_logits: bool) -> Result<TValue> {
-        let n = tokens.len();
-        if n == 0 {
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
             return Err(ForwardError::Empty.into());
         }
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             let vocab_size = self.vocab_size;
             return Err(ForwardError::TokenOutOfRange { token, vocab_size }.into());
         }
+        Ok(())
+    }
+
+    /// Feeds `tokens`; returns the logits of all of them or of the last, (n or 1, vocab).
+    fn run(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        if self.io.ring.is_empty() {
+            let logits = self.run_explicit(tokens, all)?;
+            let rows = logits.try_as_plain_ram()?.as_slice::<f32>()?;
+            let from = if all { 0 } else { rows.len() - self.vocab_size };
+            return Ok(rows[from..].to_vec());
+        }
+        self.ensure_runner()?;
+        let mut out = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.ring.max_chunk()).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            if self.next_pos + chunk.len() > self.max_positions {
+                self.reposition(chunk.len())?;
+            }
+            let logits = self.run_chunk(chunk, all)?;
+            let rows = logits.try_as_plain_ram()?.as_slice::<f32>()?;
+            if all {
+                out.extend_from_slice(rows);
+            } else if i + 1 == chunks.len() {
+                out.extend_from_slice(&rows[rows.len() - self.vocab_size..]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Spawns the plan's state and gives every ring op its storage (once per conversation).
+    fn ensure_runner(&mut self) -> Result<()> {
+        if self.runner.is_some() {
+            return Ok(());
+        }
+        let mut runner = self.plan.spawn()?;
+        let (kvh, hd, cap) = (self.io.kv_heads, self.io.head_dim, self.ring.capacity());
+        for &node in &self.io.ring {
+            let state = ring_state_mut(&mut runner, node)?;
+            state.kv = Some(LayerKv::new(kvh, cap, hd, self.kv));
+        }
+        self.runner = Some(runner);
+        Ok(())
+    }
+
+    /// Re-prefills the kept tokens at positions `0..` so that `incoming` more fit under the
+    /// model's trained context; drops the oldest non-sink tokens if they alone would not.
+    fn reposition(&mut self, incoming: usize) -> Result<()> {
+        let mut kept = self.ring.kept_tokens();
+        let limit = (self.max_positions * 3 / 4).min(self.max_positions.saturating_sub(incoming));
+        let sinks = self.ring.n_keep().min(kept.len());
+        let excess = kept.len().saturating_sub(limit).min(kept.len() - sinks);
+        kept.drain(sinks..sinks + excess);
+        ensure!(
+            kept.len() + incoming <= self.max_positions,
+            ForwardError::ContextFull {
+                cached: kept.len(),
+                new: incoming,
+                max: self.max_positions
+            }
+        );
+        log::info!(
+            "KV cache: positions reached {} of the model's {}; re-prefilling the {} kept tokens \
+             at fresh positions (dropped {excess})",
+            self.next_pos,
+            self.max_positions,
+            kept.len()
+        );
+        self.shifts.push(Shift {
+            dropped: excess,
+            kept: kept.len(),
+            repositioned: true,
+        });
+        self.ring.reset();
+        self.next_pos = 0;
+        for chunk in kept.chunks(self.ring.max_chunk()) {
+            self.run_chunk(chunk, false)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one chunk that fits the ring and the position range. Returns logits (1, rows,
+    /// vocab): every token's if `all`, else at least the last one's.
+    fn run_chunk(&mut self, tokens: &[u32], all: bool) -> Result<TValue> {
+        let n = tokens.len();
+        let io = Arc::clone(&self.io);
+        let before = self.ring.clone();
+        let step = Arc::new(self.ring.place(tokens)?);
+        let runner = self
+            .runner
+            .as_mut()
+            .context("the model state was not started")?;
+        for &node in &io.ring {
+            ring_state_mut(runner, node)?.step = Some(Arc::clone(&step));
+        }
+        let mut inputs: Vec<Option<TValue>> = vec![None; io.inputs];
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        inputs[io.input_ids] = Some(Tensor::from_shape(&[1, n], &ids)?.into()); // (1, n)
+        if let Some(ix) = io.attention_mask {
+            // Unused once fused; its length only has to agree with itself.
+            inputs[ix] = Some(Tensor::from_shape(&[1, n], &vec![1i64; n])?.into());
+            // (1, n)
+        }
+        if let Some(ix) = io.position_ids {
+            let positions: Vec<i64> = (self.next_pos..self.next_pos + n)
+                .map(|p| p as i64)
+                .collect();
+            inputs[ix] = Some(Tensor::from_shape(&[1, n], &positions)?.into()); // (1, n)
+        }
+        let rows = logit_rows(&mut inputs, io.logit_rows, n, all)?;
+        let inputs = inputs
+            .into_iter()
+            .collect::<Option<TVec<TValue>>>()
+            .context("a model input has no binding")?;
+        let mut outputs = match runner.run(inputs) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                for &node in &io.ring {
+                    if let Ok(state) = ring_state_mut(runner, node) {
+                        state.step = None;
+                    }
+                }
+                runner.reset_turn()?;
+                if step.dropped == 0 {
+                    // Only empty slots were written: the cache is as it was.
+                    self.ring.restore(before);
+                    return Err(e.context("running the model"));
+                }
+                self.reset();
+                return Err(e.context("running the model (the conversation was reset)"));
+            }
+        };
+        let logits = std::mem::replace(&mut outputs[io.logits], Tensor::zero::<f32>(&[0])?.into());
+        ensure!(
+            logits.shape() == [1, rows, self.vocab_size]
+                && logits.datum_type() == f32::datum_type(),
+            "logits have shape {:?} {:?}, not [1, {rows}, {}] f32",
+            logits.shape(),
+            logits.datum_type(),
+            self.vocab_size
+        );
+        self.next_pos += n;
+        if step.dropped > 0 {
+            let shift = Shift {
+                dropped: step.dropped,
+                kept: self.ring.len(),
+                repositioned: false,
+            };
+            log::info!(
+                "KV cache full: dropped the {} oldest tokens after the first {}, keeping {}",
+                shift.dropped,
+                self.ring.n_keep(),
+                shift.kept
+            );
+            self.shifts.push(shift);
+        }
+        Ok(logits)
+    }
+
+    /// The explicit path: feeds the previous presents back as pasts. Returns (1, rows, vocab)
+    /// as [`State::run_chunk`] does.
+    fn run_explicit(&mut self, tokens: &[u32], all: bool) -> Result<TValue> {
+        let n = tokens.len();
         if self.len + n > self.max_positions {
             let (cached, max) = (self.len, self.max_positions);
             return Err(ForwardError::ContextFull {
@@ -327,19 +693,7 @@ impl State {
             let positions: Vec<i64> = (self.len..self.len + n).map(|p| p as i64).collect();
             inputs[ix] = Some(Tensor::from_shape(&[1, n], &positions)?.into()); // (1, n)
         }
-        let rows = match io.logit_rows {
-            Some(ix) => {
-                let rows: Vec<i64> = if all_logits {
-                    (0..n as i64).collect()
-                } else {
-                    vec![n as i64 - 1]
-                };
-                let count = rows.len();
-                inputs[ix] = Some(Tensor::from_shape(&[count], &rows)?.into()); // (rows)
-                count
-            }
-            None => n,
-        };
+        let rows = logit_rows(&mut inputs, io.logit_rows, n, all)?;
         for (layer, &(k, v)) in io.past.iter().enumerate() {
             inputs[k] = Some(self.past[2 * layer].clone());
             inputs[v] = Some(self.past[2 * layer + 1].clone());
@@ -388,6 +742,24 @@ impl State {
         self.len += n;
         Ok(logits)
     }
+}
+
+/// The ring op state of plan node `node`.
+fn ring_state(runner: &Runner, node: usize) -> Option<&RingState> {
+    runner
+        .op_states
+        .get(node)?
+        .as_ref()?
+        .downcast_ref::<RingState>()
+}
+
+fn ring_state_mut(runner: &mut Runner, node: usize) -> Result<&mut RingState> {
+    runner
+        .op_states
+        .get_mut(node)
+        .and_then(|s| s.as_mut())
+        .and_then(|s| s.downcast_mut::<RingState>())
+        .with_context(|| format!("plan node {node} has no ring attention state"))
 }
 
 /// Memory-maps and decodes `path`, checking that it looks like an ONNX decoder.
@@ -972,6 +1344,26 @@ fn bind_q8(model: &mut TypedModel, table: &Q8Table, exec: &Q8Exec) -> Result<()>
     Ok(())
 }
 
+/// Fills the [`LOGIT_ROWS`] input, if the graph has it: every row of `n` if `all`, else the
+/// last. Returns the number of logit rows the run will produce.
+fn logit_rows(
+    inputs: &mut [Option<TValue>],
+    slot: Option<usize>,
+    n: usize,
+    all: bool,
+) -> Result<usize> {
+    let Some(ix) = slot else {
+        return Ok(n);
+    };
+    let rows: Vec<i64> = if all {
+        (0..n as i64).collect()
+    } else {
+        vec![n as i64 - 1]
+    };
+    inputs[ix] = Some(Tensor::from_shape(&[rows.len()], &rows)?.into()); // (rows)
+    Ok(rows.len())
+}
+
 /// The extra graph input naming which rows (positions) of the hidden state get logits.
 const LOGIT_ROWS: &str = "edgelm_logit_rows";
 
@@ -1276,8 +1668,27 @@ impl IoNames {
         })
     }
 
+    /// Folds the cache I/O into ring attention ops when the graph matches (dropping the
+    /// names it removed); returns whether it did.
+    fn fuse_cache(&mut self, model: &mut TypedModel, layers: usize) -> Result<bool> {
+        let Some(fused) = attention::fuse(model, layers)? else {
+            log::info!(
+                "the attention does not match the ring-buffer rewrite; keeping the graph's \
+                 past/present KV cache (bounded by the model's context, copied every step)"
+            );
+            return Ok(false);
+        };
+        for &i in fused.removed_inputs.iter().rev() {
+            self.inputs.remove(i);
+        }
+        for &o in fused.removed_outputs.iter().rev() {
+            self.outputs.remove(o);
+        }
+        Ok(true)
+    }
+
     /// Matches names to roles, and checks the cache tensors against the config.
-    fn bind(&self, model: &TypedModel, config: &Config) -> Result<Bindings> {
+    fn bind(&self, model: &TypedModel, config: &Config, fused: bool) -> Result<Bindings> {
         ensure!(
             model.inputs.len() == self.inputs.len() && model.outputs.len() == self.outputs.len(),
             "tract sees {} inputs and {} outputs, the graph declares {} and {}",
@@ -1305,6 +1716,7 @@ impl IoNames {
                 "position_ids" => position_ids = Some(ix),
                 _ => {
                     let slot = cache_slot(name, "past_key_values.", layers)
+                        .filter(|_| !fused)
                         .with_context(|| format!("unexpected input {name:?}"))?;
                     set_once(&mut past, slot, ix, name)?;
                 }
@@ -1328,10 +1740,43 @@ impl IoNames {
                 })
                 .collect::<Result<Vec<_>>>()
         };
-        let past = complete(past, "past_key_values")?;
-        let present = complete(present, "present")?;
         let input_ids = input_ids.context("no `input_ids` input")?;
         let logits = logits.context("no `logits` output")?;
+        if fused {
+            let mut ring = vec![None; layers];
+            for node in model.nodes() {
+                if let Some(op) = node.op_as::<attention::RingAttention>() {
+                    let slot = ring
+                        .get_mut(op.layer)
+                        .context("ring op of an unknown layer")?;
+                    ensure!(
+                        slot.replace(node.id).is_none(),
+                        "two ring ops for layer {}",
+                        op.layer
+                    );
+                }
+            }
+            let ring = ring
+                .into_iter()
+                .enumerate()
+                .map(|(l, n)| n.with_context(|| format!("layer {l} lost its ring attention")))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Bindings {
+                inputs: self.inputs.len(),
+                input_ids,
+                attention_mask,
+                position_ids,
+                logit_rows,
+                past: vec![],
+                logits,
+                present: vec![],
+                ring,
+                kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim,
+            });
+        }
+        let past = complete(past, "past_key_values")?;
+        let present = complete(present, "present")?;
 
         let fact = model.input_fact(past[0].0)?;
         ensure!(
@@ -1374,6 +1819,7 @@ impl IoNames {
             past,
             logits,
             present,
+            ring: vec![],
             kv_heads,
             head_dim,
         })

@@ -7,7 +7,8 @@ use serde_json::json;
 
 use crate::cli::RunArgs;
 use crate::engine::Engine;
-use crate::generate::{generate, Flow, GenerateOptions};
+use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::session;
 use crate::template::Message;
 
 /// Runs the `run` command, writing to `out`.
@@ -39,16 +40,30 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         eos_ids: engine.eos_ids(),
         ignore_eos: args.ignore_eos,
     };
-    let mut state = engine.model.new_state();
+    let mut state = match &args.load_session {
+        Some(path) => session::load(&engine.model, path)?,
+        None => engine.model.new_state_with(args.cache.to_options())?,
+    };
     let mut write_err = None;
-    let gen = generate(&mut state, &engine.tokenizer, &prompt, &opts, |id, text| {
-        let r = if args.json {
-            match id {
-                Some(id) => writeln!(out, "{}", json!({ "id": id, "text": text })),
-                None => writeln!(out, "{}", json!({ "text": text })),
+    let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {
+        let r = match (event, args.json) {
+            (Event::Token(id, text), true) => {
+                writeln!(out, "{}", json!({ "id": id, "text": text }))
             }
-        } else {
-            out.write_all(text.as_bytes())
+            (Event::Tail(text), true) => writeln!(out, "{}", json!({ "text": text })),
+            (Event::Token(_, text) | Event::Tail(text), false) => out.write_all(text.as_bytes()),
+            (Event::Shift(s), true) if s.repositioned => writeln!(
+                out,
+                "{}",
+                json!({ "event": "shift", "dropped": s.dropped, "kept": s.kept, "repositioned": true })
+            ),
+            (Event::Shift(s), true) => writeln!(
+                out,
+                "{}",
+                json!({ "event": "shift", "dropped": s.dropped, "kept": s.kept })
+            ),
+            // Logged by the model state; plain text output stays the model's text only.
+            (Event::Shift(_), false) => Ok(()),
         };
         match r.and_then(|_| out.flush()) {
             Ok(()) => Flow::Continue,
@@ -60,6 +75,9 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     })?;
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
+    }
+    if let Some(path) = &args.save_session {
+        session::save(&engine.model, &state, path)?;
     }
     if args.json {
         let summary = json!({

@@ -1,0 +1,214 @@
+//! Session files: a conversation's KV ring (tokens, slots, keys, values) and position, so a
+//! board can resume after a reboot without re-prefilling.
+//!
+//! Layout, little-endian: magic `EDGELMS\0`, version `u32`, twelve `u64`s (layers, kv_heads,
+//! head_dim, vocab_size, max_positions, capacity, n_keep, kv type 0=f32/1=f16, used slots,
+//! oldest slot, tokens written, next position), the token of each slot (capacity × `u32`), the
+//! stamp of each slot (capacity × `u64`), per layer a `u64` byte count and the keys then values
+//! of the used slots, and last an FNV-1a 64 checksum of everything before it.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::kv_cache::{KvType, LayoutParts, RingLayout};
+use crate::model::{CacheOptions, Model, State};
+
+/// First bytes of a session file.
+pub const MAGIC: &[u8; 8] = b"EDGELMS\0";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Writes `state` (of `model`) to `path`, replacing it atomically.
+pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
+    let layers = state
+        .layer_kv()
+        .context("nothing to save: the conversation is empty or has no ring cache")?;
+    let config = model.config();
+    let parts = state.ring().to_parts();
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend(VERSION.to_le_bytes());
+    let kv_type = match state.kv_type() {
+        KvType::F32 => 0,
+        KvType::F16 => 1,
+    };
+    for v in [
+        config.num_hidden_layers as u64,
+        config.num_key_value_heads as u64,
+        config.head_dim as u64,
+        config.vocab_size as u64,
+        config.max_position_embeddings as u64,
+        parts.capacity as u64,
+        parts.n_keep as u64,
+        kv_type,
+        parts.used as u64,
+        parts.oldest as u64,
+        parts.written,
+        state.position() as u64,
+    ] {
+        out.extend(v.to_le_bytes());
+    }
+    parts
+        .tokens
+        .iter()
+        .for_each(|t| out.extend(t.to_le_bytes()));
+    parts
+        .stamps
+        .iter()
+        .for_each(|s| out.extend(s.to_le_bytes()));
+    for kv in layers {
+        let bytes = kv.export(parts.used);
+        out.extend((bytes.len() as u64).to_le_bytes());
+        out.extend(bytes);
+    }
+    out.extend(fnv1a(&out).to_le_bytes());
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, &out).with_context(|| format!("writing session {tmp:?}"))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing session {path:?}"))?;
+    log::info!(
+        "saved session {path:?}: {} tokens, {} bytes",
+        parts.used,
+        out.len()
+    );
+    Ok(())
+}
+
+/// Reads a session saved by [`save`] for `model` into a fresh state.
+pub fn load(model: &Model, path: &Path) -> Result<State> {
+    let bytes = fs::read(path).with_context(|| format!("reading session {path:?}"))?;
+    parse(model, &bytes).with_context(|| format!("session file {path:?}"))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .context("truncated")?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+
+    fn usize(&mut self) -> Result<usize> {
+        usize::try_from(self.u64()?).context("a count does not fit in memory")
+    }
+}
+
+fn parse(model: &Model, bytes: &[u8]) -> Result<State> {
+    ensure!(
+        bytes.len() >= MAGIC.len() + 4 && &bytes[..MAGIC.len()] == MAGIC,
+        "not an edgelm session file"
+    );
+    let mut r = Reader { bytes, at: 8 };
+    let version = r.u32()?;
+    ensure!(
+        version == VERSION,
+        "format version {version}; this edgelm reads version {VERSION}"
+    );
+    ensure!(bytes.len() >= 12 + 8, "truncated");
+    let (body, sum) = bytes.split_at(bytes.len() - 8);
+    let stored = u64::from_le_bytes(sum.try_into().context("truncated")?);
+    ensure!(
+        fnv1a(body) == stored,
+        "checksum mismatch (corrupted or truncated)"
+    );
+    let mut r = Reader {
+        bytes: body,
+        at: 12,
+    };
+
+    let config = model.config();
+    let expected = [
+        ("layers", config.num_hidden_layers),
+        ("key/value heads", config.num_key_value_heads),
+        ("head width", config.head_dim),
+        ("vocabulary", config.vocab_size),
+        ("context", config.max_position_embeddings),
+    ];
+    for (what, want) in expected {
+        let got = r.usize()?;
+        ensure!(
+            got == want,
+            "saved with a different model ({what} {got}, this model has {want})"
+        );
+    }
+    let capacity = r.usize()?;
+    let n_keep = r.usize()?;
+    ensure!(
+        capacity > 0 && capacity <= config.max_position_embeddings,
+        "cache of {capacity} slots does not fit the model's context"
+    );
+    let kv = match r.u64()? {
+        0 => KvType::F32,
+        1 => KvType::F16,
+        other => bail!("unknown cache type {other}"),
+    };
+    let used = r.usize()?;
+    let oldest = r.usize()?;
+    let written = r.u64()?;
+    let next_pos = r.usize()?;
+    let tokens = (0..capacity).map(|_| r.u32()).collect::<Result<Vec<_>>>()?;
+    let stamps = (0..capacity).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+    ensure!(
+        tokens[..used.min(capacity)]
+            .iter()
+            .all(|&t| (t as usize) < config.vocab_size),
+        "a token is outside the vocabulary"
+    );
+    let layout = RingLayout::from_parts(LayoutParts {
+        capacity,
+        n_keep,
+        tokens,
+        stamps,
+        used,
+        oldest,
+        written,
+    })?;
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    for _ in 0..config.num_hidden_layers {
+        let n = r.usize()?;
+        layers.push(r.take(n)?.to_vec());
+    }
+    ensure!(
+        r.at == body.len(),
+        "{} unexpected trailing bytes",
+        body.len() - r.at
+    );
+    let mut state = model.new_state_with(CacheOptions {
+        ctx: capacity,
+        kv,
+        keep: n_keep,
+    })?;
+    state.restore(layout, next_pos, &layers)?;
+    Ok(state)
+}
