@@ -234,8 +234,10 @@ fn head_attention<E: Elem>(
     }
 }
 
-/// Query×slot pairs per head above which heads run on the thread pool.
-const PARALLEL_WORK: usize = 256;
+/// Query×slot pairs per head above which heads run on the thread pool. Decode (one query)
+/// stays on the calling thread: waking pool threads for a few µs of work per layer costs more
+/// than it saves, and they compete with the int8 kernel threads for the cores.
+const PARALLEL_WORK: usize = 16 * 1024;
 
 /// `a · b`, four partial sums so the compiler can keep them in registers.
 fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
