@@ -649,7 +649,7 @@ mod tests {
     /// Enough work to run the heads in parallel: same answers as the plain reference.
     #[test]
     fn parallel_heads_match_the_reference() {
-        let (kvh, heads, hd, n) = (2, 6, 8, 40);
+        let (kvh, heads, hd, n) = (2, 6, 8, 128);
         let mut ring = RingLayout::new(n, 0).unwrap();
         let mut kv = LayerKv::new(kvh, n, hd, KvType::F32);
         let ids: Vec<u32> = (0..n as u32).collect();
