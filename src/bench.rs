@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::cli::BenchArgs;
 use crate::engine::Engine;
 use crate::model::State;
+use crate::sampler::argmax;
 
 /// The text prompts are cut from.
 const TEXT: &str = "The history of the Raspberry Pi begins in 2006, when a group at the \
@@ -116,16 +117,6 @@ fn decode_times(state: &mut State, next: &mut u32, n: usize) -> Result<Vec<Durat
         times.push(t0.elapsed());
     }
     Ok(times)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn median(times: &[Duration]) -> Duration {

@@ -634,15 +634,7 @@ impl State {
                 return Err(e.context("running the model (the conversation was reset)"));
             }
         };
-        let logits = std::mem::replace(&mut outputs[io.logits], Tensor::zero::<f32>(&[0])?.into());
-        ensure!(
-            logits.shape() == [1, rows, self.vocab_size]
-                && logits.datum_type() == f32::datum_type(),
-            "logits have shape {:?} {:?}, not [1, {rows}, {}] f32",
-            logits.shape(),
-            logits.datum_type(),
-            self.vocab_size
-        );
+        let logits = take_logits(&mut outputs, io.logits, rows, self.vocab_size)?;
         self.next_pos += n;
         if step.dropped > 0 {
             let shift = Shift {
@@ -729,15 +721,7 @@ impl State {
                 present.push(t);
             }
         }
-        let logits = std::mem::replace(&mut outputs[io.logits], Tensor::zero::<f32>(&[0])?.into());
-        ensure!(
-            logits.shape() == [1, rows, self.vocab_size]
-                && logits.datum_type() == f32::datum_type(),
-            "logits have shape {:?} {:?}, not [1, {rows}, {}] f32",
-            logits.shape(),
-            logits.datum_type(),
-            self.vocab_size
-        );
+        let logits = take_logits(&mut outputs, io.logits, rows, self.vocab_size)?;
         self.past = present;
         self.len += n;
         Ok(logits)
@@ -1114,14 +1098,7 @@ fn rewrite_blocked_dequantize(
     graph.initializer.extend(folded);
 
     // Drop the int8 weights and scales nothing reads any more, so tract never loads them.
-    let used: HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter())
-        .chain(graph.output.iter().chain(&graph.input).map(|o| &o.name))
-        .cloned()
-        .collect();
-    graph.initializer.retain(|t| used.contains(&t.name));
+    prune_initializers(graph);
     Ok(count)
 }
 
@@ -1344,6 +1321,18 @@ fn bind_q8(model: &mut TypedModel, table: &Q8Table, exec: &Q8Exec) -> Result<()>
     Ok(())
 }
 
+/// Takes the logits output out of a run, checking it is f32 (1, rows, vocab).
+fn take_logits(outputs: &mut [TValue], ix: usize, rows: usize, vocab: usize) -> Result<TValue> {
+    let logits = std::mem::replace(&mut outputs[ix], Tensor::zero::<f32>(&[0])?.into());
+    ensure!(
+        logits.shape() == [1, rows, vocab] && logits.datum_type() == f32::datum_type(),
+        "logits have shape {:?} {:?}, not [1, {rows}, {vocab}] f32",
+        logits.shape(),
+        logits.datum_type()
+    );
+    Ok(logits)
+}
+
 /// Fills the [`LOGIT_ROWS`] input, if the graph has it: every row of `n` if `all`, else the
 /// last. Returns the number of logit rows the run will produce.
 fn logit_rows(
@@ -1476,14 +1465,7 @@ fn fold_weight_transposes(graph: &mut pb::GraphProto) {
     }
     graph.node = kept;
     // The untransposed copies nothing reads any more would otherwise stay in memory.
-    let used: HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter())
-        .chain(graph.output.iter().map(|o| &o.name))
-        .cloned()
-        .collect();
-    graph.initializer.retain(|t| used.contains(&t.name));
+    prune_initializers(graph);
 }
 
 /// A 2-D f32 tensor with raw data, transposed under a new name.
@@ -1872,12 +1854,8 @@ fn to_typed(proto: &pb::ModelProto, dir: &Path, external: ExternalData) -> Resul
     parsed.model.into_typed()
 }
 
-/// Builds the runnable plan with a thread pool of `threads` (0 = all cores).
+/// Builds the runnable plan with a thread pool of `threads` (at least 1).
 fn make_plan(model: TypedModel, threads: usize) -> Result<Arc<Plan>> {
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     let executor = if threads > 1 {
         // Built here rather than by tract, which panics when the pool cannot be created.
         let pool = rayon::ThreadPoolBuilder::new()

@@ -161,7 +161,7 @@ pub fn apply_penalties(cfg: &SamplerConfig, logits: &mut [f32], history: &[u32])
 
 /// Index of the largest logit, the lowest index on ties; NaN never wins. Empty or
 /// all-NaN input gives 0.
-fn argmax(logits: &[f32]) -> u32 {
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
         if l.is_nan() {

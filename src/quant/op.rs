@@ -214,71 +214,39 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(GATHER, parse_gather);
 }
 
-/// The attributes our pre-pass writes on both node types.
-fn weight_attrs(node: &pb::NodeProto) -> TractResult<(String, usize, usize)> {
-    let attr = |name: &str| node.attribute.iter().find(|a| a.name == name);
-    let weight = attr("weight")
-        .map(|a| String::from_utf8_lossy(&a.s).into_owned())
-        .with_context(|| format!("{} {:?} has no weight attribute", node.op_type, node.name))?;
-    let dim = |name: &str| -> TractResult<usize> {
-        let v = attr(name).map(|a| a.i).unwrap_or(0);
-        usize::try_from(v)
-            .ok()
-            .filter(|&v| v > 0)
-            .with_context(|| format!("{} {:?}: bad {name} {v}", node.op_type, node.name))
-    };
-    Ok((weight, dim("n")?, dim("k")?))
-}
-
-fn parse_matmul(
-    _ctx: &ParsingContext,
-    node: &pb::NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let (weight, n, k) = weight_attrs(node)?;
-    Ok((
-        Box::new(Q8MatMul {
-            weight,
-            n,
-            k,
-            bound: None,
-        }),
-        vec![],
-    ))
-}
-
-fn parse_gather(
-    _ctx: &ParsingContext,
-    node: &pb::NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let (weight, n, k) = weight_attrs(node)?;
-    Ok((
-        Box::new(Q8Gather {
-            weight,
-            n,
-            k,
-            bound: None,
-        }),
-        vec![],
-    ))
-}
-
-/// `y = x Wᵀ` for x (..., k) f32 and W (n, k) int8 blocks: y (..., n).
+/// What both node types carry: the weight's name and shape (from the node's attributes),
+/// and once the loader binds them, the weights and kernel settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Q8MatMul {
+struct WeightSlot {
     weight: String,
     n: usize,
     k: usize,
     bound: Option<Bound>,
 }
 
-impl Q8MatMul {
-    /// The name of the weight this node reads (the `DequantizeLinear` output it replaced).
-    pub fn weight(&self) -> &str {
-        &self.weight
+impl WeightSlot {
+    /// Reads the `weight`, `n` and `k` attributes our pre-pass writes.
+    fn parse(node: &pb::NodeProto) -> TractResult<WeightSlot> {
+        let attr = |name: &str| node.attribute.iter().find(|a| a.name == name);
+        let weight = attr("weight")
+            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+            .with_context(|| format!("{} {:?} has no weight attribute", node.op_type, node.name))?;
+        let dim = |name: &str| -> TractResult<usize> {
+            let v = attr(name).map(|a| a.i).unwrap_or(0);
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v > 0)
+                .with_context(|| format!("{} {:?}: bad {name} {v}", node.op_type, node.name))
+        };
+        Ok(WeightSlot {
+            weight,
+            n: dim("n")?,
+            k: dim("k")?,
+            bound: None,
+        })
     }
 
-    /// Gives the node its weights (checked against the node's shape) and kernel settings.
-    pub fn bind(&mut self, weights: Arc<Q8Weights>, exec: Q8Exec) -> TractResult<()> {
+    fn bind(&mut self, weights: Arc<Q8Weights>, exec: Q8Exec) -> TractResult<()> {
         ensure!(
             (weights.n, weights.k) == (self.n, self.k),
             "{}: node is {}x{} but the weights are {}x{}",
@@ -291,6 +259,42 @@ impl Q8MatMul {
         self.bound = Some(Bound { weights, exec });
         Ok(())
     }
+
+    fn bound(&self) -> TractResult<&Bound> {
+        self.bound
+            .as_ref()
+            .with_context(|| format!("{}: no weights bound", self.weight))
+    }
+}
+
+fn parse_matmul(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((Box::new(Q8MatMul(WeightSlot::parse(node)?)), vec![]))
+}
+
+fn parse_gather(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((Box::new(Q8Gather(WeightSlot::parse(node)?)), vec![]))
+}
+
+/// `y = x Wᵀ` for x (..., k) f32 and W (n, k) int8 blocks: y (..., n).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Q8MatMul(WeightSlot);
+
+impl Q8MatMul {
+    /// The name of the weight this node reads (the `DequantizeLinear` output it replaced).
+    pub fn weight(&self) -> &str {
+        &self.0.weight
+    }
+
+    /// Gives the node its weights (checked against the node's shape) and kernel settings.
+    pub fn bind(&mut self, weights: Arc<Q8Weights>, exec: Q8Exec) -> TractResult<()> {
+        self.0.bind(weights, exec)
+    }
 }
 
 impl Op for Q8MatMul {
@@ -301,10 +305,10 @@ impl Op for Q8MatMul {
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
             "{} {}x{} {:?}",
-            self.weight,
-            self.n,
-            self.k,
-            self.bound.as_ref().map(|b| &b.exec)
+            self.0.weight,
+            self.0.n,
+            self.0.k,
+            self.0.bound.as_ref().map(|b| &b.exec)
         )])
     }
 
@@ -316,20 +320,17 @@ impl EvalOp for Q8MatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let bound = self
-            .bound
-            .as_ref()
-            .with_context(|| format!("{}: no weights bound", self.weight))?;
+        let bound = self.0.bound()?;
         let x = input.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?; // (m, k)
         let mut shape: TVec<usize> = input.shape().into();
         match shape.last_mut() {
-            Some(last) if *last == self.k => *last = self.n,
+            Some(last) if *last == self.0.k => *last = self.0.n,
             _ => bail!(
                 "{}: input shape {:?} does not end in {}",
-                self.weight,
+                self.0.weight,
                 shape,
-                self.k
+                self.0.k
             ),
         }
         let mut out = Tensor::zero::<f32>(&shape)?;
@@ -358,7 +359,7 @@ impl InferenceRulesOp for Q8MatMul {
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        let (n, k) = (self.n as i64, self.k as i64);
+        let (n, k) = (self.0.n as i64, self.0.k as i64);
         s.given(&inputs[0].rank, move |s, rank| {
             let last = usize::try_from(rank - 1).context("Q8MatMul needs a rank >= 1 input")?;
             for i in 0..last {
@@ -377,12 +378,12 @@ impl TypedOp for Q8MatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
         match shape.last_mut() {
-            Some(last) if *last == self.k.to_dim() => *last = self.n.to_dim(),
+            Some(last) if *last == self.0.k.to_dim() => *last = self.0.n.to_dim(),
             _ => bail!(
                 "{}: input {:?} does not end in {}",
-                self.weight,
+                self.0.weight,
                 shape,
-                self.k
+                self.0.k
             ),
         }
         Ok(tvec!(f32::fact(&shape)))
@@ -393,32 +394,17 @@ impl TypedOp for Q8MatMul {
 
 /// Rows of W (n, k) for integer indices of any shape: output (indices..., k) f32.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Q8Gather {
-    weight: String,
-    n: usize,
-    k: usize,
-    bound: Option<Bound>,
-}
+pub struct Q8Gather(WeightSlot);
 
 impl Q8Gather {
     /// The name of the weight this node reads.
     pub fn weight(&self) -> &str {
-        &self.weight
+        &self.0.weight
     }
 
     /// Gives the node its weights (checked against the node's shape).
     pub fn bind(&mut self, weights: Arc<Q8Weights>, exec: Q8Exec) -> TractResult<()> {
-        ensure!(
-            (weights.n, weights.k) == (self.n, self.k),
-            "{}: node is {}x{} but the weights are {}x{}",
-            self.weight,
-            self.n,
-            self.k,
-            weights.n,
-            weights.k
-        );
-        self.bound = Some(Bound { weights, exec });
-        Ok(())
+        self.0.bind(weights, exec)
     }
 }
 
@@ -428,7 +414,7 @@ impl Op for Q8Gather {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{} {}x{}", self.weight, self.n, self.k)])
+        Ok(vec![format!("{} {}x{}", self.0.weight, self.0.n, self.0.k)])
     }
 
     op_as_typed_op!();
@@ -439,29 +425,28 @@ impl EvalOp for Q8Gather {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let bound = self
-            .bound
-            .as_ref()
-            .with_context(|| format!("{}: no weights bound", self.weight))?;
+        let bound = self.0.bound()?;
         let w = bound.weights.matrix()?;
         let ids = input.cast_to::<i64>()?;
         let ids = ids.try_as_plain_ram()?;
         let ids = ids.as_slice::<i64>()?;
         let mut shape: TVec<usize> = input.shape().into();
-        shape.push(self.k);
+        shape.push(self.0.k);
         let mut out = Tensor::zero::<f32>(&shape)?;
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?; // (ids, k)
-            let nb = blocks_per_row(self.k);
-            for (&id, row) in ids.iter().zip(y.chunks_exact_mut(self.k)) {
+            let nb = blocks_per_row(self.0.k);
+            for (&id, row) in ids.iter().zip(y.chunks_exact_mut(self.0.k)) {
                 // ONNX Gather counts negative indices from the end.
-                let r = if id < 0 { id + self.n as i64 } else { id };
+                let r = if id < 0 { id + self.0.n as i64 } else { id };
                 let r = usize::try_from(r)
                     .ok()
-                    .filter(|&r| r < self.n)
-                    .with_context(|| format!("{}: index {id} out of 0..{}", self.weight, self.n))?;
-                let q = &w.q()[r * self.k..(r + 1) * self.k];
+                    .filter(|&r| r < self.0.n)
+                    .with_context(|| {
+                        format!("{}: index {id} out of 0..{}", self.0.weight, self.0.n)
+                    })?;
+                let q = &w.q()[r * self.0.k..(r + 1) * self.0.k];
                 let s = &w.scales()[r * nb..(r + 1) * nb];
                 for (j, (o, &v)) in row.iter_mut().zip(q).enumerate() {
                     *o = v as f32 * s[j / super::BLOCK];
@@ -483,7 +468,7 @@ impl InferenceRulesOp for Q8Gather {
         check_output_arity(outputs, 1)?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].rank, inputs[0].rank.bex() + 1)?;
-        let k = self.k as i64;
+        let k = self.0.k as i64;
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = usize::try_from(rank).context("negative rank")?;
             for i in 0..rank {
@@ -500,7 +485,7 @@ impl InferenceRulesOp for Q8Gather {
 impl TypedOp for Q8Gather {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
-        shape.push(self.k.to_dim());
+        shape.push(self.0.k.to_dim());
         Ok(tvec!(f32::fact(&shape)))
     }
 
