@@ -280,6 +280,9 @@ pub struct ServeArgs {
     /// Sampling defaults (changeable per session with SET).
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// The KV cache.
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Default cap on new tokens per request.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
     pub max_tokens: usize,
@@ -326,6 +329,7 @@ impl ServeArgs {
                 coalesce_ms: 0,
                 ignore_eos: false,
             },
+            cache: self.cache.to_options(),
         })
     }
 }

@@ -39,6 +39,7 @@ impl Engine {
         } else {
             None
         };
+        release_load_garbage();
         let load_time = t0.elapsed();
         log::info!(
             "loaded \"{}\" in {} ms",
@@ -73,5 +74,20 @@ impl Engine {
     /// End-of-sequence ids from the bundle's config.
     pub fn eos_ids(&self) -> Vec<u32> {
         self.model.config().eos_token_ids.clone()
+    }
+}
+
+/// Hands the heap freed after loading back to the kernel.
+///
+/// Parsing `tokenizer.json` (serde buffers the whole document) and building the plan
+/// leave ~25 MB of freed chunks below live ones; glibc keeps them resident because only
+/// the top of the heap is trimmed on `free`. Measured at `--ctx 256`: anonymous RSS
+/// 47.8 MB before, 21.5 MB after.
+fn release_load_garbage() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's own arenas; it has no
+    // preconditions and does not touch live allocations.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

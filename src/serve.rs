@@ -18,8 +18,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::engine::Engine;
-use crate::generate::{generate, Flow, GenerateOptions};
-use crate::model::LoadOptions;
+use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::model::{CacheOptions, LoadOptions};
 use crate::model::{ForwardError, State};
 use crate::protocol::{
     self, End, EndReason, ErrorCode, Frame, LineParser, ProtocolError, Request, Setting, StreamMode,
@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub line_limit: usize,
     /// Settings a session starts with (and `QUIT` on a serial line returns to).
     pub settings: Settings,
+    /// The KV cache every session gets (`--ctx`, `--kv`, `--keep`).
+    pub cache: CacheOptions,
 }
 
 /// Per-session generation settings (`SET`/`GET`).
@@ -95,7 +97,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         |n| n.to_string_lossy().into_owned(),
     );
     let mut session = Session {
-        state: engine.model.new_state(),
+        state: engine.model.new_state_with(opts.cache)?,
         engine: &engine,
         model_name,
         writer,
@@ -212,7 +214,7 @@ struct Session<'e> {
 
 impl Session<'_> {
     fn run(&mut self, rx: &Receiver<Incoming>) -> Result<()> {
-        let ctx = self.engine.model.config().max_position_embeddings;
+        let ctx = self.state.capacity();
         self.emit(|l| protocol::write_evt(l, "ready", &format!("context={ctx}")))?;
         self.prompt()?;
         loop {
@@ -445,7 +447,9 @@ impl Session<'_> {
     fn chat(&mut self, text: &str, rx: &Receiver<Incoming>) -> Result<Next> {
         let started = Instant::now();
         self.messages.push(Message::new("user", text));
-        let ctx = self.engine.model.config().max_position_embeddings;
+        // The ring holds `ctx` tokens; a longer history would be cut by ring shifts
+        // instead of whole exchanges.
+        let ctx = self.state.capacity();
         let reserve = self.settings.max_tokens.min(ctx / 4).max(1);
         let mut dropped = 0;
         let ids = loop {
@@ -508,9 +512,8 @@ impl Session<'_> {
             self.forget_cache();
         }
         let feed = &ids[self.cached.len()..];
-        let ctx = self.engine.model.config().max_position_embeddings;
-        let room = ctx.saturating_sub(self.state.len() + feed.len());
-        if room == 0 {
+        let ctx = self.state.capacity();
+        if self.state.len() + feed.len() >= ctx {
             self.error(
                 ErrorCode::ContextFull,
                 &format!(
@@ -523,9 +526,9 @@ impl Session<'_> {
                 reply: None,
             });
         }
-        let capped = self.settings.max_tokens > room;
+        // A reply longer than the room left wraps the ring (reported as `EVT shift`).
         let opts = GenerateOptions {
-            max_tokens: self.settings.max_tokens.min(room),
+            max_tokens: self.settings.max_tokens,
             sampler: self.settings.sampler.clone(),
             stop: self.settings.stop.clone(),
             eos_ids: self.engine.eos_ids(),
@@ -552,12 +555,24 @@ impl Session<'_> {
         };
         let mut deferred = Deferred::default();
         let mut busy = vec![];
-        let result = generate(
+        let mut shifted = false;
+        let result = generate_events(
             &mut self.state,
             &self.engine.tokenizer,
             feed,
             &opts,
-            |_, text| {
+            |event| {
+                let text = match event {
+                    Event::Token(_, text) | Event::Tail(text) => text,
+                    Event::Shift(shift) => {
+                        shifted = true;
+                        stream.event(
+                            "shift",
+                            &format!("dropped={} kept={}", shift.dropped, shift.kept),
+                        );
+                        return Flow::Continue;
+                    }
+                };
                 let mut flow = stream.push(text);
                 if poll_input(rx, &mut deferred, &mut busy) {
                     flow = Flow::Stop;
@@ -578,11 +593,14 @@ impl Session<'_> {
                 // The cache now holds the whole prompt and every sampled id but the last
                 // (`generate` never feeds the token it stops on).
                 self.cached = [ids, &gen.ids[..gen.ids.len().saturating_sub(1)]].concat();
+                if shifted {
+                    // The ring dropped tokens from the middle: it no longer holds a prefix
+                    // of the conversation, so the next turn is prefilled afresh.
+                    self.state.reset();
+                    self.cached.clear();
+                }
                 debug_assert_eq!(self.cached.len(), self.state.len());
                 let mut reason = EndReason::from(gen.reason);
-                if capped && reason == EndReason::Length {
-                    log::info!("reply cut at the end of the context");
-                }
                 if gen.generated_tokens == 0 {
                     reason = EndReason::Length;
                 }
@@ -804,6 +822,17 @@ impl Streamer<'_> {
         self.line.clear();
         self.line.push_str(self.eol);
         self.write_line();
+    }
+
+    /// Writes an `EVT` line between streamed tokens.
+    fn event(&mut self, name: &str, text: &str) {
+        self.flush();
+        if self.mode == StreamMode::Raw {
+            self.raw_line_end();
+        }
+        self.line.clear();
+        let _ = protocol::write_evt(&mut self.line, name, text);
+        self.send_line();
     }
 
     fn error(&mut self, code: ErrorCode, msg: &str) {

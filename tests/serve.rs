@@ -394,6 +394,51 @@ fn pipes_full_session_then_quit() {
     assert!(status.success(), "{status}");
 }
 
+/// A reply longer than a small ring wraps it: `EVT shift` lines arrive between `TOK` lines,
+/// exactly one `END`, and the session keeps working (the next request starts afresh).
+#[test]
+fn pipes_reply_past_a_small_ring_reports_shifts() {
+    let model = fixture("tiny-llama/onnx-int8");
+    let mut child = serve_cmd(&model)
+        .args(["--ctx", "32", "--keep", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin: ChildStdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (_server, mut c) = (Server(child), Client::new(Box::new(stdin), stdout));
+    assert_eq!(c.line(), "EVT ready context=32");
+    assert_eq!(c.request("SET max_tokens 80"), "OK max_tokens=80");
+    assert_eq!(c.request("SET ignore_eos on"), "OK ignore_eos=on");
+    let run = |c: &mut Client| {
+        c.send(b"GEN Once upon a time\n");
+        let (mut text, mut shifts) = (String::new(), vec![]);
+        loop {
+            let l = c.line();
+            if let Some(t) = l.strip_prefix("TOK ") {
+                text.push_str(&unescape(t));
+            } else if let Some(s) = l.strip_prefix("EVT shift ") {
+                shifts.push(s.to_string());
+            } else {
+                assert!(l.starts_with("END length "), "{l}; seen {:#?}", c.seen);
+                assert_eq!(field(&l, "gen"), 80, "{l}");
+                return (text, shifts);
+            }
+        }
+    };
+    let (text, shifts) = run(&mut c);
+    // 6 prompt tokens + 79 fed replies through 32 slots with 4 sinks: at least 2 wraps.
+    assert!(shifts.len() >= 2, "{shifts:?}");
+    for s in &shifts {
+        assert!(s.starts_with("dropped=") && s.contains(" kept="), "{s}");
+    }
+    assert!(!text.is_empty());
+    // The wrapped cache was forgotten: the same request gives the same reply.
+    assert_eq!(run(&mut c), (text, shifts));
+    assert_eq!(c.request("PING"), "OK PONG");
+}
+
 #[test]
 fn pipes_ctrl_d_and_end_of_input_end_the_session() {
     let model = fixture("tiny-llama/onnx-int8");
