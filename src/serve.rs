@@ -263,7 +263,7 @@ impl Session<'_> {
                 let info = format!(
                     "model={} context={} quant={} vocab={} layers={} chat={} version={}",
                     self.model_name.replace(' ', "_"),
-                    cfg.max_position_embeddings,
+                    self.state.capacity(),
                     quant,
                     cfg.vocab_size,
                     cfg.num_hidden_layers,
