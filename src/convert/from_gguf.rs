@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::gguf::Gguf;
-use super::llama::LlamaParams;
+use super::llama::{Arch, LlamaParams};
 use super::tokenizer_json::{build_tokenizer_config, build_tokenizer_json, GgufVocab};
 use super::{Checkpoint, Weight, WeightSource};
 
@@ -76,6 +76,7 @@ fn llama_params(g: &Gguf) -> Result<LlamaParams> {
         }
     }
     Ok(LlamaParams {
+        arch: Arch::Llama,
         vocab,
         hidden,
         layers: int("llama.block_count")?,
@@ -87,6 +88,7 @@ fn llama_params(g: &Gguf) -> Result<LlamaParams> {
         rms_eps: g.get_f32("llama.attention.layer_norm_rms_epsilon")?,
         max_positions: int("llama.context_length")?,
         tied_embeddings: g.tensor("output.weight").is_none(),
+        attention_bias: false,
     })
 }
 

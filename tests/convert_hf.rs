@@ -1,0 +1,185 @@
+//! `edgelm convert` of the tiny Hugging Face checkpoints (`tests/fixtures/*/hf`, safetensors +
+//! tokenizer) against the transformers reference recorded in `reference.json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use edgelm::convert::{convert, ConvertOptions, Quant};
+use edgelm::model::{LoadOptions, Model, State};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Reference {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>, // (ids, vocab)
+    greedy: Vec<Greedy>,
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+}
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+fn reference(model: &str) -> Reference {
+    let text = fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Converts `tests/fixtures/<model>/hf` into a fresh bundle and loads it.
+fn converted(model: &str, quant: Quant) -> Model {
+    let out =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("convert_hf-{model}-{}", quant.name()));
+    let _ = fs::remove_dir_all(&out);
+    convert(&ConvertOptions {
+        input: fixture(&format!("{model}/hf")),
+        output: out.clone(),
+        quant,
+        progress: false,
+    })
+    .unwrap();
+    for f in [
+        "model.onnx",
+        "model.onnx_data",
+        "config.json",
+        "tokenizer.json",
+    ] {
+        assert!(out.join(f).is_file(), "{model}: bundle has no {f}");
+    }
+    let opts = LoadOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let model = Model::load(&out, &opts).unwrap();
+    assert!(model.has_ring_cache(), "{model}: the converted graph fuses");
+    model
+}
+
+/// First index of the maximum, like `torch.argmax`.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
+    state.reset();
+    let mut logits = state.forward(prompt).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        out.push(next);
+        logits = state.forward(&[next]).unwrap();
+    }
+    out
+}
+
+fn check_f32(model_name: &str) {
+    let model = converted(model_name, Quant::F32);
+    let reference = reference(model_name);
+    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let want = reference.logits.concat();
+    assert_eq!(logits.len(), want.len());
+    let diff = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{model_name} converted f32: max |logits - reference| = {diff:e}");
+    assert!(diff <= 1e-3, "{model_name}: max abs diff {diff}");
+    let mut state = model.new_state();
+    for g in &reference.greedy {
+        let got = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
+        assert_eq!(got, g.generated_ids, "{model_name}: prompt {:?}", g.prompt);
+    }
+}
+
+/// Top-1 agreement of the converted int8 bundle with the reference logits, teacher-forced on
+/// the reference ids and on every greedy prompt + continuation (whose reference top-1 is the
+/// next greedy token).
+fn check_int8(model_name: &str) -> f64 {
+    let model = converted(model_name, Quant::Int8);
+    let vocab = model.config().vocab_size;
+    let reference = reference(model_name);
+    let (mut agree, mut total) = (0, 0);
+    let got = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    for (g, w) in got.chunks(vocab).zip(&reference.logits) {
+        agree += usize::from(argmax(g) == argmax(w));
+        total += 1;
+    }
+    for g in &reference.greedy {
+        let ids = [&g.prompt_ids[..], &g.generated_ids[..]].concat();
+        let got = model.new_state().forward_all(&ids).unwrap(); // (ids, vocab)
+                                                                // Row prompt_len - 1 + i predicts generated_ids[i].
+        for (i, &want) in g.generated_ids.iter().enumerate() {
+            let row = &got[(g.prompt_ids.len() - 1 + i) * vocab..][..vocab];
+            agree += usize::from(argmax(row) == want);
+            total += 1;
+        }
+    }
+    let mut state = model.new_state();
+    for g in &reference.greedy {
+        let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
+        let same = tokens
+            .iter()
+            .zip(&g.generated_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "{model_name} converted int8 greedy {:?}: {same}/{} tokens equal the reference",
+            g.prompt,
+            g.generated_ids.len()
+        );
+    }
+    let rate = agree as f64 / total as f64;
+    eprintln!("{model_name} converted int8: top-1 agreement {agree}/{total} = {rate:.3}");
+    rate
+}
+
+#[test]
+fn llama_hf_f32_reproduces_reference_logits_and_greedy_tokens() {
+    check_f32("tiny-llama");
+}
+
+#[test]
+fn gpt2_hf_f32_reproduces_reference_logits_and_greedy_tokens() {
+    check_f32("tiny-gpt2");
+}
+
+#[test]
+fn llama_hf_int8_keeps_top1() {
+    assert!(check_int8("tiny-llama") >= 0.95);
+}
+
+#[test]
+fn gpt2_hf_int8_keeps_top1() {
+    assert!(check_int8("tiny-gpt2") >= 0.95);
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_hf-unsupported");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    let err = convert(&ConvertOptions {
+        input: dir.clone(),
+        output: dir.join("out"),
+        quant: Quant::F32,
+        progress: false,
+    })
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("unsupported architecture \"mamba\""), "{msg}");
+}
