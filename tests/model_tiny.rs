@@ -212,6 +212,41 @@ fn gpt2_int8_runs_and_mostly_agrees_with_f32() {
     assert!(int8_top1_agreement("tiny-gpt2") >= 0.9);
 }
 
+/// ONNX Runtime `quantize_dynamic` bundles: every `MatMulInteger` layer is rewritten onto our
+/// int8 operator, so none of tract's integer-matmul path (its `DynamicQuantizeLinearU8` /
+/// `OffsetU8asI8` ops, present with `--int8 fold`) is left in the optimized graph.
+#[test]
+fn ort_matmul_integer_runs_on_the_q8_operator() {
+    for (bundle, layers) in [("tiny-llama/onnx-int8", 14), ("tiny-gpt2/onnx-int8", 8)] {
+        let model = load(bundle);
+        let s = model.summary();
+        assert_eq!(s.source_ops.get("MatMulInteger"), Some(&layers), "{bundle}");
+        assert_eq!(s.matmul_integer_rewritten, layers, "{bundle}");
+        assert_eq!(s.q8_matmuls, layers, "{bundle}");
+        for op in ["DynamicQuantizeLinearU8", "OffsetU8asI8", "MatMulInteger"] {
+            assert!(
+                !s.optimized_ops.contains_key(op),
+                "{bundle}: {op} left in {:?}",
+                s.optimized_ops
+            );
+        }
+        assert!(s.ring_cache, "{bundle}");
+
+        let folded = Model::load(
+            &fixture(bundle),
+            &LoadOptions {
+                threads: 1,
+                int8: edgelm::model::Int8Path::Fold,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let s = folded.summary();
+        assert_eq!(s.matmul_integer_rewritten, 0);
+        assert!(s.optimized_ops.contains_key("DynamicQuantizeLinearU8"));
+    }
+}
+
 #[test]
 fn reset_forgets_the_conversation() {
     let model = load("tiny-llama/onnx-f32");

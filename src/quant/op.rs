@@ -146,6 +146,32 @@ impl Q8Weights {
         Ok(w)
     }
 
+    /// Weights made in memory (requantized from another format), owned by the node.
+    pub fn owned(
+        name: &str,
+        n: usize,
+        k: usize,
+        q: Vec<i8>,
+        scales: Vec<f32>,
+    ) -> TractResult<Q8Weights> {
+        let nb = blocks_per_row(k);
+        ensure!(
+            q.len() == n.saturating_mul(k) && scales.len() == n.saturating_mul(nb),
+            "{name}: {} int8 values and {} scales for a {n}x{k} matrix",
+            q.len(),
+            scales.len()
+        );
+        let w = Q8Weights {
+            name: name.to_string(),
+            n,
+            k,
+            q: Slice::Owned(q),
+            scales: Slice::Owned(scales),
+        };
+        w.matrix()?;
+        Ok(w)
+    }
+
     /// The weights as the kernels take them.
     pub fn matrix(&self) -> TractResult<Q8Matrix<'_>> {
         Ok(Q8Matrix::new(
