@@ -1,5 +1,6 @@
 //! `edgelm convert` of the tiny Hugging Face checkpoints (`tests/fixtures/*/hf`, safetensors +
-//! tokenizer) against the transformers reference recorded in `reference.json`.
+//! tokenizer) and of the tiny GPT-2 as a llama.cpp-layout GGUF (`tiny-gpt2/gguf`), against the
+//! transformers reference recorded in `reference.json`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -35,11 +36,19 @@ fn reference(model: &str) -> Reference {
 
 /// Converts `tests/fixtures/<model>/hf` into a fresh bundle and loads it.
 fn converted(model: &str, quant: Quant) -> Model {
-    let out =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("convert_hf-{model}-{}", quant.name()));
+    converted_from(&format!("{model}/hf"), quant)
+}
+
+/// Converts `tests/fixtures/<input>` into a fresh bundle and loads it.
+fn converted_from(input: &str, quant: Quant) -> Model {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "convert_hf-{}-{}",
+        input.replace('/', "-"),
+        quant.name()
+    ));
     let _ = fs::remove_dir_all(&out);
     convert(&ConvertOptions {
-        input: fixture(&format!("{model}/hf")),
+        input: fixture(input),
         output: out.clone(),
         quant,
         progress: false,
@@ -51,14 +60,14 @@ fn converted(model: &str, quant: Quant) -> Model {
         "config.json",
         "tokenizer.json",
     ] {
-        assert!(out.join(f).is_file(), "{model}: bundle has no {f}");
+        assert!(out.join(f).is_file(), "{input}: bundle has no {f}");
     }
     let opts = LoadOptions {
         threads: 1,
         ..Default::default()
     };
     let model = Model::load(&out, &opts).unwrap();
-    assert!(model.has_ring_cache(), "{model}: the converted graph fuses");
+    assert!(model.has_ring_cache(), "{input}: the converted graph fuses");
     model
 }
 
@@ -86,7 +95,11 @@ fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
 }
 
 fn check_f32(model_name: &str) {
-    let model = converted(model_name, Quant::F32);
+    check_f32_from(model_name, &format!("{model_name}/hf"));
+}
+
+fn check_f32_from(model_name: &str, input: &str) {
+    let model = converted_from(input, Quant::F32);
     let reference = reference(model_name);
     let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
     let want = reference.logits.concat();
@@ -155,6 +168,21 @@ fn llama_hf_f32_reproduces_reference_logits_and_greedy_tokens() {
 #[test]
 fn gpt2_hf_f32_reproduces_reference_logits_and_greedy_tokens() {
     check_f32("tiny-gpt2");
+}
+
+/// llama.cpp's GPT-2 layout (fused `attn_qkv` stored (out, in), `position_embd`, the tied head
+/// written out as `output.weight`) and its BPE vocabulary rebuilt as `tokenizer.json`.
+#[test]
+fn gpt2_gguf_f32_reproduces_reference_logits_and_greedy_tokens() {
+    check_f32_from("tiny-gpt2", "tiny-gpt2/gguf/tiny-gpt2.gguf");
+    let tokenizer = edgelm::tokenizer::Tokenizer::from_file(
+        &Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("convert_hf-tiny-gpt2-gguf-tiny-gpt2.gguf-f32/tokenizer.json"),
+    )
+    .unwrap();
+    for g in reference("tiny-gpt2").greedy {
+        assert_eq!(tokenizer.encode(&g.prompt, true).unwrap(), g.prompt_ids);
+    }
 }
 
 #[test]
