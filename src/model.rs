@@ -1445,7 +1445,7 @@ fn requantize_matmul_integer(
         }
     }
     let (q8, scales) = quantize_q8_fitted(&f, n, k);
-    Ok(Q8Weights::owned(name, n, k, q8, scales)?)
+    Q8Weights::owned(name, n, k, q8, scales)
 }
 
 /// Removes nodes none of whose outputs is read (by a node or as a graph output), repeatedly.

@@ -110,7 +110,7 @@ fn gpt2_params(g: &Gguf) -> Result<LlamaParams> {
         dims => bail!("token_embd.weight has dims {dims:?}, expected [{hidden}, vocab]"),
     };
     ensure!(
-        heads > 0 && hidden % heads == 0,
+        heads > 0 && hidden.is_multiple_of(heads),
         "embedding length {hidden} is not a multiple of {heads} heads"
     );
     Ok(LlamaParams {

@@ -333,7 +333,7 @@ fn gpt2_params(cfg: HfGpt2Config, dir: &Path) -> Result<LlamaParams> {
         );
     }
     ensure!(
-        cfg.n_head > 0 && cfg.n_embd % cfg.n_head == 0,
+        cfg.n_head > 0 && cfg.n_embd.is_multiple_of(cfg.n_head),
         "\"{}\": n_embd {} is not a multiple of n_head {}",
         dir.display(),
         cfg.n_embd,
