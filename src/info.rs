@@ -100,7 +100,7 @@ fn fast_paths(s: &LoadSummary) -> Vec<String> {
     match &s.int8_exec {
         Some(exec) => lines.push(format!(
             "fast path int8: {} Q8MatMul + {} Q8Gather ops ({exec}); {} rewritten from MatMulInteger, \
-             {} weights on the heap, the rest mapped in place",
+             {} weights requantized or copied onto the heap (the others mapped in place)",
             s.q8_matmuls, s.q8_gathers, s.matmul_integer_rewritten, s.q8_on_heap
         )),
         None => lines.push("fast path int8: off (no int8 weights our operators take)".into()),

@@ -5,7 +5,9 @@
 //! external-data files beside it, and `config.json` / `generation_config.json`.
 //!
 //! Loading goes: mmap `model.onnx` → decode the protobuf → pre-pass over the protobuf
-//! (validate external data, rewrite blocked `DequantizeLinear`, pin the batch to 1) → tract
+//! (validate external data, route int8 weights to our operators — our blocked
+//! `DequantizeLinear` in place, ONNX Runtime's `MatMulInteger` requantized — fold the other
+//! blocked `DequantizeLinear`, pin the batch to 1) → tract
 //! parse → typed → decluttered → optimized → plan. Everything heavy happens once, in
 //! [`Model::load`]; [`State::forward`] only feeds tensors through the plan.
 //!
@@ -1380,17 +1382,20 @@ fn route_matmul_integer(graph: &mut pb::GraphProto, external: &ExternalData) -> 
         else {
             continue;
         };
-        let w_zero = m.input.get(3).filter(|s| !s.is_empty()).map(|s| {
-            inits
-                .get(s.as_str())
-                .copied()
-                .context("weight zero point is not constant")
-        });
-        let w_zero = match w_zero {
-            Some(Ok(t)) => Some(t),
-            Some(Err(_)) => continue,
+        let w_zero = match m.input.get(3).filter(|s| !s.is_empty()) {
             None => None,
+            Some(name) => match inits.get(name.as_str()) {
+                Some(&t) => Some(t),
+                None => continue,
+            },
         };
+        let int8 = [DataType::Int8 as i32, DataType::Uint8 as i32];
+        if !int8.contains(&w.data_type)
+            || w_zero.is_some_and(|z| !int8.contains(&z.data_type))
+            || w_scale.data_type != DataType::Float as i32
+        {
+            continue;
+        }
         let label = &mul.output[0];
         let weights = requantize_matmul_integer(label, w, w_scale, w_zero, external)
             .with_context(|| format!("MatMulInteger {:?}", m.name))?;

@@ -211,3 +211,90 @@ fn unsupported_architecture_is_named() {
     let msg = format!("{err:#}");
     assert!(msg.contains("unsupported architecture \"mamba\""), "{msg}");
 }
+
+/// The tiny Llama checkpoint in `dir` as Qwen2: `model_type` changed and a Q/K/V bias of
+/// `len(proj)` zeros added per layer (`q_len` for layer 0's Q bias).
+fn qwen2_from_tiny_llama(dir: &Path, q_len: usize) {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).unwrap();
+    let hf = fixture("tiny-llama/hf");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        fs::copy(hf.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "qwen2".into();
+    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let raw = fs::read(hf.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&raw[8..8 + header_len]).unwrap();
+    let mut data = raw[8 + header_len..].to_vec();
+    for layer in 0..2 {
+        for (proj, len) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
+            let len = if layer == 0 && proj == "q_proj" {
+                q_len
+            } else {
+                len
+            };
+            let start = data.len();
+            data.extend(std::iter::repeat_n(0u8, 4 * len));
+            header.insert(
+                format!("model.layers.{layer}.self_attn.{proj}.bias"),
+                serde_json::json!({"dtype": "F32", "shape": [len], "data_offsets": [start, data.len()]}),
+            );
+        }
+    }
+    let header = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(data);
+    fs::write(dir.join("model.safetensors"), out).unwrap();
+}
+
+/// Qwen2 checkpoints carry Q/K/V biases: zero biases leave the tiny Llama's logits as the
+/// reference has them, and a bias of the wrong length is named (so they are read).
+#[test]
+fn qwen2_qkv_biases_are_read() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_hf-qwen2");
+    qwen2_from_tiny_llama(&dir, 64);
+    let out = dir.join("bundle");
+    convert(&ConvertOptions {
+        input: dir.clone(),
+        output: out.clone(),
+        quant: Quant::F32,
+        progress: false,
+    })
+    .unwrap();
+    let model = Model::load(
+        &out,
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = reference("tiny-llama");
+    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let diff = logits
+        .iter()
+        .zip(&reference.logits.concat())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-3, "max abs diff {diff}");
+
+    qwen2_from_tiny_llama(&dir, 63);
+    let err = convert(&ConvertOptions {
+        input: dir.clone(),
+        output: dir.join("bundle-bad"),
+        quant: Quant::F32,
+        progress: false,
+    })
+    .unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        "tensor \"model.layers.0.self_attn.q_proj.bias\" has shape [63], expected [64]"
+    );
+}

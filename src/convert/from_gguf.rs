@@ -38,16 +38,14 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     }
     let tokenizer_json = build_tokenizer_json(&vocab)?;
     let tokenizer_config = build_tokenizer_config(&vocab, Some(params.max_positions as u64));
+    let arch = params.arch;
     Ok(Checkpoint {
-        params: params.clone(),
+        params,
         tokenizer_json,
         tokenizer_config,
         bos_id: vocab.bos_id,
         eos_ids: vocab.eos_id.into_iter().collect(),
-        weights: Box::new(GgufWeights {
-            gguf,
-            arch: params.arch,
-        }),
+        weights: Box::new(GgufWeights { gguf, arch }),
     })
 }
 

@@ -310,8 +310,9 @@ fn llama_params(cfg: HfLlamaConfig, model_type: &str, dir: &Path) -> Result<Llam
         rms_eps: cfg.rms_norm_eps,
         max_positions: cfg.max_position_embeddings,
         tied_embeddings: cfg.tie_word_embeddings,
-        // Qwen2 always has Q/K/V biases; Llama only when `attention_bias` says so.
-        attention_bias: cfg.attention_bias.unwrap_or(model_type == "qwen2"),
+        // Qwen2 always has Q/K/V biases (transformers ignores its `attention_bias`); Llama
+        // only when `attention_bias` says so.
+        attention_bias: model_type == "qwen2" || cfg.attention_bias.unwrap_or(false),
     })
 }
 

@@ -1,5 +1,6 @@
 //! The int8 operators tract runs for us: [`Q8MatMul`] (`y = x Wᵀ`) and [`Q8Gather`] (rows
-//! of W, the embedding lookup), over Q8 weights read in place from the memory-mapped bundle.
+//! of W, the embedding lookup), over Q8 weights read in place from the memory-mapped bundle
+//! (or, for weights requantized from another format at load, held on the heap).
 //!
 //! tract's own int8 matmul is far too slow for decode and its constant folding would copy
 //! every weight to the heap as f32, so the loader's pre-pass (in `model.rs`) replaces
