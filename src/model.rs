@@ -2422,6 +2422,39 @@ mod tests {
         );
     }
 
+    /// ONNX Runtime's per-tensor u8 weights with a zero point, W (k, n) = (q - 128) * 0.25,
+    /// become our (n, k) blocks: every value within half a quantization step of W.
+    #[test]
+    fn matmul_integer_weights_requantize_per_tensor_u8() {
+        let (k, n) = (40, 3);
+        let q: Vec<u8> = (0..k * n).map(|i| (i * 37 % 200 + 28) as u8).collect(); // (k, n)
+        let w = initializer("w", &[k, n], DataType::Uint8, q.clone());
+        let scale = initializer("s", &[], DataType::Float, 0.25f32.to_le_bytes().to_vec());
+        let zero = initializer("z", &[], DataType::Uint8, vec![128]);
+        let weights =
+            requantize_matmul_integer("w", &w, &scale, Some(&zero), &no_external()).unwrap();
+        let m = weights.matrix().unwrap();
+        assert_eq!((m.n(), m.k()), (n, k));
+        for c in 0..n {
+            for r in 0..k {
+                let step = m.scales()[c * m.blocks_per_row() + r / 32];
+                let got = f32::from(m.q()[c * k + r]) * step;
+                let want = (f32::from(q[r * n + c]) - 128.0) * 0.25;
+                assert!(
+                    (got - want).abs() <= step / 2.0 + 1e-6,
+                    "W[{r}, {c}]: {got} vs {want}"
+                );
+            }
+        }
+
+        let two = initializer("s2", &[2], DataType::Float, vec![0; 8]);
+        let err = requantize_matmul_integer("w", &w, &two, None, &no_external()).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "scale of \"w\" has 2 values for 3 columns"
+        );
+    }
+
     #[test]
     fn model_is_shared_across_threads_and_state_can_move() {
         fn send_sync<T: Send + Sync>() {}
