@@ -10,9 +10,13 @@ fn fixture(path: &str) -> PathBuf {
 }
 
 fn info(bundle: &str) -> String {
+    info_of(&fixture(bundle))
+}
+
+fn info_of(dir: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
         .args(["info", "-t", "1", "-m"])
-        .arg(fixture(bundle))
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -70,5 +74,43 @@ fn info_describes_an_f32_llama_export() {
     assert_eq!(
         line(&text, "fast path int8: "),
         "off (no int8 weights our operators take)"
+    );
+}
+
+/// `edgelm convert HF_DIR` then `info`: every GPT-2 linear layer (Q, K, V split from `c_attn`,
+/// both projections, the MLP, the tied LM head) and the embedding run on the int8 operators,
+/// their weights mapped in place.
+#[test]
+fn info_after_converting_the_hf_gpt2_shows_int8_weights_in_place() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("info-converted-gpt2");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .arg("convert")
+        .arg(fixture("tiny-gpt2/hf"))
+        .arg("-o")
+        .arg(&dir)
+        .args(["--quant", "int8"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = info_of(&dir);
+    assert_eq!(line(&text, "architecture: "), "gpt2 (GPT2LMHeadModel)");
+    assert_eq!(
+        line(&text, "quantization: "),
+        "int8, blocks of 32 with an f32 scale (edgelm)"
+    );
+    let int8 = line(&text, "fast path int8: ");
+    assert!(int8.starts_with("13 Q8MatMul + 1 Q8Gather ops ("), "{int8}");
+    assert!(
+        int8.contains("0 weights requantized or copied onto the heap"),
+        "{int8}"
+    );
+    assert_eq!(
+        line(&text, "fast path KV cache: "),
+        "ring buffer fused into the attention (RingAttention)"
     );
 }
