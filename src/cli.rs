@@ -42,6 +42,17 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve the line protocol (PROTOCOL.md) on stdin/stdout or a serial port.
     Serve(ServeArgs),
+    /// Describe a bundle: architecture, sizes, quantization, context, special tokens, and
+    /// which fast paths (int8 operators, ring-buffer KV cache) it gets.
+    Info(InfoArgs),
+}
+
+/// `edgelm info` flags.
+#[derive(Args, Debug, Clone)]
+pub struct InfoArgs {
+    /// Model and threads.
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 /// `edgelm bench` flags.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod generate;
+pub mod info;
 pub mod kv_cache;
 pub mod logger;
 pub mod model;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             &mut std::io::stdout().lock(),
         ),
         Command::Convert(args) => edgelm::convert::convert(&args.to_options()).map(|_| ()),
+        Command::Info(args) => edgelm::info::run(args, &mut std::io::stdout().lock()),
         Command::Bench(args) => edgelm::bench::run(args, &mut std::io::stdout().lock()),
         Command::Serve(args) => args.to_options().and_then(|o| edgelm::serve::serve(&o)),
     };

@@ -5,7 +5,9 @@
 //! external-data files beside it, and `config.json` / `generation_config.json`.
 //!
 //! Loading goes: mmap `model.onnx` → decode the protobuf → pre-pass over the protobuf
-//! (validate external data, rewrite blocked `DequantizeLinear`, pin the batch to 1) → tract
+//! (validate external data, route int8 weights to our operators — our blocked
+//! `DequantizeLinear` in place, ONNX Runtime's `MatMulInteger` requantized — fold the other
+//! blocked `DequantizeLinear`, pin the batch to 1) → tract
 //! parse → typed → decluttered → optimized → plan. Everything heavy happens once, in
 //! [`Model::load`]; [`State::forward`] only feeds tensors through the plan.
 //!
@@ -16,7 +18,7 @@
 //! does not match keeps the explicit path (each forward feeds the previous presents back as
 //! pasts, bounded by the model's context), with a log line saying so.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +39,7 @@ use crate::attention::{self, RingState};
 use crate::config::Config;
 use crate::kv_cache::{KvType, LayerKv, RingLayout, Shift};
 use crate::quant::op::{self as q8op, Q8Exec, Q8Gather, Q8MatMul, Q8Weights, WeightBytes};
-use crate::quant::{blocks_per_row, Kernel, Scheme, ThreadPool, BLOCK};
+use crate::quant::{blocks_per_row, quantize_q8_fitted, Kernel, Scheme, ThreadPool, BLOCK};
 
 /// The graph file inside a bundle.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -150,6 +152,37 @@ pub struct Model {
     io: Arc<Bindings>,
     config: Config,
     threads: usize,
+    summary: LoadSummary,
+}
+
+/// What the loader found in a bundle and which fast paths it took (for `edgelm info`).
+#[derive(Debug, Clone, Default)]
+pub struct LoadSummary {
+    /// Node count per op type in `model.onnx` as written.
+    pub source_ops: BTreeMap<String, usize>,
+    /// Values held by the graph's initializers (weights, in the stored precision).
+    pub parameters: usize,
+    /// Bytes of those initializers.
+    pub weight_bytes: usize,
+    /// int8 linear layers run by our [`Q8MatMul`] operator.
+    pub q8_matmuls: usize,
+    /// int8 embedding lookups run by our [`Q8Gather`] operator.
+    pub q8_gathers: usize,
+    /// Of the int8 weights, those requantized or copied onto the heap (the rest are used in
+    /// place from the mapped file).
+    pub q8_on_heap: usize,
+    /// ONNX Runtime `MatMulInteger` layers rewritten onto [`Q8MatMul`].
+    pub matmul_integer_rewritten: usize,
+    /// Blocked `DequantizeLinear` nodes folded into f32 constants (tract runs them).
+    pub dequantize_folded: usize,
+    /// The int8 kernel settings, when any int8 operator runs.
+    pub int8_exec: Option<String>,
+    /// Whether the KV cache is the fused ring buffer.
+    pub ring_cache: bool,
+    /// Whether the LM head computes only the logit rows asked for.
+    pub logit_rows: bool,
+    /// Node count per op name in the optimized graph tract runs.
+    pub optimized_ops: BTreeMap<String, usize>,
 }
 
 /// One conversation's KV cache and position; owned by the caller.
@@ -193,10 +226,25 @@ impl Model {
             .ok_or_else(|| anyhow!("{model_path:?} has no graph"))?;
         let external = ExternalData::collect(graph, dir)
             .with_context(|| format!("external data of {model_path:?}"))?;
+        let mut summary = LoadSummary::default();
+        for node in &graph.node {
+            *summary.source_ops.entry(node.op_type.clone()).or_default() += 1;
+        }
+        for t in &graph.initializer {
+            let count = element_count(t)?;
+            summary.parameters += count;
+            summary.weight_bytes += count * elem_size(t.data_type).unwrap_or(0);
+        }
         let q8 = match opts.int8 {
             Int8Path::Fold => Q8Table::new(),
             Int8Path::Q8F32 | Int8Path::Q8Q8 => {
-                route_q8(graph, &external).with_context(|| format!("rewriting {model_path:?}"))?
+                let mut q8 = route_q8(graph, &external)
+                    .with_context(|| format!("rewriting {model_path:?}"))?;
+                let ort = route_matmul_integer(graph, &external)
+                    .with_context(|| format!("rewriting {model_path:?}"))?;
+                summary.matmul_integer_rewritten = ort.len();
+                q8.extend(ort);
+                q8
             }
         };
         let rewritten = rewrite_blocked_dequantize(graph, &external)
@@ -241,6 +289,8 @@ impl Model {
             bind_q8(&mut typed, &q8, &exec)
                 .with_context(|| format!("binding the int8 weights of {model_path:?}"))?;
             let copied = q8.values().filter(|w| !w.is_mapped()).count();
+            summary.q8_on_heap = copied;
+            summary.int8_exec = Some(format!("{exec:?}"));
             log::info!(
                 "{} int8 weights ({} MB) run by {exec:?}; {copied} copied to the heap",
                 q8.len(),
@@ -253,6 +303,17 @@ impl Model {
         let optimized = typed
             .into_optimized()
             .with_context(|| format!("optimizing {model_path:?}"))?;
+        for node in optimized.nodes() {
+            *summary
+                .optimized_ops
+                .entry(node.op.name().to_string())
+                .or_default() += 1;
+        }
+        summary.q8_matmuls = count_op(&optimized, |n| n.op_is::<Q8MatMul>());
+        summary.q8_gathers = count_op(&optimized, |n| n.op_is::<Q8Gather>());
+        summary.dequantize_folded = rewritten;
+        summary.ring_cache = fused;
+        summary.logit_rows = logit_rows;
         let io = io_names
             .bind(&optimized, &config, fused)
             .with_context(|| format!("binding the inputs and outputs of {model_path:?}"))?;
@@ -280,6 +341,7 @@ impl Model {
             io: Arc::new(io),
             config,
             threads,
+            summary,
         })
     }
 
@@ -291,6 +353,11 @@ impl Model {
     /// The bundle's validated configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What the loader found and which fast paths are active.
+    pub fn summary(&self) -> &LoadSummary {
+        &self.summary
     }
 
     /// Whether the KV cache is the fixed-capacity ring (else the graph's explicit I/O).
@@ -1217,6 +1284,194 @@ fn weight_bytes<'t>(t: &'t pb::TensorProto, external: &ExternalData) -> Result<W
     } else {
         Ok(WeightBytes::Inline(&t.raw_data))
     }
+}
+
+/// Nodes of `model` for which `is` holds.
+fn count_op(model: &TypedModel, is: impl Fn(&TypedNode) -> bool) -> usize {
+    model.nodes().iter().filter(|n| is(n)).count()
+}
+
+/// Replaces ONNX Runtime's dynamic int8 linear layers (`quantize_dynamic`):
+/// `DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q (k, n), x_zp, W_zp) → Cast(float) →
+/// Mul(·, x_scale · W_scale)` becomes one `Q8MatMul` on `x`, with W dequantized (per-column or
+/// per-tensor scale and zero point) and requantized in memory into our blocks of 32 along k.
+///
+/// Activations then stay f32 (or per-block int8 with `--int8 q8q8`) instead of ORT's single
+/// per-tensor u8 scale. The quantizer nodes left without consumers are removed afterwards.
+/// Anything that does not match exactly stays for tract (its slow integer path).
+fn route_matmul_integer(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<Q8Table> {
+    let is_op = |n: &pb::NodeProto, op: &str| {
+        n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx")
+    };
+    if !graph.node.iter().any(|n| is_op(n, "MatMulInteger")) {
+        return Ok(Q8Table::new());
+    }
+    let inits: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        for out in &node.output {
+            producer.insert(out.as_str(), i);
+        }
+        for input in &node.input {
+            consumers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let only_consumer = |value: &str| -> Option<usize> {
+        match consumers.get(value).map(Vec::as_slice) {
+            Some(&[c]) if !outputs.contains(value) => Some(c),
+            _ => None,
+        }
+    };
+    let mut replace: HashMap<usize, pb::NodeProto> = HashMap::new();
+    let mut table = Q8Table::new();
+    for m in graph.node.iter().filter(|n| is_op(n, "MatMulInteger")) {
+        let (Some(xq), Some(w)) = (
+            m.input.first(),
+            m.input.get(1).and_then(|n| inits.get(n.as_str())),
+        ) else {
+            continue;
+        };
+        let Some(d) = producer.get(xq.as_str()).map(|&i| &graph.node[i]) else {
+            continue;
+        };
+        if !is_op(d, "DynamicQuantizeLinear") || d.output.len() != 3 || d.output[0] != *xq {
+            continue;
+        }
+        if m.input
+            .get(2)
+            .is_some_and(|zp| !zp.is_empty() && *zp != d.output[2])
+        {
+            continue;
+        }
+        let Some(cast_ix) = m.output.first().and_then(|o| only_consumer(o)) else {
+            continue;
+        };
+        let cast = &graph.node[cast_ix];
+        if !is_op(cast, "Cast") || int_attr(cast, "to") != Some(DataType::Float as i64) {
+            continue;
+        }
+        let Some(mul_ix) = only_consumer(&cast.output[0]) else {
+            continue;
+        };
+        let mul = &graph.node[mul_ix];
+        if !is_op(mul, "Mul") || mul.input.len() != 2 {
+            continue;
+        }
+        let scale_value = if mul.input[0] == cast.output[0] {
+            &mul.input[1]
+        } else {
+            &mul.input[0]
+        };
+        let Some(scale_mul) = producer.get(scale_value.as_str()).map(|&i| &graph.node[i]) else {
+            continue;
+        };
+        if !is_op(scale_mul, "Mul") || !scale_mul.input.contains(&d.output[1]) {
+            continue;
+        }
+        let Some(w_scale) = scale_mul
+            .input
+            .iter()
+            .find(|i| **i != d.output[1])
+            .and_then(|i| inits.get(i.as_str()))
+        else {
+            continue;
+        };
+        let w_zero = match m.input.get(3).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(name) => match inits.get(name.as_str()) {
+                Some(&t) => Some(t),
+                None => continue,
+            },
+        };
+        let int8 = [DataType::Int8 as i32, DataType::Uint8 as i32];
+        if !int8.contains(&w.data_type)
+            || w_zero.is_some_and(|z| !int8.contains(&z.data_type))
+            || w_scale.data_type != DataType::Float as i32
+        {
+            continue;
+        }
+        let label = &mul.output[0];
+        let weights = requantize_matmul_integer(label, w, w_scale, w_zero, external)
+            .with_context(|| format!("MatMulInteger {:?}", m.name))?;
+        // Checked by the requantization: W is (k, n).
+        let (k, n) = (w.dims[0] as usize, w.dims[1] as usize);
+        replace.insert(mul_ix, q8_node(q8op::MATMUL, &d.input[0], mul, label, n, k));
+        table.insert(label.clone(), Arc::new(weights));
+    }
+    drop((inits, producer, consumers, outputs));
+    for (i, node) in replace {
+        graph.node[i] = node;
+    }
+    remove_dead_nodes(graph);
+    Ok(table)
+}
+
+/// ORT's int8 weight W_q (k, n) with scale and zero point per column (n) or per tensor,
+/// as our Q8 blocks of W (n, k).
+fn requantize_matmul_integer(
+    name: &str,
+    w: &pb::TensorProto,
+    scale: &pb::TensorProto,
+    zero: Option<&pb::TensorProto>,
+    external: &ExternalData,
+) -> Result<Q8Weights> {
+    let (k, n) = match w.dims.as_slice() {
+        &[k, n] if k > 0 && n > 0 => (k as usize, n as usize),
+        dims => bail!("weight {:?} has dims {dims:?}, expected (k, n)", w.name),
+    };
+    let q = tensor_ints(w, external)?; // (k, n)
+    let s = tensor_floats(scale, external)?; // (n) or (1)
+    let z = match zero {
+        Some(t) => tensor_ints(t, external)?, // (n) or (1)
+        None => vec![0],
+    };
+    let per_column = |v: usize, what: &str| -> Result<bool> {
+        match v {
+            1 => Ok(false),
+            v if v == n => Ok(true),
+            v => bail!("{what} of {:?} has {v} values for {n} columns", w.name),
+        }
+    };
+    let (s_cols, z_cols) = (
+        per_column(s.len(), "scale")?,
+        per_column(z.len(), "zero point")?,
+    );
+    let mut f = vec![0f32; n * k]; // (n, k)
+    for r in 0..k {
+        for c in 0..n {
+            let (sc, zp) = (s[if s_cols { c } else { 0 }], z[if z_cols { c } else { 0 }]);
+            f[c * k + r] = (q[r * n + c] - zp) as f32 * sc;
+        }
+    }
+    let (q8, scales) = quantize_q8_fitted(&f, n, k);
+    Q8Weights::owned(name, n, k, q8, scales)
+}
+
+/// Removes nodes none of whose outputs is read (by a node or as a graph output), repeatedly.
+fn remove_dead_nodes(graph: &mut pb::GraphProto) {
+    loop {
+        let read: HashSet<String> = graph
+            .node
+            .iter()
+            .flat_map(|n| n.input.iter())
+            .chain(graph.output.iter().map(|o| &o.name))
+            .cloned()
+            .collect();
+        let before = graph.node.len();
+        graph
+            .node
+            .retain(|n| n.output.iter().any(|o| !o.is_empty() && read.contains(o)));
+        if graph.node.len() == before {
+            break;
+        }
+    }
+    prune_initializers(graph);
 }
 
 /// `(x, scale, n, k)` if `node` is a `DequantizeLinear` our int8 operators can take over.
@@ -2164,6 +2419,39 @@ mod tests {
         assert!(
             err.contains("x_scale has shape [2, 2], expected [2, 3]"),
             "{err}"
+        );
+    }
+
+    /// ONNX Runtime's per-tensor u8 weights with a zero point, W (k, n) = (q - 128) * 0.25,
+    /// become our (n, k) blocks: every value within half a quantization step of W.
+    #[test]
+    fn matmul_integer_weights_requantize_per_tensor_u8() {
+        let (k, n) = (40, 3);
+        let q: Vec<u8> = (0..k * n).map(|i| (i * 37 % 200 + 28) as u8).collect(); // (k, n)
+        let w = initializer("w", &[k, n], DataType::Uint8, q.clone());
+        let scale = initializer("s", &[], DataType::Float, 0.25f32.to_le_bytes().to_vec());
+        let zero = initializer("z", &[], DataType::Uint8, vec![128]);
+        let weights =
+            requantize_matmul_integer("w", &w, &scale, Some(&zero), &no_external()).unwrap();
+        let m = weights.matrix().unwrap();
+        assert_eq!((m.n(), m.k()), (n, k));
+        for c in 0..n {
+            for r in 0..k {
+                let step = m.scales()[c * m.blocks_per_row() + r / 32];
+                let got = f32::from(m.q()[c * k + r]) * step;
+                let want = (f32::from(q[r * n + c]) - 128.0) * 0.25;
+                assert!(
+                    (got - want).abs() <= step / 2.0 + 1e-6,
+                    "W[{r}, {c}]: {got} vs {want}"
+                );
+            }
+        }
+
+        let two = initializer("s2", &[2], DataType::Float, vec![0; 8]);
+        let err = requantize_matmul_integer("w", &w, &two, None, &no_external()).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "scale of \"w\" has 2 values for 3 columns"
         );
     }
 

@@ -219,3 +219,53 @@ fn run_json_reports_every_shift() {
         );
     }
 }
+
+/// GPT-2's learned positions end at `n_positions` (128 in the tiny model): generating well past
+/// it re-prefills the kept window at fresh positions instead of indexing past `wpe`, and says so.
+#[test]
+fn gpt2_generates_past_n_positions_with_a_reported_reposition() {
+    let model = Model::load(
+        &fixture("tiny-gpt2/onnx-f32"),
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(model.has_ring_cache());
+    let n_positions = model.config().max_position_embeddings;
+    assert_eq!(n_positions, 128);
+    let mut state = model.new_state();
+    let mut logits = state.forward(&[5, 17, 42]).unwrap();
+    let mut shifts = Vec::new();
+    for _ in 0..3 * n_positions {
+        logits = state.forward(&[argmax(&logits)]).unwrap();
+        shifts.extend(state.take_shifts());
+        assert!(state.position() <= n_positions);
+    }
+    let repositions = shifts.iter().filter(|s| s.repositioned).count();
+    assert!(repositions >= 2, "{shifts:?}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+        .args(["run", "-m"])
+        .arg(fixture("tiny-gpt2/onnx-f32"))
+        .args(["-n", "300", "--ignore-eos", "--json", "Once upon a time"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.last().unwrap()["generated_tokens"], 300);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "shift" && l["repositioned"] == true),
+        "no repositioned shift reported"
+    );
+}

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use edgelm::model::{ForwardError, LoadOptions, Model, State};
+use edgelm::model::{ForwardError, Int8Path, LoadOptions, Model, State};
 use prost::Message;
 use serde::Deserialize;
 use tract_onnx::pb;
@@ -166,10 +166,20 @@ fn gpt2_f32_greedy_matches_reference() {
 }
 
 /// Top-1 agreement of the int8 (`MatMulInteger`) bundle with the f32 one, teacher-forced on
-/// the reference ids and on every greedy prompt + continuation.
-fn int8_top1_agreement(model_name: &str) -> f64 {
+/// the reference ids and on every greedy prompt + continuation, run by `int8` (our operator
+/// after the rewrite, or tract's integer path with `Fold`); also reports the largest logit
+/// difference and the greedy tokens.
+fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> f64 {
     let f32_model = load(&format!("{model_name}/onnx-f32"));
-    let int8_model = load(&format!("{model_name}/onnx-int8"));
+    let int8_model = Model::load(
+        &fixture(&format!("{model_name}/onnx-int8")),
+        &LoadOptions {
+            threads: 1,
+            int8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let vocab = f32_model.config().vocab_size;
     let reference = reference(model_name);
     let mut sequences = vec![reference.ids.clone()];
@@ -180,10 +190,11 @@ fn int8_top1_agreement(model_name: &str) -> f64 {
             .map(|g| [&g.prompt_ids[..], &g.generated_ids[..]].concat()),
     );
 
-    let (mut agree, mut total) = (0, 0);
+    let (mut agree, mut total, mut diff) = (0, 0, 0f32);
     for ids in &sequences {
         let want = f32_model.new_state().forward_all(ids).unwrap(); // (ids, vocab)
         let got = int8_model.new_state().forward_all(ids).unwrap(); // (ids, vocab)
+        diff = diff.max(max_abs_diff(&want, &got));
         for (w, g) in want.chunks(vocab).zip(got.chunks(vocab)) {
             agree += usize::from(argmax(w) == argmax(g));
             total += 1;
@@ -193,13 +204,22 @@ fn int8_top1_agreement(model_name: &str) -> f64 {
     for g in &reference.greedy {
         let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
         eprintln!(
-            "{model_name} int8 greedy {:?}: {tokens:?} (f32: {:?})",
+            "{model_name} int8 ({int8:?}) greedy {:?}: {tokens:?} (f32: {:?})",
             g.prompt, g.generated_ids
         );
     }
     let rate = agree as f64 / total as f64;
-    eprintln!("{model_name} int8: top-1 agreement with f32 {agree}/{total} = {rate:.3}");
+    eprintln!(
+        "{model_name} int8 ({int8:?}): top-1 agreement with f32 {agree}/{total} = {rate:.3}, \
+         max |logits - f32| = {diff:.4}"
+    );
     rate
+}
+
+fn int8_top1_agreement(model_name: &str) -> f64 {
+    // tract's own integer path, for comparison in the log (it follows ORT's numerics).
+    int8_top1_agreement_with(model_name, Int8Path::Fold);
+    int8_top1_agreement_with(model_name, Int8Path::Q8F32)
 }
 
 #[test]
@@ -210,6 +230,41 @@ fn llama_int8_runs_and_mostly_agrees_with_f32() {
 #[test]
 fn gpt2_int8_runs_and_mostly_agrees_with_f32() {
     assert!(int8_top1_agreement("tiny-gpt2") >= 0.9);
+}
+
+/// ONNX Runtime `quantize_dynamic` bundles: every `MatMulInteger` layer is rewritten onto our
+/// int8 operator, so none of tract's integer-matmul path (its `DynamicQuantizeLinearU8` /
+/// `OffsetU8asI8` ops, present with `--int8 fold`) is left in the optimized graph.
+#[test]
+fn ort_matmul_integer_runs_on_the_q8_operator() {
+    for (bundle, layers) in [("tiny-llama/onnx-int8", 14), ("tiny-gpt2/onnx-int8", 8)] {
+        let model = load(bundle);
+        let s = model.summary();
+        assert_eq!(s.source_ops.get("MatMulInteger"), Some(&layers), "{bundle}");
+        assert_eq!(s.matmul_integer_rewritten, layers, "{bundle}");
+        assert_eq!(s.q8_matmuls, layers, "{bundle}");
+        for op in ["DynamicQuantizeLinearU8", "OffsetU8asI8", "MatMulInteger"] {
+            assert!(
+                !s.optimized_ops.contains_key(op),
+                "{bundle}: {op} left in {:?}",
+                s.optimized_ops
+            );
+        }
+        assert!(s.ring_cache, "{bundle}");
+
+        let folded = Model::load(
+            &fixture(bundle),
+            &LoadOptions {
+                threads: 1,
+                int8: Int8Path::Fold,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let s = folded.summary();
+        assert_eq!(s.matmul_integer_rewritten, 0);
+        assert!(s.optimized_ops.contains_key("DynamicQuantizeLinearU8"));
+    }
 }
 
 #[test]

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use super::gguf::Gguf;
-use super::llama::LlamaParams;
+use super::llama::{Arch, LlamaParams};
 use super::tokenizer_json::{build_tokenizer_config, build_tokenizer_json, GgufVocab};
 use super::{Checkpoint, Weight, WeightSource};
 
@@ -17,13 +17,15 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         .get_str("general.architecture")
         .with_context(|| format!("reading \"{}\"", path.display()))?
         .to_string();
-    if arch != "llama" {
-        bail!(
-            "\"{}\": unsupported architecture \"{arch}\" (supported: llama)",
+    let params = match arch.as_str() {
+        "llama" => llama_params(&gguf),
+        "gpt2" => gpt2_params(&gguf),
+        _ => bail!(
+            "\"{}\": unsupported architecture \"{arch}\" (supported: llama, gpt2)",
             path.display()
-        );
+        ),
     }
-    let params = llama_params(&gguf).with_context(|| format!("reading \"{}\"", path.display()))?;
+    .with_context(|| format!("reading \"{}\"", path.display()))?;
     let vocab =
         vocab(&gguf).with_context(|| format!("reading tokenizer of \"{}\"", path.display()))?;
     if vocab.tokens.len() != params.vocab {
@@ -36,13 +38,14 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     }
     let tokenizer_json = build_tokenizer_json(&vocab)?;
     let tokenizer_config = build_tokenizer_config(&vocab, Some(params.max_positions as u64));
+    let arch = params.arch;
     Ok(Checkpoint {
         params,
         tokenizer_json,
         tokenizer_config,
         bos_id: vocab.bos_id,
         eos_ids: vocab.eos_id.into_iter().collect(),
-        weights: Box::new(GgufWeights { gguf }),
+        weights: Box::new(GgufWeights { gguf, arch }),
     })
 }
 
@@ -76,6 +79,7 @@ fn llama_params(g: &Gguf) -> Result<LlamaParams> {
         }
     }
     Ok(LlamaParams {
+        arch: Arch::Llama,
         vocab,
         hidden,
         layers: int("llama.block_count")?,
@@ -87,6 +91,41 @@ fn llama_params(g: &Gguf) -> Result<LlamaParams> {
         rms_eps: g.get_f32("llama.attention.layer_norm_rms_epsilon")?,
         max_positions: int("llama.context_length")?,
         tied_embeddings: g.tensor("output.weight").is_none(),
+        attention_bias: false,
+    })
+}
+
+/// GPT-2 hyper-parameters from llama.cpp's `gpt2.*` keys.
+fn gpt2_params(g: &Gguf) -> Result<LlamaParams> {
+    let int = |k: &str| -> Result<usize> { Ok(usize::try_from(g.get_u64(k)?)?) };
+    let hidden = int("gpt2.embedding_length")?;
+    let heads = int("gpt2.attention.head_count")?;
+    let embd = g
+        .tensor("token_embd.weight")
+        .context("GGUF has no tensor \"token_embd.weight\"")?;
+    let vocab = match embd.dims.as_slice() {
+        [d, v] if *d as usize == hidden => usize::try_from(*v)?,
+        dims => bail!("token_embd.weight has dims {dims:?}, expected [{hidden}, vocab]"),
+    };
+    ensure!(
+        heads > 0 && hidden.is_multiple_of(heads),
+        "embedding length {hidden} is not a multiple of {heads} heads"
+    );
+    Ok(LlamaParams {
+        arch: Arch::Gpt2,
+        vocab,
+        hidden,
+        layers: int("gpt2.block_count")?,
+        heads,
+        kv_heads: heads,
+        head_dim: hidden / heads,
+        ffn: int("gpt2.feed_forward_length")?,
+        rope_theta: 0.0,
+        rms_eps: g.get_f32("gpt2.attention.layer_norm_epsilon")?,
+        max_positions: int("gpt2.context_length")?,
+        // llama.cpp writes GPT-2's tied head out as `output.weight`, a copy of the embedding.
+        tied_embeddings: g.tensor("output.weight").is_none(),
+        attention_bias: true,
     })
 }
 
@@ -150,10 +189,14 @@ fn vocab(g: &Gguf) -> Result<GgufVocab> {
 /// GGUF tensors served under Hugging Face names.
 struct GgufWeights {
     gguf: Gguf,
+    arch: Arch,
 }
 
 impl WeightSource for GgufWeights {
     fn tensor(&self, hf_name: &str) -> Result<Option<Weight>> {
+        if self.arch == Arch::Gpt2 {
+            return self.gpt2_tensor(hf_name);
+        }
         let Some((name, unpermute)) = gguf_name(hf_name) else {
             bail!("no GGUF name for tensor \"{hf_name}\"");
         };
@@ -169,6 +212,73 @@ impl WeightSource for GgufWeights {
         }
         Ok(Some(w))
     }
+}
+
+impl GgufWeights {
+    /// A GPT-2 tensor in the Hugging Face layout: llama.cpp stores the `Conv1D` weights
+    /// (in, out) transposed, as (out, in), so they are transposed back here.
+    fn gpt2_tensor(&self, hf_name: &str) -> Result<Option<Weight>> {
+        let Some((name, conv1d)) = gpt2_gguf_name(hf_name) else {
+            bail!("no GGUF name for tensor \"{hf_name}\"");
+        };
+        let Some(info) = self.gguf.tensor(&name) else {
+            return Ok(None);
+        };
+        let w = Weight {
+            shape: info.shape_row_major(),
+            data: self.gguf.dequantize(info)?,
+        };
+        if !conv1d {
+            return Ok(Some(w));
+        }
+        let (rows, cols) = match w.shape.as_slice() {
+            [r, c] => (*r, *c),
+            s => bail!("GGUF tensor \"{name}\" has shape {s:?}, expected 2-D"),
+        };
+        let mut data = vec![0f32; w.data.len()]; // (cols, rows)
+        for r in 0..rows {
+            for c in 0..cols {
+                data[c * rows + r] = w.data[r * cols + c];
+            }
+        }
+        Ok(Some(Weight {
+            shape: vec![cols, rows],
+            data,
+        }))
+    }
+}
+
+/// The GGUF name of a Hugging Face GPT-2 tensor, and whether it is a `Conv1D` weight.
+fn gpt2_gguf_name(hf: &str) -> Option<(String, bool)> {
+    let fixed = match hf {
+        "transformer.wte.weight" => Some("token_embd.weight"),
+        "transformer.wpe.weight" => Some("position_embd.weight"),
+        "transformer.ln_f.weight" => Some("output_norm.weight"),
+        "transformer.ln_f.bias" => Some("output_norm.bias"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some((f.to_string(), false));
+    }
+    let rest = hf.strip_prefix("transformer.h.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (g, conv1d) = match tail {
+        "ln_1.weight" => ("attn_norm.weight", false),
+        "ln_1.bias" => ("attn_norm.bias", false),
+        "attn.c_attn.weight" => ("attn_qkv.weight", true),
+        "attn.c_attn.bias" => ("attn_qkv.bias", false),
+        "attn.c_proj.weight" => ("attn_output.weight", true),
+        "attn.c_proj.bias" => ("attn_output.bias", false),
+        "ln_2.weight" => ("ffn_norm.weight", false),
+        "ln_2.bias" => ("ffn_norm.bias", false),
+        "mlp.c_fc.weight" => ("ffn_up.weight", true),
+        "mlp.c_fc.bias" => ("ffn_up.bias", false),
+        "mlp.c_proj.weight" => ("ffn_down.weight", true),
+        "mlp.c_proj.bias" => ("ffn_down.bias", false),
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{g}"), conv1d))
 }
 
 /// The GGUF name of a Hugging Face Llama tensor, and for Q/K the metadata key of the head

@@ -7,6 +7,7 @@
 pub mod dequant;
 pub mod from_gguf;
 pub mod gguf;
+pub mod gpt2;
 pub mod llama;
 pub mod onnx;
 pub mod safetensors;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use llama::LlamaParams;
+use llama::{Arch, LlamaParams};
 use onnx::{ExternalData, GraphBuilder};
 
 /// How the bundle stores linear-layer and embedding weights.
@@ -100,8 +101,11 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .with_context(|| format!("creating output directory \"{}\"", out.display()))?;
     let data = ExternalData::create(out, "model.onnx_data")?;
     let p = ckpt.params.clone();
-    // Every layer loads 9 tensors; plus embedding, final norm and maybe the LM head.
-    let total = p.layers * 9 + 3;
+    // Tensors read per layer, plus embeddings, final norm and maybe the LM head.
+    let total = match p.arch {
+        Arch::Llama => p.layers * 9 + 3,
+        Arch::Gpt2 => p.layers * gpt2::TENSORS_PER_LAYER + 4,
+    };
     let mut bar = Progress::new(total, opts.progress && std::io::stderr().is_terminal());
     let g = llama::write_graph(
         GraphBuilder::new(data),
@@ -110,7 +114,11 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         ckpt.weights.as_ref(),
         &mut || bar.tick(),
     )?;
-    let data_bytes = g.finish(&out.join("model.onnx"), "edgelm-llama")?;
+    let graph_name = match p.arch {
+        Arch::Llama => "edgelm-llama",
+        Arch::Gpt2 => "edgelm-gpt2",
+    };
+    let data_bytes = g.finish(&out.join("model.onnx"), graph_name)?;
     bar.done();
     write_json(&out.join("config.json"), &config_json(&ckpt, opts.quant))?;
     let gen = json!({
@@ -146,6 +154,29 @@ pub fn open_checkpoint(input: &Path) -> Result<Checkpoint> {
 
 fn config_json(ckpt: &Checkpoint, quant: Quant) -> serde_json::Value {
     let p = &ckpt.params;
+    let edgelm = json!({
+        "quantization": quant.name(),
+        "block_size": llama::BLOCK,
+        "converter": format!("edgelm {}", env!("CARGO_PKG_VERSION")),
+    });
+    if p.arch == Arch::Gpt2 {
+        return json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": p.vocab,
+            "n_embd": p.hidden,
+            "n_inner": p.ffn,
+            "n_layer": p.layers,
+            "n_head": p.heads,
+            "n_positions": p.max_positions,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": p.rms_eps,
+            "tie_word_embeddings": p.tied_embeddings,
+            "bos_token_id": ckpt.bos_id,
+            "eos_token_id": ckpt.eos_ids,
+            "edgelm": edgelm,
+        });
+    }
     json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -160,14 +191,11 @@ fn config_json(ckpt: &Checkpoint, quant: Quant) -> serde_json::Value {
         "max_position_embeddings": p.max_positions,
         "rms_norm_eps": p.rms_eps,
         "rope_theta": p.rope_theta,
+        "attention_bias": p.attention_bias,
         "tie_word_embeddings": p.tied_embeddings,
         "bos_token_id": ckpt.bos_id,
         "eos_token_id": ckpt.eos_ids,
-        "edgelm": {
-            "quantization": quant.name(),
-            "block_size": llama::BLOCK,
-            "converter": format!("edgelm {}", env!("CARGO_PKG_VERSION")),
-        },
+        "edgelm": edgelm,
     })
 }
 

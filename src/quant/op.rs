@@ -1,5 +1,6 @@
 //! The int8 operators tract runs for us: [`Q8MatMul`] (`y = x Wᵀ`) and [`Q8Gather`] (rows
-//! of W, the embedding lookup), over Q8 weights read in place from the memory-mapped bundle.
+//! of W, the embedding lookup), over Q8 weights read in place from the memory-mapped bundle
+//! (or, for weights requantized from another format at load, held on the heap).
 //!
 //! tract's own int8 matmul is far too slow for decode and its constant folding would copy
 //! every weight to the heap as f32, so the loader's pre-pass (in `model.rs`) replaces
@@ -141,6 +142,32 @@ impl Q8Weights {
             k,
             q,
             scales,
+        };
+        w.matrix()?;
+        Ok(w)
+    }
+
+    /// Weights made in memory (requantized from another format), owned by the node.
+    pub fn owned(
+        name: &str,
+        n: usize,
+        k: usize,
+        q: Vec<i8>,
+        scales: Vec<f32>,
+    ) -> TractResult<Q8Weights> {
+        let nb = blocks_per_row(k);
+        ensure!(
+            q.len() == n.saturating_mul(k) && scales.len() == n.saturating_mul(nb),
+            "{name}: {} int8 values and {} scales for a {n}x{k} matrix",
+            q.len(),
+            scales.len()
+        );
+        let w = Q8Weights {
+            name: name.to_string(),
+            n,
+            k,
+            q: Slice::Owned(q),
+            scales: Slice::Owned(scales),
         };
         w.matrix()?;
         Ok(w)

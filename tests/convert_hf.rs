@@ -1,0 +1,300 @@
+//! `edgelm convert` of the tiny Hugging Face checkpoints (`tests/fixtures/*/hf`, safetensors +
+//! tokenizer) and of the tiny GPT-2 as a llama.cpp-layout GGUF (`tiny-gpt2/gguf`), against the
+//! transformers reference recorded in `reference.json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use edgelm::convert::{convert, ConvertOptions, Quant};
+use edgelm::model::{LoadOptions, Model, State};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Reference {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>, // (ids, vocab)
+    greedy: Vec<Greedy>,
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+}
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+fn reference(model: &str) -> Reference {
+    let text = fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Converts `tests/fixtures/<model>/hf` into a fresh bundle and loads it.
+fn converted(model: &str, quant: Quant) -> Model {
+    converted_from(&format!("{model}/hf"), quant)
+}
+
+/// Converts `tests/fixtures/<input>` into a fresh bundle and loads it.
+fn converted_from(input: &str, quant: Quant) -> Model {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "convert_hf-{}-{}",
+        input.replace('/', "-"),
+        quant.name()
+    ));
+    let _ = fs::remove_dir_all(&out);
+    convert(&ConvertOptions {
+        input: fixture(input),
+        output: out.clone(),
+        quant,
+        progress: false,
+    })
+    .unwrap();
+    for f in [
+        "model.onnx",
+        "model.onnx_data",
+        "config.json",
+        "tokenizer.json",
+    ] {
+        assert!(out.join(f).is_file(), "{input}: bundle has no {f}");
+    }
+    let opts = LoadOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let model = Model::load(&out, &opts).unwrap();
+    assert!(model.has_ring_cache(), "{input}: the converted graph fuses");
+    model
+}
+
+/// First index of the maximum, like `torch.argmax`.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
+    state.reset();
+    let mut logits = state.forward(prompt).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        out.push(next);
+        logits = state.forward(&[next]).unwrap();
+    }
+    out
+}
+
+fn check_f32(model_name: &str) {
+    check_f32_from(model_name, &format!("{model_name}/hf"));
+}
+
+fn check_f32_from(model_name: &str, input: &str) {
+    let model = converted_from(input, Quant::F32);
+    let reference = reference(model_name);
+    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let want = reference.logits.concat();
+    assert_eq!(logits.len(), want.len());
+    let diff = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{model_name} converted f32: max |logits - reference| = {diff:e}");
+    assert!(diff <= 1e-3, "{model_name}: max abs diff {diff}");
+    let mut state = model.new_state();
+    for g in &reference.greedy {
+        let got = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
+        assert_eq!(got, g.generated_ids, "{model_name}: prompt {:?}", g.prompt);
+    }
+}
+
+/// Top-1 agreement of the converted int8 bundle with the reference logits, teacher-forced on
+/// the reference ids and on every greedy prompt + continuation (whose reference top-1 is the
+/// next greedy token).
+fn check_int8(model_name: &str) -> f64 {
+    let model = converted(model_name, Quant::Int8);
+    let vocab = model.config().vocab_size;
+    let reference = reference(model_name);
+    let (mut agree, mut total) = (0, 0);
+    let got = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    for (g, w) in got.chunks(vocab).zip(&reference.logits) {
+        agree += usize::from(argmax(g) == argmax(w));
+        total += 1;
+    }
+    for g in &reference.greedy {
+        let ids = [&g.prompt_ids[..], &g.generated_ids[..]].concat();
+        let got = model.new_state().forward_all(&ids).unwrap(); // (ids, vocab)
+                                                                // Row prompt_len - 1 + i predicts generated_ids[i].
+        for (i, &want) in g.generated_ids.iter().enumerate() {
+            let row = &got[(g.prompt_ids.len() - 1 + i) * vocab..][..vocab];
+            agree += usize::from(argmax(row) == want);
+            total += 1;
+        }
+    }
+    let mut state = model.new_state();
+    for g in &reference.greedy {
+        let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
+        let same = tokens
+            .iter()
+            .zip(&g.generated_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "{model_name} converted int8 greedy {:?}: {same}/{} tokens equal the reference",
+            g.prompt,
+            g.generated_ids.len()
+        );
+    }
+    let rate = agree as f64 / total as f64;
+    eprintln!("{model_name} converted int8: top-1 agreement {agree}/{total} = {rate:.3}");
+    rate
+}
+
+#[test]
+fn llama_hf_f32_reproduces_reference_logits_and_greedy_tokens() {
+    check_f32("tiny-llama");
+}
+
+#[test]
+fn gpt2_hf_f32_reproduces_reference_logits_and_greedy_tokens() {
+    check_f32("tiny-gpt2");
+}
+
+/// llama.cpp's GPT-2 layout (fused `attn_qkv` stored (out, in), `position_embd`, the tied head
+/// written out as `output.weight`) and its BPE vocabulary rebuilt as `tokenizer.json`.
+#[test]
+fn gpt2_gguf_f32_reproduces_reference_logits_and_greedy_tokens() {
+    check_f32_from("tiny-gpt2", "tiny-gpt2/gguf/tiny-gpt2.gguf");
+    let tokenizer = edgelm::tokenizer::Tokenizer::from_file(
+        &Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("convert_hf-tiny-gpt2-gguf-tiny-gpt2.gguf-f32/tokenizer.json"),
+    )
+    .unwrap();
+    for g in reference("tiny-gpt2").greedy {
+        assert_eq!(tokenizer.encode(&g.prompt, true).unwrap(), g.prompt_ids);
+    }
+}
+
+#[test]
+fn llama_hf_int8_keeps_top1() {
+    assert!(check_int8("tiny-llama") >= 0.95);
+}
+
+#[test]
+fn gpt2_hf_int8_keeps_top1() {
+    assert!(check_int8("tiny-gpt2") >= 0.95);
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_hf-unsupported");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
+    let err = convert(&ConvertOptions {
+        input: dir.clone(),
+        output: dir.join("out"),
+        quant: Quant::F32,
+        progress: false,
+    })
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("unsupported architecture \"mamba\""), "{msg}");
+}
+
+/// The tiny Llama checkpoint in `dir` as Qwen2: `model_type` changed and a Q/K/V bias of
+/// `len(proj)` zeros added per layer (`q_len` for layer 0's Q bias).
+fn qwen2_from_tiny_llama(dir: &Path, q_len: usize) {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).unwrap();
+    let hf = fixture("tiny-llama/hf");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        fs::copy(hf.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "qwen2".into();
+    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let raw = fs::read(hf.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&raw[8..8 + header_len]).unwrap();
+    let mut data = raw[8 + header_len..].to_vec();
+    for layer in 0..2 {
+        for (proj, len) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
+            let len = if layer == 0 && proj == "q_proj" {
+                q_len
+            } else {
+                len
+            };
+            let start = data.len();
+            data.extend(std::iter::repeat_n(0u8, 4 * len));
+            header.insert(
+                format!("model.layers.{layer}.self_attn.{proj}.bias"),
+                serde_json::json!({"dtype": "F32", "shape": [len], "data_offsets": [start, data.len()]}),
+            );
+        }
+    }
+    let header = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(data);
+    fs::write(dir.join("model.safetensors"), out).unwrap();
+}
+
+/// Qwen2 checkpoints carry Q/K/V biases: zero biases leave the tiny Llama's logits as the
+/// reference has them, and a bias of the wrong length is named (so they are read).
+#[test]
+fn qwen2_qkv_biases_are_read() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_hf-qwen2");
+    qwen2_from_tiny_llama(&dir, 64);
+    let out = dir.join("bundle");
+    convert(&ConvertOptions {
+        input: dir.clone(),
+        output: out.clone(),
+        quant: Quant::F32,
+        progress: false,
+    })
+    .unwrap();
+    let model = Model::load(
+        &out,
+        &LoadOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = reference("tiny-llama");
+    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let diff = logits
+        .iter()
+        .zip(&reference.logits.concat())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-3, "max abs diff {diff}");
+
+    qwen2_from_tiny_llama(&dir, 63);
+    let err = convert(&ConvertOptions {
+        input: dir.clone(),
+        output: dir.join("bundle-bad"),
+        quant: Quant::F32,
+        progress: false,
+    })
+    .unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        "tensor \"model.layers.0.self_attn.q_proj.bias\" has shape [63], expected [64]"
+    );
+}
