@@ -198,8 +198,10 @@ mod avx2 {
             let acc: [__m256; R] = unsafe {
                 let k = kp.add(slot * hd);
                 let k0 = _mm256_loadu_ps(k);
-                let mut acc: [__m256; R] =
-                    std::array::from_fn(|r| _mm256_mul_ps(_mm256_loadu_ps(qp.add(r * hd)), k0));
+                let mut acc = [k0; R];
+                for r in 0..R {
+                    acc[r] = _mm256_mul_ps(_mm256_loadu_ps(qp.add(r * hd)), k0);
+                }
                 let mut c = 8;
                 while c < full {
                     let kc = _mm256_loadu_ps(k.add(c));
@@ -284,12 +286,18 @@ mod avx2 {
         while c0 + COLS <= hd {
             // SAFETY: c0 + 32 <= hd columns of every row; slot < n, r < R.
             unsafe {
-                let mut acc: [[__m256; 4]; R] = std::array::from_fn(|r| {
-                    std::array::from_fn(|c| _mm256_loadu_ps(op.add(r * hd + c0 + 8 * c)))
-                });
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                for r in 0..R {
+                    for c in 0..4 {
+                        acc[r][c] = _mm256_loadu_ps(op.add(r * hd + c0 + 8 * c));
+                    }
+                }
                 for slot in 0..n {
                     let v = vp.add(slot * hd + c0);
-                    let vs: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(v.add(8 * c)));
+                    let mut vs = [_mm256_setzero_ps(); 4];
+                    for c in 0..4 {
+                        vs[c] = _mm256_loadu_ps(v.add(8 * c));
+                    }
                     for r in 0..R {
                         let p = _mm256_broadcast_ss(&*pp.add(r * n + slot));
                         for c in 0..4 {
@@ -308,8 +316,10 @@ mod avx2 {
         while c0 + 8 <= hd {
             // SAFETY: c0 + 8 <= hd columns of every row; slot < n, r < R.
             unsafe {
-                let mut acc: [__m256; R] =
-                    std::array::from_fn(|r| _mm256_loadu_ps(op.add(r * hd + c0)));
+                let mut acc = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    acc[r] = _mm256_loadu_ps(op.add(r * hd + c0));
+                }
                 for slot in 0..n {
                     let v = _mm256_loadu_ps(vp.add(slot * hd + c0));
                     for r in 0..R {

@@ -415,12 +415,15 @@ fn finish_q8f32(acc: __m256, wq: &[i8], ws: &[f32], x: &[f32], start: usize) -> 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> [f32; R] {
     let k = w.k();
-    let rows: [(&[i8], &[f32]); R] = std::array::from_fn(|j| w.row(r0 + j));
+    let mut rows: [(&[i8], &[f32]); R] = [(&[], &[]); R];
+    for j in 0..R {
+        rows[j] = w.row(r0 + j);
+    }
     assert!(x.len() == k);
     let full = k / BLOCK;
     let xp = x.as_ptr();
-    let wp: [*const i8; R] = std::array::from_fn(|j| rows[j].0.as_ptr());
-    let sp: [*const f32; R] = std::array::from_fn(|j| rows[j].1.as_ptr());
+    let wp = rows.map(|r| r.0.as_ptr());
+    let sp = rows.map(|r| r.1.as_ptr());
     // The next group of rows is contiguous with this one: prefetch it at the rate this
     // group is consumed, so it arrives as this one ends. Prefetches never fault, and
     // `wrapping_add` keeps the address arithmetic defined past the matrix end.
@@ -447,7 +450,11 @@ unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> 
             }
         }
     }
-    std::array::from_fn(|j| finish_q8f32(acc[j], rows[j].0, rows[j].1, x, full * BLOCK))
+    let mut ys = [0f32; R];
+    for j in 0..R {
+        ys[j] = finish_q8f32(acc[j], rows[j].0, rows[j].1, x, full * BLOCK);
+    }
+    ys
 }
 
 /// Scheme Q8F32: weight row r of `w` against activation rows i0..i0 + T of x (m, k).
@@ -459,7 +466,10 @@ unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> 
 unsafe fn acts_q8f32<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: usize) -> [f32; T] {
     let k = w.k();
     let (wq, ws) = w.row(r);
-    let xs: [&[f32]; T] = std::array::from_fn(|t| &x[(i0 + t) * k..(i0 + t + 1) * k]);
+    let mut xs: [&[f32]; T] = [&[]; T];
+    for t in 0..T {
+        xs[t] = &x[(i0 + t) * k..(i0 + t + 1) * k];
+    }
     let full = k / BLOCK;
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..full {
@@ -485,5 +495,9 @@ unsafe fn acts_q8f32<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: 
             }
         }
     }
-    std::array::from_fn(|t| finish_q8f32(acc[t], wq, ws, xs[t], full * BLOCK))
+    let mut ys = [0f32; T];
+    for t in 0..T {
+        ys[t] = finish_q8f32(acc[t], wq, ws, xs[t], full * BLOCK);
+    }
+    ys
 }

@@ -452,8 +452,12 @@ fn block_fma(acc: &mut [float32x4_t; 2], wf: &[float32x4_t; 8], xv: &[float32x4_
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn load_block(xp: *const f32) -> [float32x4_t; 8] {
-    // SAFETY: 32 readable floats (contract).
-    std::array::from_fn(|c| unsafe { vld1q_f32(xp.add(4 * c)) })
+    let mut v = [vdupq_n_f32(0.0); 8];
+    for c in 0..8 {
+        // SAFETY: 32 readable floats (contract).
+        v[c] = unsafe { vld1q_f32(xp.add(4 * c)) };
+    }
+    v
 }
 
 /// The 8 lanes of `acc` plus the partial last block from column `start`, reduced.
@@ -480,7 +484,10 @@ fn finish_q8f32(acc: [float32x4_t; 2], wq: &[i8], ws: &[f32], x: &[f32], start: 
 #[target_feature(enable = "neon")]
 unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> [f32; R] {
     let k = w.k();
-    let rows: [(&[i8], &[f32]); R] = std::array::from_fn(|j| w.row(r0 + j));
+    let mut rows: [(&[i8], &[f32]); R] = [(&[], &[]); R];
+    for j in 0..R {
+        rows[j] = w.row(r0 + j);
+    }
     assert!(x.len() == k);
     let full = k / BLOCK;
     let mut acc = [[vdupq_n_f32(0.0); 2]; R]; // per row: lanes 0..4, lanes 4..8
@@ -494,7 +501,11 @@ unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> 
             block_fma(&mut acc[j], &wf, &xv, rows[j].1[b]);
         }
     }
-    std::array::from_fn(|j| finish_q8f32(acc[j], rows[j].0, rows[j].1, x, full * BLOCK))
+    let mut ys = [0f32; R];
+    for j in 0..R {
+        ys[j] = finish_q8f32(acc[j], rows[j].0, rows[j].1, x, full * BLOCK);
+    }
+    ys
 }
 
 /// Scheme Q8F32: weight row r of `w` against activation rows i0..i0 + T of x (m, k).
@@ -506,7 +517,10 @@ unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> 
 unsafe fn acts_q8f32<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: usize) -> [f32; T] {
     let k = w.k();
     let (wq, ws) = w.row(r);
-    let xs: [&[f32]; T] = std::array::from_fn(|t| &x[(i0 + t) * k..(i0 + t + 1) * k]);
+    let mut xs: [&[f32]; T] = [&[]; T];
+    for t in 0..T {
+        xs[t] = &x[(i0 + t) * k..(i0 + t + 1) * k];
+    }
     let full = k / BLOCK;
     let mut acc = [[vdupq_n_f32(0.0); 2]; T]; // per row: lanes 0..4, lanes 4..8
     for b in 0..full {
@@ -519,5 +533,9 @@ unsafe fn acts_q8f32<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: 
             block_fma(&mut acc[t], &wf, &xv, ws[b]);
         }
     }
-    std::array::from_fn(|t| finish_q8f32(acc[t], wq, ws, xs[t], full * BLOCK))
+    let mut ys = [0f32; T];
+    for t in 0..T {
+        ys[t] = finish_q8f32(acc[t], wq, ws, xs[t], full * BLOCK);
+    }
+    ys
 }
