@@ -26,6 +26,10 @@ use tract_onnx::tract_core::ops::nn::Softmax;
 
 use crate::kv_cache::{Elem, HeadRows, LayerKv, Step};
 
+use kernels::Isa;
+
+mod kernels;
+
 /// One layer's attention over its ring; inputs `q` (1, heads…, s, head_dim) with the heads in
 /// key/value-head-major order, `k_new` and `v_new` (1, kv_heads, s, head_dim); output like `q`.
 #[derive(Clone, Debug, PartialEq)]
@@ -167,53 +171,96 @@ fn attend(
     }
 
     let used = step.used;
+    let isa = Isa::detect();
     let mut out = vec![0f32; q.len()]; // (heads, s, head_dim)
     let kv = &*kv;
-    let one_head = |head: usize, o: &mut [f32], scores: &mut Vec<f32>| {
-        let qs = &q[head * s * hd..(head + 1) * s * hd]; // (s, head_dim)
-        match kv.head(head / group) {
-            HeadRows::F32(k, v) => head_attention(k, v, qs, o, step, scale, hd, scores),
-            HeadRows::F16(k, v) => head_attention(k, v, qs, o, step, scale, hd, scores),
-        }
+    // One unit: the `group` query heads of key/value head h at query position i.
+    let unit = |h: usize, i: usize, o: &mut [f32], scratch: &mut Scratch| match kv.head(h) {
+        HeadRows::F32(k, v) => group_attention(isa, k, v, q, h, i, o, step, scale, scratch),
+        HeadRows::F16(k, v) => group_attention(isa, k, v, q, h, i, o, step, scale, scratch),
     };
-    if heads > 1 && s * used >= PARALLEL_WORK {
-        // Heads are independent; the matrix threads are idle while attention runs.
-        out.par_chunks_mut(s * hd)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (head, o)| one_head(head, o, scores));
-    } else {
-        for (head, o) in out.chunks_mut(s * hd).enumerate() {
-            one_head(head, o, scores);
+    let units = kvh * s;
+    if units > 1 && s * used >= PARALLEL_WORK {
+        // Units are independent; the matrix threads are idle while attention runs.
+        let results: Vec<Vec<f32>> = (0..units)
+            .into_par_iter()
+            .map_init(Scratch::default, |scratch, u| {
+                let mut o = vec![0f32; group * hd]; // (group, head_dim)
+                unit(u / s, u % s, &mut o, scratch);
+                o
+            })
+            .collect();
+        for (u, o) in results.iter().enumerate() {
+            scatter(&mut out, o, u / s, u % s, group, s, hd);
         }
+    } else {
+        scores.clear();
+        let mut scratch = Scratch {
+            scores: std::mem::take(scores),
+            ..Scratch::default()
+        };
+        let mut o = vec![0f32; group * hd]; // (group, head_dim)
+        for u in 0..units {
+            o.fill(0.0);
+            unit(u / s, u % s, &mut o, &mut scratch);
+            scatter(&mut out, &o, u / s, u % s, group, s, hd);
+        }
+        *scores = scratch.scores;
     }
     Tensor::from_shape(q_shape, &out)
 }
 
-/// One head: queries `q` (s, head_dim) over `keys`/`values` (slot, head_dim) into `o`.
+/// Per-thread buffers of [`group_attention`].
+#[derive(Default)]
+struct Scratch {
+    /// Scores, then probabilities; (group, slot).
+    scores: Vec<f32>,
+    /// The group's queries; (group, head_dim).
+    queries: Vec<f32>,
+}
+
+/// Copies a unit's outputs `o` (group, head_dim) into `out` (heads, s, head_dim).
+fn scatter(out: &mut [f32], o: &[f32], h: usize, i: usize, group: usize, s: usize, hd: usize) {
+    for (g, og) in o.chunks_exact(hd).enumerate() {
+        let at = ((h * group + g) * s + i) * hd;
+        out[at..at + hd].copy_from_slice(og);
+    }
+}
+
+/// The query heads of key/value head `h` at query position `i` (q (heads, s, head_dim)) over
+/// `keys`/`values` (slot, head_dim) into `o` (group, head_dim), which starts at zero. Each key
+/// and value row is read once for the whole group.
 #[allow(clippy::too_many_arguments)]
-fn head_attention<E: Elem>(
+fn group_attention<E: Elem + 'static>(
+    isa: Isa,
     keys: &[E],
     values: &[E],
     q: &[f32],
+    h: usize,
+    i: usize,
     o: &mut [f32],
     step: &Step,
     scale: f32,
-    hd: usize,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
-    let used = step.used;
+    let (used, s) = (step.used, step.slots.len());
+    let hd = keys.len() / step.stamps.len();
+    let group = o.len() / hd;
+    let me = step.new_stamps[i];
+    let Scratch { scores, queries } = scratch;
+    queries.clear();
+    for g in 0..group {
+        let at = ((h * group + g) * s + i) * hd;
+        queries.extend_from_slice(&q[at..at + hd]);
+    }
     scores.clear();
-    scores.resize(used, 0.0);
-    let keys = keys[..used * hd].chunks_exact(hd);
-    for ((qi, oi), &me) in q
-        .chunks_exact(hd)
-        .zip(o.chunks_exact_mut(hd))
-        .zip(&step.new_stamps)
-    {
+    scores.resize(group * used, 0.0);
+    kernels::group_dots(isa, queries, &keys[..used * hd], hd, scores);
+    for row in scores.chunks_exact_mut(used) {
         let mut max = f32::NEG_INFINITY;
-        for ((score, k), &stamp) in scores.iter_mut().zip(keys.clone()).zip(&step.stamps) {
+        for (score, &stamp) in row.iter_mut().zip(&step.stamps) {
             *score = if stamp <= me {
-                let x = dot(qi, k) * scale;
+                let x = *score * scale;
                 max = max.max(x);
                 x
             } else {
@@ -221,48 +268,22 @@ fn head_attention<E: Elem>(
             };
         }
         let mut sum = 0f32;
-        for score in scores.iter_mut() {
+        for score in row.iter_mut() {
             *score = (*score - max).exp();
             sum += *score;
         }
         let inv = 1.0 / sum;
-        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-            if p > 0.0 {
-                axpy(p * inv, v, oi);
-            }
+        for p in row.iter_mut() {
+            *p *= inv;
         }
     }
+    kernels::group_axpys(isa, scores, &values[..used * hd], hd, o);
 }
 
-/// Query×slot pairs per head above which heads run on the thread pool. Decode (one query)
+/// Query×slot pairs per head above which units run on rayon's pool. Decode (one query)
 /// stays on the calling thread: waking pool threads for a few µs of work per layer costs more
 /// than it saves, and they compete with the int8 kernel threads for the cores.
 const PARALLEL_WORK: usize = 16 * 1024;
-
-/// `a · b`, four partial sums so the compiler can keep them in registers.
-fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
-    let mut acc = [0f32; 4];
-    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f32 = a4
-        .remainder()
-        .iter()
-        .zip(b4.remainder())
-        .map(|(x, y)| x * y.get())
-        .sum();
-    for (x, y) in a4.zip(b4) {
-        for k in 0..4 {
-            acc[k] += x[k] * y[k].get();
-        }
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
-}
-
-/// `y += a * x`.
-fn axpy<E: Elem>(a: f32, x: &[E], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x.get();
-    }
-}
 
 /// What [`fuse`] changed: the graph inputs and outputs it removed, by index (ascending).
 #[derive(Debug, Default)]
@@ -528,13 +549,15 @@ mod tests {
 
     /// Plain causal attention over keys/values given in conversation order.
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
-        let scores: Vec<f32> = keys.iter().map(|k| dot(q, k) * scale).collect();
+        let scores: Vec<f32> = keys.iter().map(|k| kernels::dot(q, k) * scale).collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f32 = e.iter().sum();
         let mut out = vec![0f32; q.len()];
         for (p, v) in e.iter().zip(values) {
-            axpy(p / sum, v, &mut out);
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += p / sum * x;
+            }
         }
         out
     }

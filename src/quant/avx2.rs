@@ -65,30 +65,68 @@ pub(super) unsafe fn q8q8(
 
 /// Scheme Q8F32 for output columns `rows`, x (m, k).
 ///
+/// One activation row (decode): [`MV_ROWS`] weight rows at a time. Several activation rows
+/// (prefill): tiles of [`MM_ACTS`] activation rows against one weight row at a time, over
+/// chunks of [`MM_ROWS`] weight rows so a tile stays in L1 while the chunk reuses it.
+///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn q8f32(w: &Q8Matrix<'_>, x: &[f32], rows: Range<usize>, out: &mut OutRows<'_>) {
     let k = w.k();
     let m = x.len() / k;
-    let row = |i: usize| &x[i * k..(i + 1) * k];
-    for r in rows {
-        let (wq, ws) = w.row(r);
-        let mut i = 0;
-        while i + TILE <= m {
-            let xs = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-            // SAFETY: AVX2 and FMA are available (this function's contract).
-            let ys = unsafe { dot_q8f32::<TILE>(wq, ws, xs) };
-            for (t, y) in ys.into_iter().enumerate() {
-                out.set(i + t, r, y);
+    assert!(x.len() == m * k && rows.end <= w.n());
+    if m == 1 {
+        let mut r = rows.start;
+        while r + MV_ROWS <= rows.end {
+            // SAFETY: AVX2 and FMA are available (this function's contract); rows
+            // r..r + MV_ROWS exist and x has length k (checked above).
+            let ys = unsafe { rows_q8f32::<MV_ROWS>(w, r, x) };
+            for (j, y) in ys.into_iter().enumerate() {
+                out.set(0, r + j, y);
             }
-            i += TILE;
+            r += MV_ROWS;
+        }
+        for r in r..rows.end {
+            // SAFETY: as above, for one row.
+            let [y] = unsafe { rows_q8f32::<1>(w, r, x) };
+            out.set(0, r, y);
+        }
+        return;
+    }
+    let mut chunk = rows.start;
+    while chunk < rows.end {
+        let chunk_rows = chunk..(chunk + MM_ROWS).min(rows.end);
+        let mut i = 0;
+        while i + MM_ACTS <= m {
+            for r in chunk_rows.clone() {
+                // SAFETY: AVX2 and FMA are available; row r exists, x rows i..i + MM_ACTS
+                // exist (checked above).
+                let ys = unsafe { acts_q8f32::<MM_ACTS>(w, r, x, i) };
+                for (t, y) in ys.into_iter().enumerate() {
+                    out.set(i + t, r, y);
+                }
+            }
+            i += MM_ACTS;
+        }
+        while i + 4 <= m {
+            for r in chunk_rows.clone() {
+                // SAFETY: as above, for 4 activation rows.
+                let ys = unsafe { acts_q8f32::<4>(w, r, x, i) };
+                for (t, y) in ys.into_iter().enumerate() {
+                    out.set(i + t, r, y);
+                }
+            }
+            i += 4;
         }
         for i in i..m {
-            // SAFETY: as above.
-            let [y] = unsafe { dot_q8f32::<1>(wq, ws, [row(i)]) };
-            out.set(i, r, y);
+            for r in chunk_rows.clone() {
+                // SAFETY: as above, for one activation row.
+                let [y] = unsafe { acts_q8f32::<1>(w, r, x, i) };
+                out.set(i, r, y);
+            }
         }
+        chunk = chunk_rows.end;
     }
 }
 
@@ -323,58 +361,143 @@ unsafe fn widen8(p: *const i8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
 }
 
-/// Scheme Q8F32: one weight row (`wq` (k), `ws` (nb)) against R f32 activation rows (k).
+/// Weight rows of a matrix-vector product computed together: R independent accumulator
+/// chains, and each activation block loaded into registers once for all of them.
+const MV_ROWS: usize = 4;
+
+/// Activation rows computed together against one weight row in a matrix-matrix product:
+/// each weight block is widened once and reused from registers for all of them.
+const MM_ACTS: usize = 8;
+
+/// Weight rows multiplied with one tile of activation rows before the next tile (their
+/// bytes stay in L1 and the tile, at most 8 x 1536 f32, in L1/L2).
+const MM_ROWS: usize = 16;
+
+/// Whether the matrix-vector kernel prefetches the next group of rows in software.
+const MV_PREFETCH: bool = true;
+
+/// The Q8F32 block `b` (32 values from `off = 32 b`) of one weight row against the four
+/// activation vectors `xv` of the block: `acc += sw * sum_c widen(w[8c..8c + 8]) * xv[c]`.
 ///
 /// # Safety
-/// AVX2 and FMA are available; every `xs[t]` has length k.
+/// AVX2 and FMA are available; `wp` is valid for 32 bytes of reads and `sp` for one f32.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8f32<const R: usize>(wq: &[i8], ws: &[f32], xs: [&[f32]; R]) -> [f32; R] {
-    let k = wq.len();
-    for x in xs {
-        assert!(x.len() == k);
+unsafe fn block_fma(acc: __m256, wp: *const i8, sp: *const f32, xv: &[__m256; 4]) -> __m256 {
+    // SAFETY: 32 readable bytes at `wp`, one f32 at `sp` (contract).
+    unsafe {
+        let s = _mm256_mul_ps(widen8(wp), xv[0]);
+        let s = _mm256_fmadd_ps(widen8(wp.add(8)), xv[1], s);
+        let s = _mm256_fmadd_ps(widen8(wp.add(16)), xv[2], s);
+        let s = _mm256_fmadd_ps(widen8(wp.add(24)), xv[3], s);
+        _mm256_fmadd_ps(s, _mm256_broadcast_ss(&*sp), acc)
     }
+}
+
+/// The 8 lanes of `acc` plus the partial last block from column `start`, reduced.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn finish_q8f32(acc: __m256, wq: &[i8], ws: &[f32], x: &[f32], start: usize) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    if start < wq.len() {
+        scalar::block_q8f32(&mut lanes, &wq[start..], &x[start..], ws[start / BLOCK]);
+    }
+    reduce8(&lanes)
+}
+
+/// Scheme Q8F32: weight rows r0..r0 + R of `w` against one activation vector x (k).
+///
+/// # Safety
+/// AVX2 and FMA are available; r0 + R <= n and `x.len() == k`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> [f32; R] {
+    let k = w.k();
+    let mut rows: [(&[i8], &[f32]); R] = [(&[], &[]); R];
+    for j in 0..R {
+        rows[j] = w.row(r0 + j);
+    }
+    assert!(x.len() == k);
     let full = k / BLOCK;
+    let xp = x.as_ptr();
+    let wp = rows.map(|r| r.0.as_ptr());
+    let sp = rows.map(|r| r.1.as_ptr());
+    // The next group of rows is contiguous with this one: prefetch it at the rate this
+    // group is consumed, so it arrives as this one ends. Prefetches never fault, and
+    // `wrapping_add` keeps the address arithmetic defined past the matrix end.
+    let next = w.q().as_ptr().wrapping_add((r0 + R) * k);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..full {
         let off = b * BLOCK;
-        let wp = wq.as_ptr();
-        // SAFETY: off + 32 <= k bytes of `wq`.
-        let wf = unsafe {
-            [
-                widen8(wp.add(off)),
-                widen8(wp.add(off + 8)),
-                widen8(wp.add(off + 16)),
-                widen8(wp.add(off + 24)),
-            ]
-        };
-        let scale = _mm256_set1_ps(ws[b]);
-        for t in 0..R {
-            let xp = xs[t].as_ptr();
-            // SAFETY: off + 32 <= k floats of `xs[t]`.
-            let s = unsafe {
-                let s = _mm256_mul_ps(wf[0], _mm256_loadu_ps(xp.add(off)));
-                let s = _mm256_fmadd_ps(wf[1], _mm256_loadu_ps(xp.add(off + 8)), s);
-                let s = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(xp.add(off + 16)), s);
-                _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(xp.add(off + 24)), s)
-            };
-            acc[t] = _mm256_fmadd_ps(s, scale, acc[t]);
+        if MV_PREFETCH {
+            let pf = next.wrapping_add(off * R);
+            for l in (0..R * BLOCK).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(l));
+            }
         }
-    }
-    let mut lanes = [[0f32; 8]; R];
-    for t in 0..R {
-        // SAFETY: `lanes[t]` holds 8 floats.
-        unsafe { _mm256_storeu_ps(lanes[t].as_mut_ptr(), acc[t]) };
-    }
-    if full * BLOCK < k {
-        let start = full * BLOCK;
-        for t in 0..R {
-            scalar::block_q8f32(&mut lanes[t], &wq[start..], &xs[t][start..], ws[full]);
+        // SAFETY: off + 32 <= k floats of x and bytes of every row; b < nb scales.
+        unsafe {
+            let xv = [
+                _mm256_loadu_ps(xp.add(off)),
+                _mm256_loadu_ps(xp.add(off + 8)),
+                _mm256_loadu_ps(xp.add(off + 16)),
+                _mm256_loadu_ps(xp.add(off + 24)),
+            ];
+            for j in 0..R {
+                acc[j] = block_fma(acc[j], wp[j].add(off), sp[j].add(b), &xv);
+            }
         }
     }
     let mut ys = [0f32; R];
-    for t in 0..R {
-        ys[t] = reduce8(&lanes[t]);
+    for j in 0..R {
+        ys[j] = finish_q8f32(acc[j], rows[j].0, rows[j].1, x, full * BLOCK);
+    }
+    ys
+}
+
+/// Scheme Q8F32: weight row r of `w` against activation rows i0..i0 + T of x (m, k).
+///
+/// # Safety
+/// AVX2 and FMA are available; r < n and `x` holds at least i0 + T rows of k.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn acts_q8f32<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: usize) -> [f32; T] {
+    let k = w.k();
+    let (wq, ws) = w.row(r);
+    let mut xs: [&[f32]; T] = [&[]; T];
+    for t in 0..T {
+        xs[t] = &x[(i0 + t) * k..(i0 + t + 1) * k];
+    }
+    let full = k / BLOCK;
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..full {
+        let off = b * BLOCK;
+        // SAFETY: off + 32 <= k bytes of the row and floats of every activation row;
+        // b < nb scales.
+        unsafe {
+            let wp = wq.as_ptr().add(off);
+            let wf = [
+                widen8(wp),
+                widen8(wp.add(8)),
+                widen8(wp.add(16)),
+                widen8(wp.add(24)),
+            ];
+            let scale = _mm256_broadcast_ss(&*ws.as_ptr().add(b));
+            for t in 0..T {
+                let xp = xs[t].as_ptr().add(off);
+                let s = _mm256_mul_ps(wf[0], _mm256_loadu_ps(xp));
+                let s = _mm256_fmadd_ps(wf[1], _mm256_loadu_ps(xp.add(8)), s);
+                let s = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(xp.add(16)), s);
+                let s = _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(xp.add(24)), s);
+                acc[t] = _mm256_fmadd_ps(s, scale, acc[t]);
+            }
+        }
+    }
+    let mut ys = [0f32; T];
+    for t in 0..T {
+        ys[t] = finish_q8f32(acc[t], wq, ws, xs[t], full * BLOCK);
     }
     ys
 }

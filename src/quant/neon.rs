@@ -55,30 +55,68 @@ pub(super) unsafe fn q8q8_dotprod(
 
 /// Scheme Q8F32 for output columns `rows`, x (m, k).
 ///
+/// The structure of the AVX2 twin: one activation row (decode) takes [`MV_ROWS`] weight rows
+/// at a time; several (prefill) take tiles of [`MM_ACTS`] activation rows against one weight
+/// row, over chunks of [`MM_ROWS`] weight rows.
+///
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn q8f32(w: &Q8Matrix<'_>, x: &[f32], rows: Range<usize>, out: &mut OutRows<'_>) {
     let k = w.k();
     let m = x.len() / k;
-    let row = |i: usize| &x[i * k..(i + 1) * k];
-    for r in rows {
-        let (wq, ws) = w.row(r);
-        let mut i = 0;
-        while i + TILE <= m {
-            let xs = [row(i), row(i + 1), row(i + 2), row(i + 3)];
-            // SAFETY: NEON is available (this function's contract).
-            let ys = unsafe { dot_q8f32::<TILE>(wq, ws, xs) };
-            for (t, y) in ys.into_iter().enumerate() {
-                out.set(i + t, r, y);
+    assert!(x.len() == m * k && rows.end <= w.n());
+    if m == 1 {
+        let mut r = rows.start;
+        while r + MV_ROWS <= rows.end {
+            // SAFETY: NEON is available (this function's contract); rows r..r + MV_ROWS
+            // exist and x has length k (checked above).
+            let ys = unsafe { rows_q8f32::<MV_ROWS>(w, r, x) };
+            for (j, y) in ys.into_iter().enumerate() {
+                out.set(0, r + j, y);
             }
-            i += TILE;
+            r += MV_ROWS;
+        }
+        for r in r..rows.end {
+            // SAFETY: as above, for one row.
+            let [y] = unsafe { rows_q8f32::<1>(w, r, x) };
+            out.set(0, r, y);
+        }
+        return;
+    }
+    let mut chunk = rows.start;
+    while chunk < rows.end {
+        let chunk_rows = chunk..(chunk + MM_ROWS).min(rows.end);
+        let mut i = 0;
+        while i + MM_ACTS <= m {
+            for r in chunk_rows.clone() {
+                // SAFETY: NEON is available; row r exists, x rows i..i + MM_ACTS exist
+                // (checked above).
+                let ys = unsafe { acts_q8f32::<MM_ACTS>(w, r, x, i) };
+                for (t, y) in ys.into_iter().enumerate() {
+                    out.set(i + t, r, y);
+                }
+            }
+            i += MM_ACTS;
+        }
+        while i + 4 <= m {
+            for r in chunk_rows.clone() {
+                // SAFETY: as above, for 4 activation rows.
+                let ys = unsafe { acts_q8f32::<4>(w, r, x, i) };
+                for (t, y) in ys.into_iter().enumerate() {
+                    out.set(i + t, r, y);
+                }
+            }
+            i += 4;
         }
         for i in i..m {
-            // SAFETY: as above.
-            let [y] = unsafe { dot_q8f32::<1>(wq, ws, [row(i)]) };
-            out.set(i, r, y);
+            for r in chunk_rows.clone() {
+                // SAFETY: as above, for one activation row.
+                let [y] = unsafe { acts_q8f32::<1>(w, r, x, i) };
+                out.set(i, r, y);
+            }
         }
+        chunk = chunk_rows.end;
     }
 }
 
@@ -356,79 +394,148 @@ unsafe fn dot_q8q8<const R: usize, const DOT: bool>(
     ys
 }
 
-/// Scheme Q8F32: one weight row (`wq` (k), `ws` (nb)) against R f32 activation rows (k).
+/// Weight rows of a matrix-vector product computed together (as in the AVX2 twin).
+const MV_ROWS: usize = 4;
+
+/// Activation rows computed together against one widened weight block (as in the AVX2 twin).
+const MM_ACTS: usize = 8;
+
+/// Weight rows multiplied with one tile of activation rows before the next tile.
+const MM_ROWS: usize = 16;
+
+/// The 32 int8 of one block at `wp` widened to f32; chunk c holds values 4c..4c + 4.
 ///
 /// # Safety
-/// NEON is available; every `xs[t]` has length k.
+/// NEON is available; `wp` is valid for 32 bytes of reads.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn dot_q8f32<const R: usize>(wq: &[i8], ws: &[f32], xs: [&[f32]; R]) -> [f32; R] {
-    let k = wq.len();
-    for x in xs {
-        assert!(x.len() == k);
+unsafe fn widen_block(wp: *const i8) -> [float32x4_t; 8] {
+    // SAFETY: 32 readable bytes (contract).
+    let (w0, w1) = unsafe { (vld1q_s8(wp), vld1q_s8(wp.add(16))) };
+    let h = [
+        vmovl_s8(vget_low_s8(w0)),
+        vmovl_high_s8(w0),
+        vmovl_s8(vget_low_s8(w1)),
+        vmovl_high_s8(w1),
+    ];
+    [
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[0]))),
+        vcvtq_f32_s32(vmovl_high_s16(h[0])),
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[1]))),
+        vcvtq_f32_s32(vmovl_high_s16(h[1])),
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[2]))),
+        vcvtq_f32_s32(vmovl_high_s16(h[2])),
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[3]))),
+        vcvtq_f32_s32(vmovl_high_s16(h[3])),
+    ]
+}
+
+/// `acc += scale * sum_c wf[c] * xv[c]`, chunks c even into lanes 0..4 (`acc[0]`), odd into
+/// lanes 4..8 (`acc[1]`), c increasing: lane `j % 8` of the scalar twin.
+#[inline]
+#[target_feature(enable = "neon")]
+fn block_fma(acc: &mut [float32x4_t; 2], wf: &[float32x4_t; 8], xv: &[float32x4_t; 8], scale: f32) {
+    let mut s_lo = vmulq_f32(wf[0], xv[0]);
+    let mut s_hi = vmulq_f32(wf[1], xv[1]);
+    for c in (2..8).step_by(2) {
+        s_lo = vfmaq_f32(s_lo, wf[c], xv[c]);
+        s_hi = vfmaq_f32(s_hi, wf[c + 1], xv[c + 1]);
     }
+    acc[0] = vfmaq_n_f32(acc[0], s_lo, scale);
+    acc[1] = vfmaq_n_f32(acc[1], s_hi, scale);
+}
+
+/// The 32 f32 of one activation block at `xp`.
+///
+/// # Safety
+/// NEON is available; `xp` is valid for 32 floats of reads.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn load_block(xp: *const f32) -> [float32x4_t; 8] {
+    let mut v = [vdupq_n_f32(0.0); 8];
+    for c in 0..8 {
+        // SAFETY: 32 readable floats (contract).
+        v[c] = unsafe { vld1q_f32(xp.add(4 * c)) };
+    }
+    v
+}
+
+/// The 8 lanes of `acc` plus the partial last block from column `start`, reduced.
+#[inline]
+#[target_feature(enable = "neon")]
+fn finish_q8f32(acc: [float32x4_t; 2], wq: &[i8], ws: &[f32], x: &[f32], start: usize) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe {
+        vst1q_f32(lanes.as_mut_ptr(), acc[0]);
+        vst1q_f32(lanes.as_mut_ptr().add(4), acc[1]);
+    }
+    if start < wq.len() {
+        scalar::block_q8f32(&mut lanes, &wq[start..], &x[start..], ws[start / BLOCK]);
+    }
+    reduce8(&lanes)
+}
+
+/// Scheme Q8F32: weight rows r0..r0 + R of `w` against one activation vector x (k).
+///
+/// # Safety
+/// NEON is available; r0 + R <= n and `x.len() == k`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn rows_q8f32<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> [f32; R] {
+    let k = w.k();
+    let mut rows: [(&[i8], &[f32]); R] = [(&[], &[]); R];
+    for j in 0..R {
+        rows[j] = w.row(r0 + j);
+    }
+    assert!(x.len() == k);
     let full = k / BLOCK;
     let mut acc = [[vdupq_n_f32(0.0); 2]; R]; // per row: lanes 0..4, lanes 4..8
     for b in 0..full {
         let off = b * BLOCK;
-        // SAFETY: off + 32 <= k bytes of `wq`.
-        let (w0, w1) = unsafe {
-            (
-                vld1q_s8(wq.as_ptr().add(off)),
-                vld1q_s8(wq.as_ptr().add(off + 16)),
-            )
-        };
-        let h = [
-            vmovl_s8(vget_low_s8(w0)),
-            vmovl_high_s8(w0),
-            vmovl_s8(vget_low_s8(w1)),
-            vmovl_high_s8(w1),
-        ];
-        // Chunk c holds values 4c..4c+4 of the block: lanes 0..4 if c is even, 4..8 if odd.
-        let wf: [float32x4_t; 8] = [
-            vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[0]))),
-            vcvtq_f32_s32(vmovl_high_s16(h[0])),
-            vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[1]))),
-            vcvtq_f32_s32(vmovl_high_s16(h[1])),
-            vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[2]))),
-            vcvtq_f32_s32(vmovl_high_s16(h[2])),
-            vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[3]))),
-            vcvtq_f32_s32(vmovl_high_s16(h[3])),
-        ];
-        let scale = ws[b];
-        for t in 0..R {
-            let xp = xs[t].as_ptr();
-            // SAFETY: off + 32 <= k floats of `xs[t]`.
-            let (s_lo, s_hi) = unsafe {
-                let mut s_lo = vmulq_f32(wf[0], vld1q_f32(xp.add(off)));
-                let mut s_hi = vmulq_f32(wf[1], vld1q_f32(xp.add(off + 4)));
-                for c in (2..8).step_by(2) {
-                    s_lo = vfmaq_f32(s_lo, wf[c], vld1q_f32(xp.add(off + 4 * c)));
-                    s_hi = vfmaq_f32(s_hi, wf[c + 1], vld1q_f32(xp.add(off + 4 * c + 4)));
-                }
-                (s_lo, s_hi)
-            };
-            acc[t][0] = vfmaq_n_f32(acc[t][0], s_lo, scale);
-            acc[t][1] = vfmaq_n_f32(acc[t][1], s_hi, scale);
-        }
-    }
-    let mut lanes = [[0f32; 8]; R];
-    for t in 0..R {
-        // SAFETY: `lanes[t]` holds 8 floats.
-        unsafe {
-            vst1q_f32(lanes[t].as_mut_ptr(), acc[t][0]);
-            vst1q_f32(lanes[t].as_mut_ptr().add(4), acc[t][1]);
-        }
-    }
-    if full * BLOCK < k {
-        let start = full * BLOCK;
-        for t in 0..R {
-            scalar::block_q8f32(&mut lanes[t], &wq[start..], &xs[t][start..], ws[full]);
+        // SAFETY: off + 32 <= k floats of x and bytes of every row.
+        let xv = unsafe { load_block(x.as_ptr().add(off)) };
+        for j in 0..R {
+            // SAFETY: as above.
+            let wf = unsafe { widen_block(rows[j].0.as_ptr().add(off)) };
+            block_fma(&mut acc[j], &wf, &xv, rows[j].1[b]);
         }
     }
     let mut ys = [0f32; R];
-    for t in 0..R {
-        ys[t] = reduce8(&lanes[t]);
+    for j in 0..R {
+        ys[j] = finish_q8f32(acc[j], rows[j].0, rows[j].1, x, full * BLOCK);
+    }
+    ys
+}
+
+/// Scheme Q8F32: weight row r of `w` against activation rows i0..i0 + T of x (m, k).
+///
+/// # Safety
+/// NEON is available; r < n and `x` holds at least i0 + T rows of k.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn acts_q8f32<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: usize) -> [f32; T] {
+    let k = w.k();
+    let (wq, ws) = w.row(r);
+    let mut xs: [&[f32]; T] = [&[]; T];
+    for t in 0..T {
+        xs[t] = &x[(i0 + t) * k..(i0 + t + 1) * k];
+    }
+    let full = k / BLOCK;
+    let mut acc = [[vdupq_n_f32(0.0); 2]; T]; // per row: lanes 0..4, lanes 4..8
+    for b in 0..full {
+        let off = b * BLOCK;
+        // SAFETY: off + 32 <= k bytes of the row and floats of every activation row.
+        let wf = unsafe { widen_block(wq.as_ptr().add(off)) };
+        for t in 0..T {
+            // SAFETY: as above.
+            let xv = unsafe { load_block(xs[t].as_ptr().add(off)) };
+            block_fma(&mut acc[t], &wf, &xv, ws[b]);
+        }
+    }
+    let mut ys = [0f32; T];
+    for t in 0..T {
+        ys[t] = finish_q8f32(acc[t], wq, ws, xs[t], full * BLOCK);
     }
     ys
 }
