@@ -746,13 +746,45 @@ fn ring_state_mut(runner: &mut Runner, node: usize) -> Result<&mut RingState> {
         .with_context(|| format!("plan node {node} has no ring attention state"))
 }
 
+/// Runs the protobuf pre-pass of [`Model::load`] (the part before tract: decode, external
+/// data checks, int8 routing, blocked `DequantizeLinear` folding, pruning, batch pinning) on
+/// `model.onnx` bytes whose external data lives in `dir`. For fuzzing and malformed-model
+/// tests; keep it in step with [`Model::load`].
+#[doc(hidden)]
+pub fn prepass(bytes: &[u8], dir: &Path, int8: Int8Path) -> Result<()> {
+    let path = dir.join(MODEL_FILE);
+    let mut proto = decode_model_proto(bytes, &path)?;
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| anyhow!("{path:?} has no graph"))?;
+    let external = ExternalData::collect(graph, dir)?;
+    if int8 != Int8Path::Fold {
+        route_q8(graph, &external)?;
+    }
+    if rewrite_blocked_dequantize(graph, &external)? > 0 {
+        fold_weight_transposes(graph);
+    }
+    prune_initializers(graph);
+    select_logit_rows(graph);
+    pin_batch_to_one(graph)?;
+    IoNames::of(graph)?;
+    cap_opset(&mut proto);
+    Ok(())
+}
+
 /// Memory-maps and decodes `path`, checking that it looks like an ONNX decoder.
 fn read_model_proto(path: &Path) -> Result<pb::ModelProto> {
     let file = File::open(path).with_context(|| format!("opening {path:?}"))?;
     // SAFETY: read-only map, dropped when this function returns; the bundle must not be
     // modified while loading (a concurrent truncation could fault, as with any mmap reader).
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
-    let proto = pb::ModelProto::decode(&*map)
+    decode_model_proto(&map, path)
+}
+
+/// Decodes `bytes` (read from `path`), checking that it looks like an ONNX decoder.
+fn decode_model_proto(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
+    let proto = pb::ModelProto::decode(bytes)
         .map_err(|e| anyhow!("{path:?} is not a valid ONNX model: {e}"))?;
     let graph = proto
         .graph
@@ -1653,6 +1685,16 @@ impl IoNames {
     /// Folds the cache I/O into ring attention ops when the graph matches (dropping the
     /// names it removed); returns whether it did.
     fn fuse_cache(&mut self, model: &mut TypedModel, layers: usize) -> Result<bool> {
+        // Checked first: everything below sizes tables by the config's layer count.
+        let declared = self
+            .inputs
+            .iter()
+            .filter(|n| n.starts_with("past_key_values.") && n.ends_with(".key"))
+            .count();
+        ensure!(
+            declared == layers,
+            "config.json says {layers} layers but the graph has a KV cache for {declared}"
+        );
         let Some(fused) = attention::fuse(model, layers)? else {
             log::info!(
                 "the attention does not match the ring-buffer rewrite; keeping the graph's \
