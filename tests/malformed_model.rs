@@ -228,12 +228,12 @@ fn malformed_bundles_are_one_line_errors() {
         ),
         (
             "model.onnx truncated to half",
-            |d| truncate_frac(&d.join("model.onnx"), 1, 2),
+            |d| truncate_by(&d.join("model.onnx"), |l| l / 2),
             "is not a valid ONNX model",
         ),
         (
             "model.onnx missing its last byte",
-            |d| truncate_frac(&d.join("model.onnx"), 1, 0),
+            |d| truncate_by(&d.join("model.onnx"), |l| l - 1),
             "is not a valid ONNX model",
         ),
         (
@@ -319,7 +319,7 @@ fn malformed_bundles_are_one_line_errors() {
             "external data: file truncated",
             |d| {
                 externalize(d);
-                truncate_frac(&d.join("model.onnx_data"), 1, 2);
+                truncate_by(&d.join("model.onnx_data"), |l| l / 2);
             },
             "is past the end",
         ),
@@ -371,7 +371,7 @@ fn malformed_bundles_are_one_line_errors() {
         ),
         (
             "tokenizer.json truncated",
-            |d| truncate_frac(&d.join("tokenizer.json"), 1, 2),
+            |d| truncate_by(&d.join("tokenizer.json"), |l| l / 2),
             "tokenizer",
         ),
         (
@@ -437,10 +437,10 @@ fn truncate(path: &Path, len: u64) {
         .unwrap();
 }
 
-/// Truncates to `num/den` of the length, or drops the last byte when `den` is 0.
-fn truncate_frac(path: &Path, num: u64, den: u64) {
+/// Truncates `path` to `to(length)` bytes.
+fn truncate_by(path: &Path, to: fn(u64) -> u64) {
     let len = fs::metadata(path).unwrap().len();
-    truncate(path, if den == 0 { len - 1 } else { len * num / den });
+    truncate(path, to(len));
 }
 
 #[test]
