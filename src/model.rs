@@ -1189,6 +1189,7 @@ fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<Q8Tab
             } else if is_default_domain
                 && c.op_type == "Transpose"
                 && perm == Some(&[1, 0])
+                && c.output.len() == 1
                 && !outputs.contains(c.output[0].as_str())
             {
                 let mut all = true;
@@ -1396,7 +1397,7 @@ fn select_logit_rows(graph: &mut pb::GraphProto) -> bool {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
     let Some(head) = graph.node.iter().position(|n| {
         n.output.first().map(String::as_str) == Some("logits")
-            && n.input.len() <= 2
+            && (1..=2).contains(&n.input.len())
             && ((n.op_type == "MatMul" && (n.domain.is_empty() || n.domain == "ai.onnx"))
                 || (n.op_type == q8op::MATMUL && n.domain == q8op::DOMAIN))
     }) else {
@@ -1506,7 +1507,8 @@ fn transpose_f32(t: &pb::TensorProto, name: &str) -> Option<pb::TensorProto> {
         [r, c] => (usize::try_from(*r).ok()?, usize::try_from(*c).ok()?),
         _ => return None,
     };
-    if t.data_type != DataType::Float as i32 || t.raw_data.len() != rows * cols * 4 {
+    let bytes = rows.checked_mul(cols)?.checked_mul(4)?;
+    if t.data_type != DataType::Float as i32 || t.raw_data.len() != bytes {
         return None;
     }
     let mut out = vec![0u8; t.raw_data.len()]; // (cols, rows)
@@ -1599,9 +1601,16 @@ fn dequantize_blocked(
         None => vec![0; s.len()],
     };
 
-    let outer: usize = dims[..axis].iter().product();
-    let len = dims[axis];
-    let inner: usize = dims[axis + 1..].iter().product();
+    // A zero dim elsewhere would leave 2^62 empty rows to walk (a hang, found by fuzzing).
+    let (outer, len, inner) = if q.is_empty() {
+        (0, 0, 0)
+    } else {
+        (
+            dims[..axis].iter().product(),
+            dims[axis],
+            dims[axis + 1..].iter().product(),
+        )
+    };
     let mut y = Vec::with_capacity(q.len()); // dims
     for o in 0..outer {
         for a in 0..len {
