@@ -33,6 +33,14 @@ impl Engine {
         }
         let model = Model::load(dir, opts)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        // An id the embedding does not have would fail (or worse) deep inside the graph.
+        let (tokens, vocab) = (tokenizer.vocab_size(), model.config().vocab_size);
+        if tokens > vocab {
+            bail!(
+                "\"{}\": tokenizer.json has {tokens} tokens but the model's vocabulary has {vocab}",
+                dir.display()
+            );
+        }
         let config_path = dir.join("tokenizer_config.json");
         let template = if config_path.exists() {
             ChatTemplate::from_tokenizer_config(&config_path)?

@@ -20,6 +20,7 @@ pub mod run;
 pub mod sampler;
 pub mod serve;
 pub mod session;
+pub mod signal;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

@@ -8,6 +8,12 @@ use edgelm::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     edgelm::logger::init(cli.verbose);
+    if matches!(cli.command, Command::Run(_) | Command::Serve(_)) {
+        if let Err(e) = edgelm::signal::install() {
+            eprintln!("edgelm: installing the SIGTERM handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match &cli.command {
         Command::Run(args) => edgelm::run::run(args, &mut std::io::stdout().lock()),
         Command::Chat(args) => edgelm::chat::chat(
@@ -21,7 +27,14 @@ fn main() -> ExitCode {
         Command::Serve(args) => args.to_options().and_then(|o| edgelm::serve::serve(&o)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        // A `run` cut short by a signal still finished cleanly, but did not do all it was
+        // asked; a stopped `serve` is a normal end.
+        Ok(()) => match edgelm::signal::received() {
+            Some(sig) if matches!(cli.command, Command::Run(_)) => {
+                ExitCode::from(128u8.wrapping_add(sig as u8))
+            }
+            _ => ExitCode::SUCCESS,
+        },
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edgelm: {e:#}");

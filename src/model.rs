@@ -813,13 +813,45 @@ fn ring_state_mut(runner: &mut Runner, node: usize) -> Result<&mut RingState> {
         .with_context(|| format!("plan node {node} has no ring attention state"))
 }
 
+/// Runs the protobuf pre-pass of [`Model::load`] (the part before tract: decode, external
+/// data checks, int8 routing, blocked `DequantizeLinear` folding, pruning, batch pinning) on
+/// `model.onnx` bytes whose external data lives in `dir`. For fuzzing and malformed-model
+/// tests; keep it in step with [`Model::load`].
+#[doc(hidden)]
+pub fn prepass(bytes: &[u8], dir: &Path, int8: Int8Path) -> Result<()> {
+    let path = dir.join(MODEL_FILE);
+    let mut proto = decode_model_proto(bytes, &path)?;
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| anyhow!("{path:?} has no graph"))?;
+    let external = ExternalData::collect(graph, dir)?;
+    if int8 != Int8Path::Fold {
+        route_q8(graph, &external)?;
+    }
+    if rewrite_blocked_dequantize(graph, &external)? > 0 {
+        fold_weight_transposes(graph);
+    }
+    prune_initializers(graph);
+    select_logit_rows(graph);
+    pin_batch_to_one(graph)?;
+    IoNames::of(graph)?;
+    cap_opset(&mut proto);
+    Ok(())
+}
+
 /// Memory-maps and decodes `path`, checking that it looks like an ONNX decoder.
 fn read_model_proto(path: &Path) -> Result<pb::ModelProto> {
     let file = File::open(path).with_context(|| format!("opening {path:?}"))?;
     // SAFETY: read-only map, dropped when this function returns; the bundle must not be
     // modified while loading (a concurrent truncation could fault, as with any mmap reader).
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {path:?}"))?;
-    let proto = pb::ModelProto::decode(&*map)
+    decode_model_proto(&map, path)
+}
+
+/// Decodes `bytes` (read from `path`), checking that it looks like an ONNX decoder.
+fn decode_model_proto(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
+    let proto = pb::ModelProto::decode(bytes)
         .map_err(|e| anyhow!("{path:?} is not a valid ONNX model: {e}"))?;
     let graph = proto
         .graph
@@ -1224,6 +1256,7 @@ fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<Q8Tab
             } else if is_default_domain
                 && c.op_type == "Transpose"
                 && perm == Some(&[1, 0])
+                && c.output.len() == 1
                 && !outputs.contains(c.output[0].as_str())
             {
                 let mut all = true;
@@ -1619,7 +1652,7 @@ fn select_logit_rows(graph: &mut pb::GraphProto) -> bool {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
     let Some(head) = graph.node.iter().position(|n| {
         n.output.first().map(String::as_str) == Some("logits")
-            && n.input.len() <= 2
+            && (1..=2).contains(&n.input.len())
             && ((n.op_type == "MatMul" && (n.domain.is_empty() || n.domain == "ai.onnx"))
                 || (n.op_type == q8op::MATMUL && n.domain == q8op::DOMAIN))
     }) else {
@@ -1729,7 +1762,8 @@ fn transpose_f32(t: &pb::TensorProto, name: &str) -> Option<pb::TensorProto> {
         [r, c] => (usize::try_from(*r).ok()?, usize::try_from(*c).ok()?),
         _ => return None,
     };
-    if t.data_type != DataType::Float as i32 || t.raw_data.len() != rows * cols * 4 {
+    let bytes = rows.checked_mul(cols)?.checked_mul(4)?;
+    if t.data_type != DataType::Float as i32 || t.raw_data.len() != bytes {
         return None;
     }
     let mut out = vec![0u8; t.raw_data.len()]; // (cols, rows)
@@ -1822,9 +1856,16 @@ fn dequantize_blocked(
         None => vec![0; s.len()],
     };
 
-    let outer: usize = dims[..axis].iter().product();
-    let len = dims[axis];
-    let inner: usize = dims[axis + 1..].iter().product();
+    // A zero dim elsewhere would leave 2^62 empty rows to walk (a hang, found by fuzzing).
+    let (outer, len, inner) = if q.is_empty() {
+        (0, 0, 0)
+    } else {
+        (
+            dims[..axis].iter().product(),
+            dims[axis],
+            dims[axis + 1..].iter().product(),
+        )
+    };
     let mut y = Vec::with_capacity(q.len()); // dims
     for o in 0..outer {
         for a in 0..len {
@@ -1908,6 +1949,16 @@ impl IoNames {
     /// Folds the cache I/O into ring attention ops when the graph matches (dropping the
     /// names it removed); returns whether it did.
     fn fuse_cache(&mut self, model: &mut TypedModel, layers: usize) -> Result<bool> {
+        // Checked first: everything below sizes tables by the config's layer count.
+        let declared = self
+            .inputs
+            .iter()
+            .filter(|n| n.starts_with("past_key_values.") && n.ends_with(".key"))
+            .count();
+        ensure!(
+            declared == layers,
+            "config.json says {layers} layers but the graph has a KV cache for {declared}"
+        );
         let Some(fused) = attention::fuse(model, layers)? else {
             log::info!(
                 "the attention does not match the ring-buffer rewrite; keeping the graph's \

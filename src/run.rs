@@ -9,6 +9,7 @@ use crate::cli::RunArgs;
 use crate::engine::Engine;
 use crate::generate::{generate_events, Event, Flow, GenerateOptions};
 use crate::session;
+use crate::signal;
 use crate::template::Message;
 
 /// Runs the `run` command, writing to `out`.
@@ -66,6 +67,8 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             (Event::Shift(_), false) => Ok(()),
         };
         match r.and_then(|_| out.flush()) {
+            // SIGTERM/SIGINT: stop at this token; the session below is still saved.
+            Ok(()) if signal::received().is_some() => Flow::Stop,
             Ok(()) => Flow::Continue,
             Err(e) => {
                 write_err = Some(e);

@@ -11,6 +11,7 @@
 //! When the conversation outgrows the context, the oldest turns are dropped (`EVT
 //! context_shift`).
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::time::Instant;
@@ -25,6 +26,7 @@ use crate::protocol::{
     self, End, EndReason, ErrorCode, Frame, LineParser, ProtocolError, Request, Setting, StreamMode,
 };
 use crate::sampler::SamplerConfig;
+use crate::signal;
 use crate::template::Message;
 use crate::transport::{self, Received, SerialConfig, TransportError, Writer};
 
@@ -73,6 +75,8 @@ enum Incoming {
     Eof,
     Reconnected,
     Failed(TransportError),
+    /// SIGTERM/SIGINT ([`crate::signal`]): finish the current token and exit.
+    Terminate,
 }
 
 /// Serves the protocol until `QUIT`/Ctrl-D/end of input (stdio) or forever (serial).
@@ -82,6 +86,17 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
     let (tx, rx) = sync_channel(64);
     let echo = opts.echo.then(|| writer.clone());
     let limit = opts.line_limit;
+    let mut wake = signal::wake_pipe().context("setting up signal handling")?;
+    let term_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("serve-signal".into())
+        .spawn(move || {
+            let mut byte = [0u8; 1];
+            if matches!(wake.read(&mut byte), Ok(1)) {
+                let _ = term_tx.send(Incoming::Terminate);
+            }
+        })
+        .context("starting the signal thread")?;
     std::thread::Builder::new()
         .name("serve-input".into())
         .spawn(move || read_loop(reader, echo, limit, tx))
@@ -187,6 +202,10 @@ enum Next {
 #[derive(Default)]
 struct Deferred {
     quit: bool,
+    /// End of input: no more requests, but the current reply is still wanted.
+    eof: bool,
+    /// A stop signal: cancel and exit.
+    terminate: bool,
     reconnected: bool,
     failed: Option<TransportError>,
 }
@@ -239,6 +258,10 @@ impl Session<'_> {
                     Next::Continue
                 }
                 Incoming::Failed(e) => return Err(e.into()),
+                Incoming::Terminate => {
+                    log::info!("stopping on signal {}", signal::received().unwrap_or(0));
+                    return Ok(());
+                }
             };
             if next == Next::Quit {
                 return Ok(());
@@ -662,10 +685,19 @@ impl Session<'_> {
         if let Some(e) = deferred.failed {
             return Err(e.into());
         }
+        if deferred.terminate {
+            log::info!("stopping on signal {}", signal::received().unwrap_or(0));
+            return Ok(Outcome {
+                next: Next::Quit,
+                reply,
+            });
+        }
         if deferred.reconnected {
             self.emit(|l| protocol::write_evt(l, "reconnect", ""))?;
         }
-        let next = if deferred.quit {
+        let next = if deferred.eof {
+            Next::Quit
+        } else if deferred.quit {
             self.quit()?
         } else {
             Next::Continue
@@ -746,7 +778,12 @@ fn poll_input(
             },
             Ok(Incoming::Bad(e)) => busy.push((e.code(), e.to_string())),
             Ok(Incoming::Interrupt) => cancel = true,
-            Ok(Incoming::Hangup) | Ok(Incoming::Eof) => deferred.quit = true,
+            Ok(Incoming::Hangup) => deferred.quit = true,
+            Ok(Incoming::Eof) => deferred.eof = true,
+            Ok(Incoming::Terminate) => {
+                deferred.terminate = true;
+                cancel = true;
+            }
             Ok(Incoming::Reconnected) => deferred.reconnected = true,
             Ok(Incoming::Failed(e)) => deferred.failed = Some(e),
             Err(TryRecvError::Empty) => return cancel,

@@ -8,6 +8,7 @@
 //! of the used slots, and last an FNV-1a 64 checksum of everything before it.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -73,14 +74,47 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         out.extend(bytes);
     }
     out.extend(fnv1a(&out).to_le_bytes());
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, &out).with_context(|| format!("writing session {tmp:?}"))?;
-    fs::rename(&tmp, path).with_context(|| format!("writing session {path:?}"))?;
+    write_atomically(path, &out)?;
     log::info!(
         "saved session {path:?}: {} tokens, {} bytes",
         parts.used,
         out.len()
     );
+    Ok(())
+}
+
+/// Replaces `path` by `bytes` so that a full disk, a signal or a power cut leaves either the
+/// old file or the new one: write a temporary file beside it, flush it to the device, rename
+/// it over `path`, then flush the directory. A failed write removes the temporary file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("writing session {path:?}: not a file name"))?;
+    // Appended, not a replaced extension: `x.tmp` must not be its own temporary file.
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let written = (|| -> std::io::Result<()> {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing session {tmp:?}"));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing session {path:?}"));
+    }
+    // The rename is durable once the directory is; not every filesystem can sync one.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 

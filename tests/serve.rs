@@ -529,3 +529,296 @@ fn pty_peer_closing_and_coming_back_triggers_reconnect() {
     assert!(end.starts_with("END "), "{end}");
     let _ = fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------- faults
+
+/// Sends `sig` to the server.
+fn signal(server: &Server, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(server.0.id() as libc::pid_t, sig) }, 0);
+}
+
+/// Waits for the server to exit, failing after `TIMEOUT` instead of hanging.
+fn wait_exit(server: &mut Server) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the server did not exit within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pipes_end_of_input_mid_generation_still_finishes_the_reply() {
+    let (mut server, mut c) = over_pipes(&fixture("tiny-llama/onnx-int8"));
+    c.ready();
+    assert_eq!(c.request("SET max_tokens 40"), "OK max_tokens=40");
+    assert_eq!(c.request("SET ignore_eos on"), "OK ignore_eos=on");
+    c.send(b"GEN Once upon a time\n");
+    c.tx = Box::new(std::io::sink()); // closes the server's stdin right behind the request
+    let (_, end) = c.generation();
+    assert!(end.starts_with("END length "), "{end}");
+    assert_eq!(field(&end, "gen"), 40, "{end}");
+    assert!(wait_exit(&mut server).success());
+}
+
+#[test]
+fn sigterm_mid_generation_ends_the_reply_and_exits_cleanly() {
+    let (mut server, mut c) = over_pipes(&fixture("tiny-llama/onnx-int8"));
+    c.ready();
+    assert_eq!(c.request("SET max_tokens 240"), "OK max_tokens=240");
+    assert_eq!(c.request("SET ignore_eos on"), "OK ignore_eos=on");
+    c.send(b"GEN Once upon a time\n");
+    let first = c.line();
+    assert!(first.starts_with("TOK "), "{first}");
+    signal(&server, libc::SIGTERM);
+    let (_, end) = c.generation();
+    assert!(end.starts_with("END cancelled "), "{end}");
+    let status = wait_exit(&mut server);
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn sigterm_while_idle_exits_cleanly() {
+    let (mut server, mut c) = over_pipes(&fixture("tiny-llama/onnx-int8"));
+    c.ready();
+    assert_eq!(c.request("PING"), "OK PONG");
+    signal(&server, libc::SIGTERM);
+    let status = wait_exit(&mut server);
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn closed_stdout_ends_serve_quietly() {
+    let mut child = serve_cmd(&fixture("tiny-llama/onnx-int8"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before the first line
+    let _stdin = child.stdin.take();
+    let mut server = Server(child);
+    let status = wait_exit(&mut server);
+    let mut stderr = String::new();
+    server
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("edgelm: "), "{stderr}");
+}
+
+#[test]
+fn pty_peer_vanishing_mid_generation_and_coming_back() {
+    let dir = std::env::temp_dir().join(format!("edgelm-serve-vanish-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("ttyEDGE");
+    let (master, slave, path) = openpty();
+    point(&link, &path);
+    let _server = Server(
+        serve_cmd(&fixture("tiny-llama/onnx-int8"))
+            .arg("--serial")
+            .arg(&link)
+            .args(["--reconnect-ms", "20"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = client_on(&master);
+    c.ready();
+    assert_eq!(c.request("SET max_tokens 240"), "OK max_tokens=240");
+    assert_eq!(c.request("SET ignore_eos on"), "OK ignore_eos=on");
+    c.send(b"GEN Once upon a time\n");
+    let first = c.line();
+    assert!(first.starts_with("TOK "), "{first}");
+
+    // Unplugged while tokens are streaming.
+    drop(c);
+    drop(master);
+    drop(slave);
+    let (master2, _slave2, path2) = openpty();
+    point(&link, &path2);
+    let mut c = client_on(&master2);
+    assert_eq!(c.line(), "EVT reconnect");
+    // The line is usable again and the session kept its settings.
+    assert_eq!(c.request("PING"), "OK PONG");
+    assert_eq!(c.request("GET max_tokens"), "OK max_tokens=240");
+    assert_eq!(c.request("SET max_tokens 3"), "OK max_tokens=3");
+    c.send(b"GEN Once upon a time\n");
+    let (_, end) = c.generation();
+    assert!(end.starts_with("END length "), "{end}");
+    assert_eq!(field(&end, "gen"), 3, "{end}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------- soak
+
+/// xorshift64*: reproducible request mixes without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Resident set size of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Reads lines until the one ending `GEN`/`CHAT`: `END …` or `ERR …` (TOK and EVT lines
+/// may come first). Any other line fails the test.
+fn finish(c: &mut Client) -> String {
+    loop {
+        let l = c.line();
+        if l.starts_with("END ") || l.starts_with("ERR ") {
+            return l;
+        }
+        assert!(
+            l.starts_with("TOK ") || l.starts_with("EVT context_shift"),
+            "unexpected {l:?}"
+        );
+    }
+}
+
+/// `EDGELM_SOAK_REQUESTS` protocol requests (default 10 000) over a pty with the tiny model:
+/// random sampling settings, ~10% cancelled generations, ~5% garbage lines. Every request
+/// gets exactly one final line, and RSS after warm-up grows by less than 1 MiB.
+#[test]
+#[ignore = "soak: run with --ignored; EDGELM_SOAK_REQUESTS sets the count"]
+fn soak_random_requests_over_a_pty() {
+    let requests: u64 = std::env::var("EDGELM_SOAK_REQUESTS")
+        .ok()
+        .map(|v| v.parse().expect("EDGELM_SOAK_REQUESTS is a number"))
+        .unwrap_or(10_000);
+    let model = chat_bundle();
+    let (master, _slave, path) = openpty();
+    let server = Server(
+        serve_cmd(&model)
+            .arg("--serial")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = server.0.id();
+    let mut c = client_on(&master);
+    c.ready();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let warm_up = (requests / 10).max(20);
+    let mut rss_after_warm_up = None;
+    let (mut ended, mut cancelled, mut garbage) = (0u64, 0u64, 0u64);
+    for i in 0..requests {
+        if i == warm_up {
+            rss_after_warm_up = Some(rss_kib(pid));
+        }
+        c.seen.clear();
+        let roll = rng.below(100);
+        if roll < 5 {
+            garbage += 1;
+            // Invalid UTF-8 or an over-long line: exactly one ERR either way.
+            let mut line: Vec<u8> = if rng.below(2) == 0 {
+                vec![0xff; 1 + rng.below(40) as usize]
+            } else {
+                vec![b'x'; 5000]
+            };
+            line.extend((0..rng.below(30)).map(|_| 0x20 + rng.below(0x5f) as u8));
+            line.push(b'\n');
+            c.send(&line);
+            let l = c.line();
+            assert!(l.starts_with("ERR "), "garbage got {l:?}");
+        } else if roll < 15 {
+            cancelled += 1;
+            assert!(c.request("SET max_tokens 200").starts_with("OK "));
+            c.send(b"GEN Once upon a time\n");
+            let first = c.line();
+            if first.starts_with("TOK ") {
+                c.send(if rng.below(2) == 0 {
+                    b"STOP\n"
+                } else {
+                    b"\x03"
+                });
+                let end = finish(&mut c);
+                assert!(end.starts_with("END "), "{end}");
+            } else {
+                assert!(
+                    first.starts_with("END ") || first.starts_with("ERR "),
+                    "{first}"
+                );
+            }
+            // Whatever the cancel raced with, the line is in step again after one PING.
+            c.send(b"PING\n");
+            loop {
+                let l = c.line();
+                if l == "OK PONG" {
+                    break;
+                }
+                assert!(l.starts_with("ERR idle"), "after a cancel: {l:?}");
+            }
+            ended += 1;
+        } else if roll < 40 {
+            let setting = match rng.below(6) {
+                0 => format!("temp {}", rng.below(200) as f32 / 100.0),
+                1 => format!("top_k {}", rng.below(50)),
+                2 => format!("top_p {}", (1 + rng.below(100)) as f32 / 100.0),
+                3 => format!("seed {}", rng.next()),
+                4 => format!("repeat_penalty {}", (100 + rng.below(50)) as f32 / 100.0),
+                _ => format!("max_tokens {}", 1 + rng.below(24)),
+            };
+            let l = c.request(&format!("SET {setting}"));
+            assert!(l.starts_with("OK "), "SET {setting}: {l:?}");
+        } else if roll < 45 {
+            assert_eq!(c.request("RESET"), "OK");
+        } else if roll < 75 {
+            c.send(b"GEN Once upon a time there was\n");
+            let end = finish(&mut c);
+            assert!(end.starts_with("END "), "{end}");
+            ended += 1;
+        } else {
+            c.send(format!("CHAT Tell me about the number {}\n", rng.below(1000)).as_bytes());
+            let end = finish(&mut c);
+            if end.starts_with("ERR context_full") {
+                assert_eq!(c.request("RESET"), "OK");
+            } else {
+                assert!(end.starts_with("END "), "{end}");
+            }
+            ended += 1;
+        }
+    }
+    assert_eq!(c.request("PING"), "OK PONG");
+    let after = rss_kib(pid);
+    let before = rss_after_warm_up.unwrap_or(after);
+    eprintln!(
+        "soak: {requests} requests ({ended} generations, {cancelled} cancels, {garbage} \
+         garbage); RSS {before} KiB after warm-up, {after} KiB at the end"
+    );
+    assert!(
+        after < before + 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+}
