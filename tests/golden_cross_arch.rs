@@ -65,7 +65,11 @@ fn library_greedy_tokens_and_margins_match_the_x86_64_recording() {
     let prompt = e.encode_raw(PROMPT).unwrap();
     let (ids, margins) = greedy_with_margins(&e, &prompt);
     if std::env::var_os("EDGELM_RECORD_GOLDEN").is_some() {
-        assert!(cfg!(target_arch = "x86_64"), "record the golden on x86_64");
+        assert_eq!(
+            std::env::consts::ARCH,
+            "x86_64",
+            "record the golden on x86_64"
+        );
         let margins: Vec<f64> = margins
             .iter()
             .map(|m| (*m as f64 * 1e4).round() / 1e4)
