@@ -3,15 +3,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use edgelm::convert::Quant;
 
 fn edgelm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgelm"))
-        .args(args)
-        .output()
-        .unwrap()
+    common::edgelm_command().args(args).output().unwrap()
 }
 
 /// Asserts a failed run with exactly one stderr line that mentions `needle`.

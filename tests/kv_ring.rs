@@ -1,8 +1,9 @@
 //! The ring-buffer KV cache end to end: overflow in constant memory with every shift reported,
 //! re-positioning past the trained context, f16 storage, and the `run --json` shift lines.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use edgelm::kv_cache::{KvType, Shift};
 use edgelm::model::{CacheOptions, LoadOptions, Model};
@@ -179,7 +180,7 @@ fn bad_cache_options_are_clear_errors() {
 /// `run --json` prints one `{"event":"shift",…}` line per eviction.
 #[test]
 fn run_json_reports_every_shift() {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+    let out = common::edgelm_command()
         .args(["run", "-m"])
         .arg(fixture("tiny-llama/onnx-f32"))
         .args([

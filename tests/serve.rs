@@ -2,6 +2,8 @@
 //! pair configured like a serial line, with the tiny Llama fixture. Every read has a
 //! timeout, so a wedged server fails the test with the lines seen so far instead of hanging.
 
+mod common;
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -192,7 +194,7 @@ fn field(end: &str, key: &str) -> usize {
 }
 
 fn serve_cmd(model: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelm"));
+    let mut cmd = common::edgelm_command();
     cmd.args(["serve", "-m"]).arg(model).args(["-t", "1"]);
     cmd.stderr(Stdio::inherit());
     cmd

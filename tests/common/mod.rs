@@ -12,6 +12,23 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The `edgelm` binary as a command. Under qemu-user a test cannot exec a foreign binary
+/// (no binfmt_misc on build machines), so cross/test.sh names the emulator in
+/// `EDGELM_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`) and it is run through it.
+pub fn edgelm_command() -> Command {
+    let bin = env!("CARGO_BIN_EXE_edgelm");
+    let runner = std::env::var("EDGELM_TEST_RUNNER").unwrap_or_default();
+    let mut parts = runner.split_whitespace();
+    match parts.next() {
+        Some(emulator) => {
+            let mut cmd = Command::new(emulator);
+            cmd.args(parts).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// The SmolLM2-135M-Instruct GGUF, fetched by `models/fetch-smollm2.sh` when missing.
 pub fn default_gguf() -> PathBuf {
     if let Ok(p) = std::env::var("EDGELM_GGUF") {
