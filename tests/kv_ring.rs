@@ -247,7 +247,7 @@ fn gpt2_generates_past_n_positions_with_a_reported_reposition() {
     let repositions = shifts.iter().filter(|s| s.repositioned).count();
     assert!(repositions >= 2, "{shifts:?}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+    let out = common::edgelm_command()
         .args(["run", "-m"])
         .arg(fixture("tiny-gpt2/onnx-f32"))
         .args(["-n", "300", "--ignore-eos", "--json", "Once upon a time"])
