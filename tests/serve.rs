@@ -701,7 +701,9 @@ fn finish(c: &mut Client) -> String {
             return l;
         }
         assert!(
-            l.starts_with("TOK ") || l.starts_with("EVT context_shift"),
+            l.starts_with("TOK ")
+                || l.starts_with("EVT context_shift ")
+                || l.starts_with("EVT shift "),
             "unexpected {l:?}"
         );
     }
