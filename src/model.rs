@@ -219,51 +219,16 @@ impl Model {
         let config = Config::load(dir)?;
 
         let model_path = dir.join(MODEL_FILE);
-        let mut proto = read_model_proto(&model_path)?;
-        let graph = proto
-            .graph
-            .as_mut()
-            .ok_or_else(|| anyhow!("{model_path:?} has no graph"))?;
-        let external = ExternalData::collect(graph, dir)
-            .with_context(|| format!("external data of {model_path:?}"))?;
-        let mut summary = LoadSummary::default();
-        for node in &graph.node {
-            *summary.source_ops.entry(node.op_type.clone()).or_default() += 1;
-        }
-        for t in &graph.initializer {
-            let count = element_count(t)?;
-            summary.parameters += count;
-            summary.weight_bytes += count * elem_size(t.data_type).unwrap_or(0);
-        }
-        let q8 = match opts.int8 {
-            Int8Path::Fold => Q8Table::new(),
-            Int8Path::Q8F32 | Int8Path::Q8Q8 => {
-                let mut q8 = route_q8(graph, &external)
-                    .with_context(|| format!("rewriting {model_path:?}"))?;
-                let ort = route_matmul_integer(graph, &external)
-                    .with_context(|| format!("rewriting {model_path:?}"))?;
-                summary.matmul_integer_rewritten = ort.len();
-                q8.extend(ort);
-                q8
-            }
-        };
-        let rewritten = rewrite_blocked_dequantize(graph, &external)
-            .with_context(|| format!("rewriting {model_path:?}"))?;
-        if rewritten > 0 {
-            fold_weight_transposes(graph);
-        }
-        prune_initializers(graph);
-        let logit_rows = select_logit_rows(graph);
-        if !q8.is_empty() {
-            proto.opset_import.push(pb::OperatorSetIdProto {
-                domain: q8op::DOMAIN.into(),
-                version: 1,
-            });
-        }
-        pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
-        let mut io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
-
-        cap_opset(&mut proto);
+        let proto = read_model_proto(&model_path)?;
+        let Prepared {
+            proto,
+            external,
+            q8,
+            rewritten,
+            logit_rows,
+            mut io_names,
+            mut summary,
+        } = prepare(proto, dir, opts.int8)?;
         let mut typed =
             to_typed(&proto, dir, external).with_context(|| format!("analysing {model_path:?}"))?;
         drop(proto);
@@ -815,29 +780,83 @@ fn ring_state_mut(runner: &mut Runner, node: usize) -> Result<&mut RingState> {
 
 /// Runs the protobuf pre-pass of [`Model::load`] (the part before tract: decode, external
 /// data checks, int8 routing, blocked `DequantizeLinear` folding, pruning, batch pinning) on
-/// `model.onnx` bytes whose external data lives in `dir`. For fuzzing and malformed-model
-/// tests; keep it in step with [`Model::load`].
+/// `model.onnx` bytes whose external data lives in `dir`, for fuzzing: the same code
+/// [`Model::load`] runs.
 #[doc(hidden)]
 pub fn prepass(bytes: &[u8], dir: &Path, int8: Int8Path) -> Result<()> {
-    let path = dir.join(MODEL_FILE);
-    let mut proto = decode_model_proto(bytes, &path)?;
+    let proto = decode_model_proto(bytes, &dir.join(MODEL_FILE))?;
+    prepare(proto, dir, int8).map(drop)
+}
+
+/// The decoded `model.onnx` after the pre-pass, and what it found.
+struct Prepared {
+    proto: pb::ModelProto,
+    external: ExternalData,
+    q8: Q8Table,
+    /// Blocked `DequantizeLinear` nodes folded to f32.
+    rewritten: usize,
+    logit_rows: bool,
+    io_names: IoNames,
+    summary: LoadSummary,
+}
+
+/// The protobuf pre-pass (before tract): external data checks, int8 routing (our blocks and
+/// ONNX Runtime's `MatMulInteger`), blocked `DequantizeLinear` folding, pruning, logit-row
+/// selection, batch pinning, opset capping.
+fn prepare(mut proto: pb::ModelProto, dir: &Path, int8: Int8Path) -> Result<Prepared> {
+    let model_path = dir.join(MODEL_FILE);
     let graph = proto
         .graph
         .as_mut()
-        .ok_or_else(|| anyhow!("{path:?} has no graph"))?;
-    let external = ExternalData::collect(graph, dir)?;
-    if int8 != Int8Path::Fold {
-        route_q8(graph, &external)?;
+        .ok_or_else(|| anyhow!("{model_path:?} has no graph"))?;
+    let external = ExternalData::collect(graph, dir)
+        .with_context(|| format!("external data of {model_path:?}"))?;
+    let mut summary = LoadSummary::default();
+    for node in &graph.node {
+        *summary.source_ops.entry(node.op_type.clone()).or_default() += 1;
     }
-    if rewrite_blocked_dequantize(graph, &external)? > 0 {
+    for t in &graph.initializer {
+        let count = element_count(t)?;
+        summary.parameters += count;
+        summary.weight_bytes += count * elem_size(t.data_type).unwrap_or(0);
+    }
+    let q8 = match int8 {
+        Int8Path::Fold => Q8Table::new(),
+        Int8Path::Q8F32 | Int8Path::Q8Q8 => {
+            let mut q8 =
+                route_q8(graph, &external).with_context(|| format!("rewriting {model_path:?}"))?;
+            let ort = route_matmul_integer(graph, &external)
+                .with_context(|| format!("rewriting {model_path:?}"))?;
+            summary.matmul_integer_rewritten = ort.len();
+            q8.extend(ort);
+            q8
+        }
+    };
+    let rewritten = rewrite_blocked_dequantize(graph, &external)
+        .with_context(|| format!("rewriting {model_path:?}"))?;
+    if rewritten > 0 {
         fold_weight_transposes(graph);
     }
     prune_initializers(graph);
-    select_logit_rows(graph);
-    pin_batch_to_one(graph)?;
-    IoNames::of(graph)?;
+    let logit_rows = select_logit_rows(graph);
+    if !q8.is_empty() {
+        proto.opset_import.push(pb::OperatorSetIdProto {
+            domain: q8op::DOMAIN.into(),
+            version: 1,
+        });
+    }
+    pin_batch_to_one(graph).with_context(|| format!("reading {model_path:?}"))?;
+    let io_names = IoNames::of(graph).with_context(|| format!("reading {model_path:?}"))?;
     cap_opset(&mut proto);
-    Ok(())
+    Ok(Prepared {
+        proto,
+        external,
+        q8,
+        rewritten,
+        logit_rows,
+        io_names,
+        summary,
+    })
 }
 
 /// Memory-maps and decodes `path`, checking that it looks like an ONNX decoder.
