@@ -201,7 +201,13 @@ fn serve_cmd(model: &Path) -> Command {
 }
 
 fn over_pipes(model: &Path) -> (Server, Client) {
+    over_pipes_with(model, &[])
+}
+
+/// [`over_pipes`] with extra `serve` flags.
+fn over_pipes_with(model: &Path, flags: &[&str]) -> (Server, Client) {
     let mut child = serve_cmd(model)
+        .args(flags)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -401,15 +407,7 @@ fn pipes_full_session_then_quit() {
 #[test]
 fn pipes_reply_past_a_small_ring_reports_shifts() {
     let model = fixture("tiny-llama/onnx-int8");
-    let mut child = serve_cmd(&model)
-        .args(["--ctx", "32", "--keep", "4"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin: ChildStdin = child.stdin.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (_server, mut c) = (Server(child), Client::new(Box::new(stdin), stdout));
+    let (_server, mut c) = over_pipes_with(&model, &["--ctx", "32", "--keep", "4"]);
     assert_eq!(c.line(), "EVT ready context=32");
     assert_eq!(c.request("SET max_tokens 80"), "OK max_tokens=80");
     assert_eq!(c.request("SET ignore_eos on"), "OK ignore_eos=on");
@@ -495,6 +493,20 @@ fn pty_serial_session() {
     assert_eq!(c.request("PING"), "OK PONG");
 }
 
+/// `serve` on the serial device `link` with the tiny model, reopening it quickly when lost.
+fn serial_server(link: &Path) -> Server {
+    Server(
+        serve_cmd(&fixture("tiny-llama/onnx-int8"))
+            .arg("--serial")
+            .arg(link)
+            .args(["--reconnect-ms", "20"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn pty_peer_closing_and_coming_back_triggers_reconnect() {
     let dir = std::env::temp_dir().join(format!("edgelm-serve-link-{}", std::process::id()));
@@ -502,16 +514,7 @@ fn pty_peer_closing_and_coming_back_triggers_reconnect() {
     let link = dir.join("ttyEDGE");
     let (master, slave, path) = openpty();
     point(&link, &path);
-    let _server = Server(
-        serve_cmd(&fixture("tiny-llama/onnx-int8"))
-            .arg("--serial")
-            .arg(&link)
-            .args(["--reconnect-ms", "20"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server = serial_server(&link);
     let mut c = client_on(&master);
     c.ready();
     assert_eq!(c.request("PING"), "OK PONG");
@@ -627,16 +630,7 @@ fn pty_peer_vanishing_mid_generation_and_coming_back() {
     let link = dir.join("ttyEDGE");
     let (master, slave, path) = openpty();
     point(&link, &path);
-    let _server = Server(
-        serve_cmd(&fixture("tiny-llama/onnx-int8"))
-            .arg("--serial")
-            .arg(&link)
-            .args(["--reconnect-ms", "20"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server = serial_server(&link);
     let mut c = client_on(&master);
     c.ready();
     assert_eq!(c.request("SET max_tokens 240"), "OK max_tokens=240");
