@@ -2,8 +2,11 @@
 //! tokenizer) and of the tiny GPT-2 as a llama.cpp-layout GGUF (`tiny-gpt2/gguf`), against the
 //! transformers reference recorded in `reference.json`.
 
+mod common;
+
+use common::fixture;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use edgelm::convert::{convert, ConvertOptions, Quant};
 use edgelm::model::{LoadOptions, Model, State};
@@ -21,12 +24,6 @@ struct Greedy {
     prompt: String,
     prompt_ids: Vec<u32>,
     generated_ids: Vec<u32>,
-}
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
 }
 
 fn reference(model: &str) -> Reference {

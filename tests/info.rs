@@ -1,13 +1,10 @@
 //! `edgelm info -m DIR` on the tiny bundles: the facts a user needs before running a model.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
+use common::fixture;
+use std::path::Path;
+use std::process::Command;
 
 fn info(bundle: &str) -> String {
     info_of(&fixture(bundle))

@@ -3,16 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::fixture;
 
 use edgelm::kv_cache::{KvType, Shift};
 use edgelm::model::{CacheOptions, LoadOptions, Model};
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
 
 fn tiny_llama() -> Model {
     Model::load(

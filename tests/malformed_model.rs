@@ -6,6 +6,9 @@
 //! before exec. Loading the intact tiny bundle needs well under it; a reader that trusts a
 //! size field and allocates for it hits the cap and aborts, which fails the test.
 
+mod common;
+
+use common::fixture;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -17,12 +20,6 @@ use tract_onnx::pb;
 
 /// The child's data limit. The intact tiny bundle loads and generates in a fraction of it.
 const DATA_LIMIT: u64 = 512 << 20;
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))

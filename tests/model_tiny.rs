@@ -1,6 +1,9 @@
 //! The loader and KV-cache forward against the tiny models' Hugging Face references
 //! (`tests/fixtures/*/reference.json`, recorded with transformers in f32).
 
+mod common;
+
+use common::fixture;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -21,12 +24,6 @@ struct Greedy {
     prompt: String,
     prompt_ids: Vec<u32>,
     generated_ids: Vec<u32>,
-}
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
 }
 
 fn reference(model: &str) -> Reference {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::fixture;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -23,12 +24,6 @@ use edgelm::template::Message;
 
 /// Generous: a debug build loading a model on a busy 2-core machine.
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
 
 /// The tiny Llama int8 bundle plus SmolLM2's chat template (the fixture has none), so
 /// `CHAT` works.

@@ -1,18 +1,15 @@
 //! Session files: a saved and restored conversation continues exactly like an uninterrupted
 //! one; damaged files are clear errors.
 
+mod common;
+
+use common::fixture;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use edgelm::kv_cache::KvType;
 use edgelm::model::{CacheOptions, LoadOptions, Model, State};
 use edgelm::session;
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
 
 fn load(bundle: &str) -> Model {
     Model::load(
