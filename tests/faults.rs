@@ -8,16 +8,11 @@ use common::fixture;
 use std::fs;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("faults")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("faults", name)
 }
 
 /// `edgelm run` on the tiny Llama, greedy, through EOS, `n` tokens.
@@ -123,21 +118,7 @@ fn full_disk_while_saving_keeps_the_old_session() {
         .arg("--save-session")
         .arg(&session)
         .arg(" and");
-    // SAFETY: signal(2) and setrlimit(2) are async-signal-safe. SIGXFSZ is ignored so an
-    // oversized write fails with EFBIG, as on a full disk, instead of killing the process.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: 4096,
-                rlim_max: 4096,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    disk_holds_4_kib_per_file(&mut cmd);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -157,6 +138,25 @@ fn full_disk_while_saving_keeps_the_old_session() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["conv.session"], "temporary files left behind");
+}
+
+/// Makes `cmd`'s child see a full disk past 4 KiB per file: a larger write fails with EFBIG.
+fn disk_holds_4_kib_per_file(cmd: &mut Command) {
+    // SAFETY: signal(2) and setrlimit(2) are async-signal-safe. SIGXFSZ is ignored so an
+    // oversized write fails with EFBIG, as on a full disk, instead of killing the process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 4096,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[test]
@@ -179,20 +179,7 @@ fn a_session_named_like_its_temporary_file_is_still_replaced_atomically() {
         .arg("--save-session")
         .arg(&session)
         .arg(" and");
-    // SAFETY: as in `full_disk_while_saving_keeps_the_old_session`.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: 4096,
-                rlim_max: 4096,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    disk_holds_4_kib_per_file(&mut cmd);
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(fs::read(&session).unwrap(), old, "the old session changed");

@@ -22,12 +22,7 @@ use tract_onnx::pb;
 const DATA_LIMIT: u64 = 512 << 20;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("malformed")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("malformed", name)
 }
 
 /// `edgelm` with `args`, its data segment capped at `DATA_LIMIT`.
