@@ -4,32 +4,12 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, reference};
 use std::fs;
 use std::path::Path;
 
 use edgelm::convert::{convert, ConvertOptions, Quant};
 use edgelm::model::{LoadOptions, Model, State};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Reference {
-    ids: Vec<u32>,
-    logits: Vec<Vec<f32>>, // (ids, vocab)
-    greedy: Vec<Greedy>,
-}
-
-#[derive(Deserialize)]
-struct Greedy {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    generated_ids: Vec<u32>,
-}
-
-fn reference(model: &str) -> Reference {
-    let text = fs::read_to_string(fixture(model).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 /// Converts `tests/fixtures/<model>/hf` into a fresh bundle and loads it.
 fn converted(model: &str, quant: Quant) -> Model {

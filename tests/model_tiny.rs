@@ -3,33 +3,13 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, reference};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use edgelm::model::{ForwardError, Int8Path, LoadOptions, Model, State};
 use prost::Message;
-use serde::Deserialize;
 use tract_onnx::pb;
-
-#[derive(Deserialize)]
-struct Reference {
-    ids: Vec<u32>,
-    logits: Vec<Vec<f32>>, // (ids, vocab)
-    greedy: Vec<Greedy>,
-}
-
-#[derive(Deserialize)]
-struct Greedy {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    generated_ids: Vec<u32>,
-}
-
-fn reference(model: &str) -> Reference {
-    let text = fs::read_to_string(fixture(model).join("reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 fn load(bundle: &str) -> Model {
     Model::load(

@@ -27,6 +27,34 @@ pub fn scratch(group: &str, name: &str) -> PathBuf {
     dir
 }
 
+/// A tiny fixture model's `reference.json` (transformers' outputs).
+#[derive(serde::Deserialize)]
+pub struct Reference {
+    /// Token ids the logits are for.
+    pub ids: Vec<u32>,
+    /// Logits, (ids, vocab).
+    pub logits: Vec<Vec<f32>>,
+    /// Greedy generations.
+    pub greedy: Vec<Greedy>,
+}
+
+/// One greedy generation of a reference.
+#[derive(serde::Deserialize)]
+pub struct Greedy {
+    /// The prompt text.
+    pub prompt: String,
+    /// Its ids.
+    pub prompt_ids: Vec<u32>,
+    /// The greedy continuation's ids.
+    pub generated_ids: Vec<u32>,
+}
+
+/// `tests/fixtures/<model>/reference.json`.
+pub fn reference(model: &str) -> Reference {
+    let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 /// The `edgelm` binary as a command. Under qemu-user a test cannot exec a foreign binary
 /// (no binfmt_misc on build machines), so cross/test.sh names the emulator in
 /// `EDGELM_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`) and it is run through it.
