@@ -10,11 +10,19 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
 
+/// Words whose BPE split the tokenizer remembers. With the library's default (10 000), a
+/// long `serve` session's heap grows by megabytes, word by new word, before the cache is
+/// full; the words of a conversation or two fit in this.
+const CACHE_WORDS: usize = 1024;
+
 impl Tokenizer {
     /// Loads a `tokenizer.json`; the error names the path.
     pub fn from_file(path: &Path) -> anyhow::Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("loading tokenizer {:?}: {e}", path.display().to_string()))?;
+        let mut model = inner.get_model().clone();
+        model.resize_cache(CACHE_WORDS);
+        inner.with_model(model);
         Ok(Tokenizer { inner })
     }
 
