@@ -14,7 +14,9 @@
 //! additive or `Where` mask, `Softmax` over the keys (with Optimum's `IsNaN` guard), and
 //! `EinSum(p, v)`. Whatever does not match leaves the graph untouched.
 
-use std::sync::Arc;
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
@@ -25,6 +27,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::nn::Softmax;
 
 use crate::kv_cache::{Elem, HeadRows, LayerKv, Step};
+use crate::quant::pool::ThreadPool;
 
 use kernels::Isa;
 
@@ -62,7 +65,8 @@ impl EvalOp for RingAttention {
             layer: self.layer,
             kv: None,
             step: None,
-            scores: Vec::new(),
+            pool: None,
+            scratch: Scratch::default(),
         })))
     }
 }
@@ -85,8 +89,10 @@ pub struct RingState {
     pub kv: Option<LayerKv>,
     /// Where this run's tokens go; set by the owner before every run, consumed by it.
     pub step: Option<Arc<Step>>,
-    /// Scratch for one query's scores; (slot).
-    scores: Vec<f32>,
+    /// The int8 kernels' threads, which decode attention borrows (none: one thread).
+    pub pool: Option<Arc<ThreadPool>>,
+    /// Buffers reused from run to run.
+    scratch: Scratch,
 }
 
 impl OpState for RingState {
@@ -116,7 +122,8 @@ impl OpState for RingState {
             &q,
             &k_new,
             &v_new,
-            &mut self.scores,
+            &mut self.scratch,
+            self.pool.as_deref(),
             self.layer,
         )?;
         Ok(tvec!(out.into_tvalue()))
@@ -128,6 +135,8 @@ impl OpState for RingState {
 }
 
 /// Writes `k_new`/`v_new` at `step.slots` and attends `q` over the ring; returns q's shape.
+/// Decode (one new token) may split its work over `pool`; the result has the same bits
+/// whatever the pool's size.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     kv: &mut LayerKv,
@@ -136,7 +145,8 @@ fn attend(
     q: &Tensor,
     k_new: &Tensor,
     v_new: &Tensor,
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
+    pool: Option<&ThreadPool>,
     layer: usize,
 ) -> Result<Tensor> {
     let (kvh, hd) = (kv.kv_heads(), kv.head_dim());
@@ -174,13 +184,19 @@ fn attend(
     let isa = Isa::detect();
     let mut out = vec![0f32; q.len()]; // (heads, s, head_dim)
     let kv = &*kv;
+    if s == 1 {
+        // Decode: every head at once, over the pool when the history is long enough.
+        let pool = pool.filter(|_| used >= PARALLEL_DECODE_SLOTS);
+        decode_attention(isa, kv, step, scale, q, &mut out, scratch, pool);
+        return Tensor::from_shape(q_shape, &out);
+    }
     // One unit: the `group` query heads of key/value head h at query position i.
     let unit = |h: usize, i: usize, o: &mut [f32], scratch: &mut Scratch| match kv.head(h) {
         HeadRows::F32(k, v) => group_attention(isa, k, v, q, h, i, o, step, scale, scratch),
         HeadRows::F16(k, v) => group_attention(isa, k, v, q, h, i, o, step, scale, scratch),
     };
     let units = kvh * s;
-    if units > 1 && s * used >= PARALLEL_WORK {
+    if s * used >= PARALLEL_WORK {
         // Units are independent; the matrix threads are idle while attention runs.
         let results: Vec<Vec<f32>> = (0..units)
             .into_par_iter()
@@ -194,29 +210,41 @@ fn attend(
             scatter(&mut out, o, u / s, u % s, group, s, hd);
         }
     } else {
-        scores.clear();
-        let mut scratch = Scratch {
-            scores: std::mem::take(scores),
-            ..Scratch::default()
-        };
         let mut o = vec![0f32; group * hd]; // (group, head_dim)
         for u in 0..units {
             o.fill(0.0);
-            unit(u / s, u % s, &mut o, &mut scratch);
+            unit(u / s, u % s, &mut o, scratch);
             scatter(&mut out, &o, u / s, u % s, group, s, hd);
         }
-        *scores = scratch.scores;
     }
     Tensor::from_shape(q_shape, &out)
 }
 
-/// Per-thread buffers of [`group_attention`].
+/// Per-thread buffers of the attention code; kept in the op state between runs.
 #[derive(Default)]
-struct Scratch {
-    /// Scores, then probabilities; (group, slot).
+pub struct Scratch {
+    /// Scores, then probabilities; block-major, (rows, slot) within a block.
     scores: Vec<f32>,
+    /// Softmax statistics per block and query row.
+    stats: Vec<BlockStat>,
+    /// Per block and query row, what its exponentiated scores are multiplied by.
+    factors: Vec<f32>,
     /// The group's queries; (group, head_dim).
     queries: Vec<f32>,
+    /// Decode: per column part, its outputs (heads, head_dim), only its columns written.
+    parts: Vec<Mutex<Vec<f32>>>,
+}
+
+impl fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scratch({} scores)", self.scores.capacity())
+    }
+}
+
+impl Clone for Scratch {
+    fn clone(&self) -> Self {
+        Scratch::default()
+    }
 }
 
 /// Copies a unit's outputs `o` (group, head_dim) into `out` (heads, s, head_dim).
@@ -224,6 +252,76 @@ fn scatter(out: &mut [f32], o: &[f32], h: usize, i: usize, group: usize, s: usiz
     for (g, og) in o.chunks_exact(hd).enumerate() {
         let at = ((h * group + g) * s + i) * hd;
         out[at..at + hd].copy_from_slice(og);
+    }
+}
+
+/// Slots per block of the softmax. The arithmetic, shared by prefill and decode: each block
+/// of slots gets its own maximum and sum of exponentials ([`block_softmax`]); the blocks are
+/// then weighted by `exp(block max - max)` ([`block_factors`]); the value rows are summed in
+/// slot order. A parallel decode splits whole blocks, then columns, so its result has the
+/// same bits as the serial one; with at most one block this is the plain softmax.
+const BLOCK: usize = 64;
+
+/// The softmax statistics of one query row over one block of slots.
+#[derive(Clone, Copy, Debug, Default)]
+struct BlockStat {
+    /// Largest visible scaled score, -inf if no slot of the block is visible.
+    max: f32,
+    /// Sum of `exp(score - max)` over the visible slots, in slot order.
+    sum: f32,
+}
+
+/// Slots `lo..hi` of block `b` of `used` slots.
+fn block_range(b: usize, used: usize) -> Range<usize> {
+    b * BLOCK..((b + 1) * BLOCK).min(used)
+}
+
+/// Turns raw scores `q·k` (rows, n) of one block into `exp(scale·q·k - max)` per row, 0 for
+/// slots the query may not see (stamp newer than `me`), and records each row's statistics.
+fn block_softmax(scores: &mut [f32], stamps: &[u64], me: u64, scale: f32, stats: &mut [BlockStat]) {
+    let n = stamps.len();
+    for (row, stat) in scores.chunks_exact_mut(n).zip(stats) {
+        let mut max = f32::NEG_INFINITY;
+        for (score, &stamp) in row.iter_mut().zip(stamps) {
+            *score = if stamp <= me {
+                let x = *score * scale;
+                max = max.max(x);
+                x
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        let mut sum = 0f32;
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            for score in row.iter_mut() {
+                *score = (*score - max).exp();
+                sum += *score;
+            }
+        }
+        *stat = BlockStat { max, sum };
+    }
+}
+
+/// For one query row's blocks `stats` (in slot order): the factor each block's exponentials
+/// are multiplied by, `exp(max_b - max) / sum over b of exp(max_b - max)·sum_b`, into `out`.
+fn block_factors(stats: impl Iterator<Item = BlockStat> + Clone, out: &mut [f32]) {
+    let max = stats.clone().fold(f32::NEG_INFINITY, |m, s| m.max(s.max));
+    let weight = |s: BlockStat| {
+        if s.max == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (s.max - max).exp()
+        }
+    };
+    let mut total = 0f32;
+    for s in stats.clone() {
+        total += weight(s) * s.sum;
+    }
+    let inv = 1.0 / total;
+    for (f, s) in out.iter_mut().zip(stats) {
+        *f = weight(s) * inv;
     }
 }
 
@@ -247,7 +345,14 @@ fn group_attention<E: Elem + 'static>(
     let hd = keys.len() / step.stamps.len();
     let group = o.len() / hd;
     let me = step.new_stamps[i];
-    let Scratch { scores, queries } = scratch;
+    let blocks = used.div_ceil(BLOCK);
+    let Scratch {
+        scores,
+        stats,
+        factors,
+        queries,
+        ..
+    } = scratch;
     queries.clear();
     for g in 0..group {
         let at = ((h * group + g) * s + i) * hd;
@@ -255,35 +360,189 @@ fn group_attention<E: Elem + 'static>(
     }
     scores.clear();
     scores.resize(group * used, 0.0);
-    kernels::group_dots(isa, queries, &keys[..used * hd], hd, scores);
-    for row in scores.chunks_exact_mut(used) {
-        let mut max = f32::NEG_INFINITY;
-        for (score, &stamp) in row.iter_mut().zip(&step.stamps) {
-            *score = if stamp <= me {
-                let x = *score * scale;
-                max = max.max(x);
-                x
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
-        let mut sum = 0f32;
-        for score in row.iter_mut() {
-            *score = (*score - max).exp();
-            sum += *score;
-        }
-        let inv = 1.0 / sum;
-        for p in row.iter_mut() {
-            *p *= inv;
+    stats.clear();
+    stats.resize(blocks * group, BlockStat::default());
+    for b in 0..blocks {
+        let r = block_range(b, used);
+        let block = &mut scores[group * r.start..group * r.end]; // (group, slot)
+        kernels::group_dots(isa, queries, &keys[r.start * hd..r.end * hd], hd, block);
+        let stamps = &step.stamps[r.clone()];
+        block_softmax(block, stamps, me, scale, &mut stats[b * group..][..group]);
+    }
+    factors.clear();
+    factors.resize(blocks * group, 0.0);
+    let mut row_factors = vec![0f32; blocks];
+    for g in 0..group {
+        block_factors((0..blocks).map(|b| stats[b * group + g]), &mut row_factors);
+        for (b, &f) in row_factors.iter().enumerate() {
+            factors[b * group + g] = f;
         }
     }
-    kernels::group_axpys(isa, scores, &values[..used * hd], hd, o);
+    for b in 0..blocks {
+        let r = block_range(b, used);
+        let block = &mut scores[group * r.start..group * r.end];
+        normalize(block, &factors[b * group..][..group]);
+        let values = &values[r.start * hd..r.end * hd];
+        kernels::group_axpys(isa, block, values, hd, 0..hd, o);
+    }
 }
 
-/// Query×slot pairs per head above which units run on rayon's pool. Decode (one query)
-/// stays on the calling thread: waking pool threads for a few µs of work per layer costs more
-/// than it saves, and they compete with the int8 kernel threads for the cores.
+/// Multiplies each row of `block` (rows, n) by its factor.
+fn normalize(block: &mut [f32], factors: &[f32]) {
+    let n = block.len() / factors.len();
+    for (row, &f) in block.chunks_exact_mut(n).zip(factors) {
+        for p in row {
+            *p *= f;
+        }
+    }
+}
+
+/// One new token's attention for every head, q (heads, 1, head_dim) into `out` (same shape),
+/// with [`group_attention`]'s arithmetic. With a pool: the scores by whole blocks of slots,
+/// then the weighted value sums by columns, each part on its own thread.
+#[allow(clippy::too_many_arguments)]
+fn decode_attention(
+    isa: Isa,
+    kv: &LayerKv,
+    step: &Step,
+    scale: f32,
+    q: &[f32],
+    out: &mut [f32],
+    scratch: &mut Scratch,
+    pool: Option<&ThreadPool>,
+) {
+    let (kvh, hd, used) = (kv.kv_heads(), kv.head_dim(), step.used);
+    let rows = q.len() / hd; // query heads
+    let group = rows / kvh;
+    let me = step.new_stamps[0];
+    let blocks = used.div_ceil(BLOCK);
+    let threads = pool.map_or(1, |p| p.threads());
+
+    // Scores: block-major, (kv head, group, slot) within a block; a part owns whole blocks.
+    let Scratch {
+        scores,
+        stats,
+        factors,
+        parts,
+        ..
+    } = scratch;
+    scores.clear();
+    scores.resize(rows * used, 0.0);
+    stats.clear();
+    stats.resize(blocks * rows, BlockStat::default());
+    let score_parts = threads.min(blocks).max(1);
+    let mut cells = Vec::with_capacity(score_parts);
+    {
+        let (mut sc, mut st) = (&mut scores[..], &mut stats[..]);
+        for p in 0..score_parts {
+            let (b0, b1) = (p * blocks / score_parts, (p + 1) * blocks / score_parts);
+            let slots = block_range(b0, used).start..block_range(b1.max(1) - 1, used).end;
+            let slots = if b0 == b1 { 0..0 } else { slots };
+            let (mine, rest) = std::mem::take(&mut sc).split_at_mut(rows * slots.len());
+            let (mine_st, rest_st) = std::mem::take(&mut st).split_at_mut(rows * (b1 - b0));
+            sc = rest;
+            st = rest_st;
+            cells.push(Mutex::new((b0..b1, mine, mine_st)));
+        }
+    }
+    let score_blocks = |p: usize| {
+        let mut cell = cells[p].lock().unwrap_or_else(PoisonError::into_inner);
+        let (blocks, sc, st) = &mut *cell;
+        let (mut at, first) = (0, block_range(blocks.start, used).start);
+        for (bi, b) in blocks.clone().enumerate() {
+            let r = block_range(b, used);
+            debug_assert_eq!(at, rows * (r.start - first));
+            for h in 0..kvh {
+                let block = &mut sc[at..at + group * r.len()]; // (group, slot)
+                let qs = &q[h * group * hd..(h + 1) * group * hd];
+                match kv.head(h) {
+                    HeadRows::F32(k, _) => {
+                        kernels::group_dots(isa, qs, &k[r.start * hd..r.end * hd], hd, block)
+                    }
+                    HeadRows::F16(k, _) => {
+                        kernels::group_dots(isa, qs, &k[r.start * hd..r.end * hd], hd, block)
+                    }
+                }
+                let stat = &mut st[(bi * kvh + h) * group..][..group];
+                block_softmax(block, &step.stamps[r.clone()], me, scale, stat);
+                at += group * r.len();
+            }
+        }
+    };
+    match pool {
+        Some(pool) if score_parts > 1 => pool.run(score_parts, score_blocks),
+        _ => (0..score_parts).for_each(score_blocks),
+    }
+    drop(cells);
+
+    // Normalize (cheap, on this thread), then sum the value rows by column parts.
+    factors.clear();
+    factors.resize(blocks * rows, 0.0);
+    let mut row_factors = vec![0f32; blocks];
+    for row in 0..rows {
+        block_factors((0..blocks).map(|b| stats[b * rows + row]), &mut row_factors);
+        for (b, &f) in row_factors.iter().enumerate() {
+            factors[b * rows + row] = f;
+        }
+    }
+    for b in 0..blocks {
+        let r = block_range(b, used);
+        normalize(
+            &mut scores[rows * r.start..rows * r.end],
+            &factors[b * rows..][..rows],
+        );
+    }
+    let scores = &scores[..];
+    let col_parts = if pool.is_some() {
+        threads.min(hd / 8).max(1)
+    } else {
+        1
+    };
+    let width = hd.div_ceil(col_parts).next_multiple_of(8);
+    parts.resize_with(col_parts, Mutex::default);
+    let sum_values = |p: usize| {
+        let cols = (p * width).min(hd)..((p + 1) * width).min(hd);
+        let mut o = parts[p].lock().unwrap_or_else(PoisonError::into_inner);
+        o.clear();
+        o.resize(rows * hd, 0.0);
+        for h in 0..kvh {
+            let oh = &mut o[h * group * hd..(h + 1) * group * hd];
+            for b in 0..blocks {
+                let r = block_range(b, used);
+                let probs = &scores[rows * r.start + h * group * r.len()..][..group * r.len()];
+                let cols = cols.clone();
+                match kv.head(h) {
+                    HeadRows::F32(_, v) => {
+                        let v = &v[r.start * hd..r.end * hd];
+                        kernels::group_axpys(isa, probs, v, hd, cols, oh)
+                    }
+                    HeadRows::F16(_, v) => {
+                        let v = &v[r.start * hd..r.end * hd];
+                        kernels::group_axpys(isa, probs, v, hd, cols, oh)
+                    }
+                }
+            }
+        }
+    };
+    match pool {
+        Some(pool) if col_parts > 1 => pool.run(col_parts, sum_values),
+        _ => (0..col_parts).for_each(sum_values),
+    }
+    for (p, part) in parts.iter().enumerate().take(col_parts) {
+        let cols = (p * width).min(hd)..((p + 1) * width).min(hd);
+        let o = part.lock().unwrap_or_else(PoisonError::into_inner);
+        for (dst, src) in out.chunks_exact_mut(hd).zip(o.chunks_exact(hd)) {
+            dst[cols.clone()].copy_from_slice(&src[cols.clone()]);
+        }
+    }
+}
+
+/// Query×slot pairs per head above which prefill units run on rayon's pool.
 const PARALLEL_WORK: usize = 16 * 1024;
+
+/// History length from which one token's attention is split over the kernel threads: below
+/// it, waking them costs more than the work saved.
+const PARALLEL_DECODE_SLOTS: usize = 256;
 
 /// What [`fuse`] changed: the graph inputs and outputs it removed, by index (ascending).
 #[derive(Debug, Default)]
@@ -575,7 +834,7 @@ mod tests {
         let (kvh, heads, hd, cap, keep) = (2, 4, 8, 5, 2);
         let mut ring = RingLayout::new(cap, keep).unwrap();
         let mut kv = LayerKv::new(kvh, cap, hd, KvType::F32);
-        let mut scratch = vec![];
+        let mut scratch = Scratch::default();
         let mut history: Vec<usize> = vec![]; // token index per position
         let kv_of = |t: usize, h: usize, which: usize| vector(t * 4 + h * 2 + which, hd);
         for t in 0..12 {
@@ -594,6 +853,7 @@ mod tests {
                 &Tensor::from_shape(&[1, kvh, 1, hd], &k_new).unwrap(),
                 &Tensor::from_shape(&[1, kvh, 1, hd], &v_new).unwrap(),
                 &mut scratch,
+                None,
                 0,
             )
             .unwrap();
@@ -635,7 +895,7 @@ mod tests {
         let keys: Vec<Vec<f32>> = (0..5).map(|t| vector(t, hd)).collect();
         let values: Vec<Vec<f32>> = (0..5).map(|t| vector(50 + t, hd)).collect();
         let qs: Vec<Vec<f32>> = (0..5).map(|t| vector(90 + t, hd)).collect();
-        let mut scratch = vec![];
+        let mut scratch = Scratch::default();
         let mut run = |ring: &mut RingLayout, kv: &mut LayerKv, range: std::ops::Range<usize>| {
             let ids: Vec<u32> = range.clone().map(|t| t as u32).collect();
             let step = ring.place(&ids).unwrap();
@@ -649,6 +909,7 @@ mod tests {
                 &Tensor::from_shape(&[1, 1, n, hd], &flat(&keys)).unwrap(),
                 &Tensor::from_shape(&[1, 1, n, hd], &flat(&values)).unwrap(),
                 &mut scratch,
+                None,
                 0,
             )
             .unwrap();
@@ -665,6 +926,104 @@ mod tests {
             let want = reference(&qs[t], &keys[..=t], &values[..=t], 0.5);
             for (g, w) in got[t * hd..(t + 1) * hd].iter().zip(&want) {
                 assert!((g - w).abs() < 1e-6, "token {t}");
+            }
+        }
+    }
+
+    /// Decode over a long history: the same bits with any number of threads (whole blocks,
+    /// then columns, per part) as the per-head prefill path, close to the plain reference;
+    /// empty slots, including a whole empty block, are skipped. f32 and f16 storage.
+    #[test]
+    fn decode_split_over_threads_has_the_bits_of_one_thread() {
+        use crate::kv_cache::EMPTY;
+        let (kvh, group, hd, cap, used) = (3, 3, 64, 400, 333);
+        let heads = kvh * group;
+        let empty = |j: usize| j == 70 || (128..192).contains(&j);
+        for ty in [KvType::F32, KvType::F16] {
+            let mut kv = LayerKv::new(kvh, cap, hd, ty);
+            for h in 0..kvh {
+                for j in 0..used {
+                    let (k, v) = (vector(j * 3 + h, hd), vector(7000 + j * 5 + h, hd));
+                    let k: Vec<f32> = k.iter().map(|x| x * (1.0 + (j % 17) as f32)).collect();
+                    kv.write(h, j, &k, &v);
+                }
+            }
+            let stamps: Vec<u64> = (0..cap)
+                .map(|j| {
+                    if j < used && !empty(j) {
+                        j as u64
+                    } else {
+                        EMPTY
+                    }
+                })
+                .collect();
+            let step = Step {
+                slots: vec![used - 1],
+                new_stamps: vec![(used - 1) as u64],
+                stamps,
+                used,
+                dropped: 0,
+            };
+            let q: Vec<f32> = (0..heads).flat_map(|h| vector(900 + h, hd)).collect();
+            let isa = Isa::detect();
+            let run = |pool: Option<&ThreadPool>| {
+                let mut out = vec![0f32; heads * hd];
+                decode_attention(
+                    isa,
+                    &kv,
+                    &step,
+                    0.125,
+                    &q,
+                    &mut out,
+                    &mut Scratch::default(),
+                    pool,
+                );
+                out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            };
+            let serial = run(None);
+            for threads in 1..=3 {
+                let pool = ThreadPool::new(threads).unwrap();
+                assert_eq!(run(Some(&pool)), serial, "{ty:?} {threads} threads");
+            }
+            let mut per_head = vec![0f32; heads * hd];
+            let mut scratch = Scratch::default();
+            for h in 0..kvh {
+                let o = &mut per_head[h * group * hd..(h + 1) * group * hd];
+                match kv.head(h) {
+                    HeadRows::F32(k, v) => {
+                        group_attention(isa, k, v, &q, h, 0, o, &step, 0.125, &mut scratch)
+                    }
+                    HeadRows::F16(k, v) => {
+                        group_attention(isa, k, v, &q, h, 0, o, &step, 0.125, &mut scratch)
+                    }
+                }
+            }
+            let per_head: Vec<u32> = per_head.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(
+                per_head, serial,
+                "{ty:?}: decode and prefill arithmetic differ"
+            );
+            for head in 0..heads {
+                let h = head / group;
+                let visible: Vec<usize> = (0..used).filter(|&j| !empty(j)).collect();
+                let mut k = vec![0f32; hd];
+                let mut v = vec![0f32; hd];
+                let keys: Vec<Vec<f32>> = visible
+                    .iter()
+                    .map(|&j| kv.key(h, j, &mut k).to_vec())
+                    .collect();
+                let values: Vec<Vec<f32>> = visible
+                    .iter()
+                    .map(|&j| kv.value(h, j, &mut v).to_vec())
+                    .collect();
+                let want = reference(&q[head * hd..(head + 1) * hd], &keys, &values, 0.125);
+                for (c, w) in want.iter().enumerate() {
+                    let got = f32::from_bits(serial[head * hd + c]);
+                    assert!(
+                        (got - w).abs() < 1e-5,
+                        "{ty:?} head {head} column {c}: {got} vs {w}"
+                    );
+                }
             }
         }
     }
@@ -688,7 +1047,8 @@ mod tests {
             &Tensor::from_shape(&[1, heads, n, hd], &q).unwrap(),
             &Tensor::from_shape(&[1, kvh, n, hd], &k).unwrap(),
             &Tensor::from_shape(&[1, kvh, n, hd], &v).unwrap(),
-            &mut vec![],
+            &mut Scratch::default(),
+            None,
             0,
         )
         .unwrap();

@@ -152,6 +152,8 @@ pub struct Model {
     io: Arc<Bindings>,
     config: Config,
     threads: usize,
+    /// The kernel threads: the int8 products and decode attention.
+    pool: Arc<ThreadPool>,
     summary: LoadSummary,
 }
 
@@ -190,6 +192,7 @@ pub struct LoadSummary {
 pub struct State {
     plan: Arc<Plan>,
     io: Arc<Bindings>,
+    pool: Arc<ThreadPool>,
     vocab_size: usize,
     max_positions: usize,
     kv: KvType,
@@ -236,6 +239,7 @@ impl Model {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let pool = Arc::new(ThreadPool::new(threads).context("starting the kernel threads")?);
         if !q8.is_empty() {
             let scheme = match opts.int8 {
                 Int8Path::Q8Q8 => Scheme::Q8Q8,
@@ -245,11 +249,10 @@ impl Model {
                 Some(k) => k.checked()?,
                 None => Kernel::select()?,
             };
-            let pool = ThreadPool::new(threads).context("starting the int8 kernel threads")?;
             let exec = Q8Exec {
                 scheme,
                 kernel,
-                pool: Arc::new(pool),
+                pool: Arc::clone(&pool),
             };
             bind_q8(&mut typed, &q8, &exec)
                 .with_context(|| format!("binding the int8 weights of {model_path:?}"))?;
@@ -306,6 +309,7 @@ impl Model {
             io: Arc::new(io),
             config,
             threads,
+            pool,
             summary,
         })
     }
@@ -362,6 +366,7 @@ impl Model {
         State {
             plan: Arc::clone(&self.plan),
             io: Arc::clone(&self.io),
+            pool: Arc::clone(&self.pool),
             vocab_size: self.config.vocab_size,
             max_positions: self.config.max_position_embeddings,
             kv: opts.kv,
@@ -574,6 +579,7 @@ impl State {
         for &node in &self.io.ring {
             let state = ring_state_mut(&mut runner, node)?;
             state.kv = Some(LayerKv::new(kvh, cap, hd, self.kv));
+            state.pool = Some(Arc::clone(&self.pool));
         }
         self.runner = Some(runner);
         Ok(())

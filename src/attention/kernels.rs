@@ -16,6 +16,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::any::TypeId;
+use std::ops::Range;
 
 use crate::kv_cache::Elem;
 use crate::quant::reduce8;
@@ -89,29 +90,32 @@ pub fn group_dots<E: Elem + 'static>(isa: Isa, qs: &[f32], keys: &[E], hd: usize
     }
 }
 
-/// `outs[g] += sum over slots of probs[g * n + slot] * values[slot]`, slots in order, for
-/// probs (G, n), values (n, hd), outs (G, hd).
+/// `outs[g][cols] += sum over slots of probs[g * n + slot] * values[slot][cols]`, slots in
+/// order, for probs (G, n), values (n, hd), outs (G, hd); the other columns are untouched.
+/// A column's result does not depend on which other columns are computed with it.
 pub fn group_axpys<E: Elem + 'static>(
     isa: Isa,
     probs: &[f32],
     values: &[E],
     hd: usize,
+    cols: Range<usize>,
     outs: &mut [f32],
 ) {
     let (g, n) = (outs.len() / hd, values.len() / hd);
     assert!(outs.len() == g * hd && values.len() == n * hd && probs.len() == g * n);
+    assert!(cols.start <= cols.end && cols.end <= hd);
     match (isa, as_f32(values)) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only detected on CPUs with AVX2; lengths checked above.
-        (Isa::Avx2, Some(values)) => unsafe { avx2::group_axpys(probs, values, hd, outs) },
+        (Isa::Avx2, Some(values)) => unsafe { avx2::group_axpys(probs, values, hd, cols, outs) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `Isa::Neon` is only detected on CPUs with NEON; lengths checked above.
-        (Isa::Neon, Some(values)) => unsafe { neon::group_axpys(probs, values, hd, outs) },
+        (Isa::Neon, Some(values)) => unsafe { neon::group_axpys(probs, values, hd, cols, outs) },
         _ => {
             for (slot, v) in values.chunks_exact(hd).enumerate() {
                 for (gi, o) in outs.chunks_exact_mut(hd).enumerate() {
                     let p = probs[gi * n + slot];
-                    for (y, x) in o.iter_mut().zip(v) {
+                    for (y, x) in o[cols.clone()].iter_mut().zip(&v[cols.clone()]) {
                         *y += p * x.get();
                     }
                 }
@@ -146,6 +150,7 @@ fn dot_tail<E: Elem>(lanes: &mut [f32; 8], a: &[f32], b: &[E], start: usize) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use super::dot_tail;
     use crate::quant::reduce8;
@@ -245,9 +250,15 @@ mod avx2 {
     const COLS: usize = 32;
 
     /// # Safety
-    /// AVX2 is available; probs (g, n), values (n, hd), outs (g, hd).
+    /// AVX2 is available; probs (g, n), values (n, hd), outs (g, hd), cols.end <= hd.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn group_axpys(probs: &[f32], values: &[f32], hd: usize, outs: &mut [f32]) {
+    pub(super) unsafe fn group_axpys(
+        probs: &[f32],
+        values: &[f32],
+        hd: usize,
+        cols: Range<usize>,
+        outs: &mut [f32],
+    ) {
         let (g, n) = (outs.len() / hd, values.len() / hd);
         let mut g0 = 0;
         while g0 < g {
@@ -255,21 +266,23 @@ mod avx2 {
             let outs = &mut outs[g0 * hd..];
             // SAFETY: forwarded contract; each instance updates its first `G'` outputs.
             unsafe {
+                let cols = cols.clone();
                 match g - g0 {
-                    1 => axpys::<1>(probs, values, hd, n, outs),
-                    2 => axpys::<2>(probs, values, hd, n, outs),
-                    3 => axpys::<3>(probs, values, hd, n, outs),
-                    _ => axpys::<G>(probs, values, hd, n, outs),
+                    1 => axpys::<1>(probs, values, hd, n, cols, outs),
+                    2 => axpys::<2>(probs, values, hd, n, cols, outs),
+                    3 => axpys::<3>(probs, values, hd, n, cols, outs),
+                    _ => axpys::<G>(probs, values, hd, n, cols, outs),
                 }
             }
             g0 += G;
         }
     }
 
-    /// The first R outputs of `outs` (R, hd) += probs (R, n) times values (n, hd).
+    /// Columns `cols` of the first R outputs of `outs` (R, hd) += probs (R, n) times values
+    /// (n, hd).
     ///
     /// # Safety
-    /// AVX2 is available; the slices hold the rows named.
+    /// AVX2 is available; the slices hold the rows named; cols.end <= hd.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn axpys<const R: usize>(
@@ -277,13 +290,15 @@ mod avx2 {
         values: &[f32],
         hd: usize,
         n: usize,
+        cols: Range<usize>,
         outs: &mut [f32],
     ) {
         assert!(probs.len() >= R * n && values.len() >= n * hd && outs.len() >= R * hd);
+        assert!(cols.end <= hd);
         let (pp, vp, op) = (probs.as_ptr(), values.as_ptr(), outs.as_mut_ptr());
-        let mut c0 = 0;
+        let (mut c0, end) = (cols.start, cols.end);
         // Column blocks of 32, then of 8, each kept in registers over all slots.
-        while c0 + COLS <= hd {
+        while c0 + COLS <= end {
             // SAFETY: c0 + 32 <= hd columns of every row; slot < n, r < R.
             unsafe {
                 let mut acc = [[_mm256_setzero_ps(); 4]; R];
@@ -313,7 +328,7 @@ mod avx2 {
             }
             c0 += COLS;
         }
-        while c0 + 8 <= hd {
+        while c0 + 8 <= end {
             // SAFETY: c0 + 8 <= hd columns of every row; slot < n, r < R.
             unsafe {
                 let mut acc = [_mm256_setzero_ps(); R];
@@ -333,7 +348,7 @@ mod avx2 {
             }
             c0 += 8;
         }
-        for c in c0..hd {
+        for c in c0..end {
             for slot in 0..n {
                 let v = values[slot * hd + c];
                 for r in 0..R {
@@ -347,6 +362,7 @@ mod avx2 {
 #[cfg(target_arch = "aarch64")]
 mod neon {
     use std::arch::aarch64::*;
+    use std::ops::Range;
 
     use super::dot_tail;
     use crate::quant::reduce8;
@@ -400,17 +416,23 @@ mod neon {
     }
 
     /// # Safety
-    /// NEON is available; probs (g, n), values (n, hd), outs (g, hd).
+    /// NEON is available; probs (g, n), values (n, hd), outs (g, hd), cols.end <= hd.
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn group_axpys(probs: &[f32], values: &[f32], hd: usize, outs: &mut [f32]) {
+    pub(super) unsafe fn group_axpys(
+        probs: &[f32],
+        values: &[f32],
+        hd: usize,
+        cols: Range<usize>,
+        outs: &mut [f32],
+    ) {
         let (g, n) = (outs.len() / hd, values.len() / hd);
-        let full = hd / 4 * 4;
+        let full = cols.start + (cols.end - cols.start) / 4 * 4;
         for slot in 0..n {
             let v = &values[slot * hd..][..hd];
             for r in 0..g {
                 let p = probs[r * n + slot];
                 let o = &mut outs[r * hd..][..hd];
-                let mut c = 0;
+                let mut c = cols.start;
                 while c < full {
                     // SAFETY: c + 4 <= hd floats of both rows.
                     unsafe {
@@ -422,7 +444,7 @@ mod neon {
                     }
                     c += 4;
                 }
-                for c in full..hd {
+                for c in full..cols.end {
                     o[c] += p * v[c];
                 }
             }
@@ -461,7 +483,14 @@ mod tests {
                         let mut scores = vec![0f32; g * n];
                         group_dots(isa, &qs, &keys, hd, &mut scores);
                         let mut outs = start.clone();
-                        group_axpys(isa, &probs, &keys, hd, &mut outs);
+                        group_axpys(isa, &probs, &keys, hd, 0..hd, &mut outs);
+                        // Column ranges: each column as when computed with all the others.
+                        let mut split = start.clone();
+                        let mid = (hd / 2) / 8 * 8 + hd % 3;
+                        for cols in [mid..hd, 0..mid] {
+                            group_axpys(isa, &probs, &keys, hd, cols, &mut split);
+                        }
+                        assert_eq!(bits(&split), bits(&outs), "{isa:?} hd {hd} columns split");
                         (bits(&scores), bits(&outs))
                     };
                     let reference = run(Isa::Scalar);

@@ -58,6 +58,12 @@ pub struct ThreadPool {
     threads: usize,
 }
 
+impl std::fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ThreadPool({} threads)", self.threads)
+    }
+}
+
 impl Shared {
     fn new(spin: Duration) -> Self {
         Self {
