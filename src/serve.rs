@@ -254,6 +254,7 @@ impl Session<'_> {
                 Incoming::Hangup => self.quit()?,
                 Incoming::Eof => return Ok(()),
                 Incoming::Reconnected => {
+                    self.writer.resume();
                     self.emit(|l| protocol::write_evt(l, "reconnect", ""))?;
                     Next::Continue
                 }
@@ -693,6 +694,7 @@ impl Session<'_> {
             });
         }
         if deferred.reconnected {
+            self.writer.resume();
             self.emit(|l| protocol::write_evt(l, "reconnect", ""))?;
         }
         let next = if deferred.eof {

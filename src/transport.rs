@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -109,6 +110,7 @@ pub fn open(serial: Option<&SerialConfig>) -> Result<(Reader, Writer), Transport
                 cfg: cfg.clone(),
                 file: Mutex::new(Some(Arc::new(file))),
                 write: Mutex::new(()),
+                held: AtomicBool::new(false),
             });
             Ok((
                 Reader(ReaderKind::Serial(Arc::clone(&shared))),
@@ -142,6 +144,10 @@ struct Serial {
     file: Mutex<Option<Arc<File>>>,
     /// Held for a whole write so lines from two threads never interleave.
     write: Mutex<()>,
+    /// Set when the device comes back, cleared by [`Writer::resume`]: until the session has
+    /// announced the reconnect, output (the rest of an interrupted reply) is dropped, so the
+    /// new peer's first line is the announcement.
+    held: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -237,6 +243,7 @@ fn reopen(serial: &Serial) {
         match open_tty(&serial.cfg) {
             Ok(file) => {
                 log::warn!("serial device \"{}\" is back", serial.path());
+                serial.held.store(true, Ordering::Release);
                 *lock(&serial.file) = Some(Arc::new(file));
                 return;
             }
@@ -264,11 +271,24 @@ impl Writer {
             }
             WriterKind::Serial(serial) => {
                 let _whole = lock(&serial.write);
+                if serial.held.load(Ordering::Acquire) {
+                    return Err(serial.lost(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "reconnected, not yet announced",
+                    )));
+                }
                 let file = serial.current().ok_or_else(|| {
                     serial.lost(io::Error::new(io::ErrorKind::NotConnected, "not connected"))
                 })?;
                 write_tty(serial, &file, bytes).map_err(|e| serial.lost(e))
             }
+        }
+    }
+
+    /// Lets output through again after a reconnect; call it to announce the reconnect.
+    pub fn resume(&self) {
+        if let WriterKind::Serial(serial) = &*self.0 {
+            serial.held.store(false, Ordering::Release);
         }
     }
 
