@@ -2,14 +2,16 @@
 # Builds the tests for an ARM target (the `cross` profile: dependencies at opt-level 1) and
 # runs them under qemu-user (the runners in .cargo/config.toml):
 #
-#   cross/test.sh aarch64-unknown-linux-gnu [--ci]
-#   cross/test.sh armv7-unknown-linux-gnueabihf [--ci]
+#   cross/test.sh aarch64-unknown-linux-gnu [--ci] [--build-only]
+#   cross/test.sh armv7-unknown-linux-gnueabihf [--ci] [--build-only]
+#
+# --build-only stops after building the test binaries (CI builds them in the background).
 #
 # aarch64: the int8 kernel tests under QEMU_CPU=max (NEON + dotprod: the SDOT kernels run)
 # and QEMU_CPU=cortex-a57 (NEON only, as on the Pi 3/4's A53/A72), then the whole suite
 # under QEMU_CPU=max. With --ci, of the tests that load the default SmolLM2 model only the
-# cross-architecture greedy golden runs (tests/golden_cross_arch.rs); the rest of the
-# suite runs on the tiny fixture models.
+# cross-architecture greedy golden runs (tests/golden_cross_arch.rs); the other tests run
+# on the tiny fixture models (list below), and only those test binaries are built.
 # armv7 (QEMU_CPU=cortex-a7, the Pi 2's core; portable kernels): the library's unit tests
 # (kernels, sampler, protocol, ...) and the tiny-model tests; with --ci the same.
 #
@@ -22,12 +24,22 @@ cd "$(dirname "$0")/.."
 
 target="${1:-}"
 ci=0
-[[ "${2:-}" == --ci ]] && ci=1
+build_only=0
+for arg in "${@:2}"; do
+  case "$arg" in
+    --ci) ci=1 ;;
+    --build-only) build_only=1 ;;
+    *)
+      echo "cross/test.sh: unknown option $arg" >&2
+      exit 2
+      ;;
+  esac
+done
 case "$target" in
   aarch64-unknown-linux-gnu) export EDGELM_TEST_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" ;;
   armv7-unknown-linux-gnueabihf) export EDGELM_TEST_RUNNER="qemu-arm -L /usr/arm-linux-gnueabihf" ;;
   *)
-    echo "usage: cross/test.sh aarch64-unknown-linux-gnu|armv7-unknown-linux-gnueabihf [--ci]" >&2
+    echo "usage: cross/test.sh aarch64-unknown-linux-gnu|armv7-unknown-linux-gnueabihf [--ci] [--build-only]" >&2
     exit 2
     ;;
 esac
@@ -43,9 +55,20 @@ step() {
 
 # Integration tests on the tiny fixture models only.
 tiny=(--test model_tiny --test kv_ring --test serve)
+# Also tiny-model (or model-free) tests, run on aarch64 with --ci: sessions, `edgelm info`,
+# the Hugging Face converter, the fuzz regression inputs. (malformed_model and faults set
+# rlimits, which would apply to qemu itself, so they stay on the x86_64 run.)
+more=(--test session --test info --test convert_hf --test fuzz_regressions)
+# With --ci, only the test binaries that run are built.
+ci_aarch64=(--lib "${tiny[@]}" "${more[@]}" --test cli_errors --test golden_cross_arch)
 
 if [[ "$target" == aarch64-* ]]; then
-  step "build" cargo test "${build[@]}" --no-run
+  if [[ $ci == 1 ]]; then
+    step "build" cargo test "${build[@]}" "${ci_aarch64[@]}" --no-run
+  else
+    step "build" cargo test "${build[@]}" --no-run
+  fi
+  [[ $build_only == 1 ]] && exit 0
   step "kernels, QEMU_CPU=max (NEON + dotprod)" \
     env QEMU_CPU=max EDGELM_EXPECT_KERNELS=scalar,neon,dotprod cargo test "${build[@]}" --lib quant
   step "kernel selection, EDGELM_KERNEL=dotprod" \
@@ -55,14 +78,14 @@ if [[ "$target" == aarch64-* ]]; then
   step "kernel selection, EDGELM_KERNEL=neon" \
     env QEMU_CPU=cortex-a57 EDGELM_KERNEL=neon cargo test "${build[@]}" --lib quant::tests::select_follows_the_environment
   if [[ $ci == 1 ]]; then
-    step "library, tiny models, CLI errors, golden tokens vs x86_64" \
-      env QEMU_CPU=max cargo test "${build[@]}" --lib "${tiny[@]}" --test cli_errors \
-      --test golden_cross_arch -- --skip quant::
+    step "library, tiny-model tests, CLI errors, golden tokens vs x86_64" \
+      env QEMU_CPU=max cargo test "${build[@]}" "${ci_aarch64[@]}" -- --skip quant::
   else
     step "whole suite" env QEMU_CPU=max cargo test "${build[@]}" -- --skip quant::
   fi
 else
   step "build" cargo test "${build[@]}" --lib "${tiny[@]}" --no-run
+  [[ $build_only == 1 ]] && exit 0
   step "kernels (portable)" \
     env QEMU_CPU=cortex-a7 EDGELM_EXPECT_KERNELS=scalar cargo test "${build[@]}" --lib quant
   step "library, tiny models" \
