@@ -4,14 +4,13 @@ mod common;
 
 use common::fixture;
 use std::path::Path;
-use std::process::Command;
 
 fn info(bundle: &str) -> String {
     info_of(&fixture(bundle))
 }
 
 fn info_of(dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+    let out = common::edgelm_command()
         .args(["info", "-t", "1", "-m"])
         .arg(dir)
         .output()
@@ -81,7 +80,7 @@ fn info_describes_an_f32_llama_export() {
 fn info_after_converting_the_hf_gpt2_shows_int8_weights_in_place() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("info-converted-gpt2");
     let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_edgelm"))
+    let out = common::edgelm_command()
         .arg("convert")
         .arg(fixture("tiny-gpt2/hf"))
         .arg("-o")
