@@ -257,7 +257,7 @@ fn scatter(out: &mut [f32], o: &[f32], h: usize, i: usize, group: usize, s: usiz
 
 /// Slots per block of the softmax. The arithmetic, shared by prefill and decode: each block
 /// of slots gets its own maximum and sum of exponentials ([`block_softmax`]); the blocks are
-/// then weighted by `exp(block max - max)` ([`block_factors`]); the value rows are summed in
+/// then weighted by `exp(block max - max)` ([`normalize_blocks`]); the value rows are summed in
 /// slot order. A parallel decode splits whole blocks, then columns, so its result has the
 /// same bits as the serial one; with at most one block this is the plain softmax.
 const BLOCK: usize = 64;
@@ -304,24 +304,48 @@ fn block_softmax(scores: &mut [f32], stamps: &[u64], me: u64, scale: f32, stats:
     }
 }
 
-/// For one query row's blocks `stats` (in slot order): the factor each block's exponentials
-/// are multiplied by, `exp(max_b - max) / sum over b of exp(max_b - max)·sum_b`, into `out`.
-fn block_factors(stats: impl Iterator<Item = BlockStat> + Clone, out: &mut [f32]) {
-    let max = stats.clone().fold(f32::NEG_INFINITY, |m, s| m.max(s.max));
-    let weight = |s: BlockStat| {
-        if s.max == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (s.max - max).exp()
+/// Turns the exponentials in `scores` (block-major, (rows, slot) within a block, of `used`
+/// slots) into probabilities: block b of row r is multiplied by
+/// `exp(max_b - max) / sum over b of exp(max_b - max)·sum_b`, from `stats` (block, row).
+/// `factors` is scratch.
+fn normalize_blocks(
+    scores: &mut [f32],
+    stats: &[BlockStat],
+    rows: usize,
+    used: usize,
+    factors: &mut Vec<f32>,
+) {
+    let blocks = used.div_ceil(BLOCK);
+    factors.clear();
+    factors.resize(blocks * rows, 0.0);
+    for row in 0..rows {
+        let row_stats = || (0..blocks).map(|b| stats[b * rows + row]);
+        let max = row_stats().fold(f32::NEG_INFINITY, |m, s| m.max(s.max));
+        let weight = |s: BlockStat| {
+            if s.max == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (s.max - max).exp()
+            }
+        };
+        let mut total = 0f32;
+        for s in row_stats() {
+            total += weight(s) * s.sum;
         }
-    };
-    let mut total = 0f32;
-    for s in stats.clone() {
-        total += weight(s) * s.sum;
+        let inv = 1.0 / total;
+        for (b, s) in row_stats().enumerate() {
+            factors[b * rows + row] = weight(s) * inv;
+        }
     }
-    let inv = 1.0 / total;
-    for (f, s) in out.iter_mut().zip(stats) {
-        *f = weight(s) * inv;
+    for b in 0..blocks {
+        let r = block_range(b, used);
+        let block = &mut scores[rows * r.start..rows * r.end];
+        let n = r.len();
+        for (p, &f) in block.chunks_exact_mut(n).zip(&factors[b * rows..][..rows]) {
+            for p in p {
+                *p *= f;
+            }
+        }
     }
 }
 
@@ -369,31 +393,12 @@ fn group_attention<E: Elem + 'static>(
         let stamps = &step.stamps[r.clone()];
         block_softmax(block, stamps, me, scale, &mut stats[b * group..][..group]);
     }
-    factors.clear();
-    factors.resize(blocks * group, 0.0);
-    let mut row_factors = vec![0f32; blocks];
-    for g in 0..group {
-        block_factors((0..blocks).map(|b| stats[b * group + g]), &mut row_factors);
-        for (b, &f) in row_factors.iter().enumerate() {
-            factors[b * group + g] = f;
-        }
-    }
+    normalize_blocks(scores, stats, group, used, factors);
     for b in 0..blocks {
         let r = block_range(b, used);
-        let block = &mut scores[group * r.start..group * r.end];
-        normalize(block, &factors[b * group..][..group]);
+        let block = &scores[group * r.start..group * r.end];
         let values = &values[r.start * hd..r.end * hd];
         kernels::group_axpys(isa, block, values, hd, 0..hd, o);
-    }
-}
-
-/// Multiplies each row of `block` (rows, n) by its factor.
-fn normalize(block: &mut [f32], factors: &[f32]) {
-    let n = block.len() / factors.len();
-    for (row, &f) in block.chunks_exact_mut(n).zip(factors) {
-        for p in row {
-            *p *= f;
-        }
     }
 }
 
@@ -476,22 +481,7 @@ fn decode_attention(
     drop(cells);
 
     // Normalize (cheap, on this thread), then sum the value rows by column parts.
-    factors.clear();
-    factors.resize(blocks * rows, 0.0);
-    let mut row_factors = vec![0f32; blocks];
-    for row in 0..rows {
-        block_factors((0..blocks).map(|b| stats[b * rows + row]), &mut row_factors);
-        for (b, &f) in row_factors.iter().enumerate() {
-            factors[b * rows + row] = f;
-        }
-    }
-    for b in 0..blocks {
-        let r = block_range(b, used);
-        normalize(
-            &mut scores[rows * r.start..rows * r.end],
-            &factors[b * rows..][..rows],
-        );
-    }
+    normalize_blocks(scores, stats, rows, used, factors);
     let scores = &scores[..];
     let col_parts = if pool.is_some() {
         threads.min(hd / 8).max(1)
