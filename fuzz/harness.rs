@@ -1,5 +1,5 @@
 //! The fuzz harnesses, shared by the `cargo fuzz` targets (fuzz_targets/*.rs) and the
-//! regression test that replays every input that once found a bug (tests/fuzz_regressions.rs).
+//! regression test that replays every input that once found a bug (tests/integration/fuzz_regressions.rs).
 //! Each takes arbitrary bytes and must return without panicking.
 #![allow(dead_code)]
 

@@ -2,7 +2,7 @@
 //! corpus to exactly the ids of the reference (transformers' tokenizer for the same GGUF)
 //! and decodes back to the same text.
 
-mod common;
+use crate::common;
 
 use edgelm::convert::Quant;
 use edgelm::tokenizer::Tokenizer;

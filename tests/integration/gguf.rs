@@ -1,7 +1,7 @@
 //! The GGUF reader against gguf-py: fixtures written and dequantized by gguf-py
 //! (tests/fixtures/gguf/make_fixtures.py), the real SmolLM2 Q4_1 model, and malformed files.
 
-mod common;
+use crate::common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};

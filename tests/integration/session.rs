@@ -1,7 +1,7 @@
 //! Session files: a saved and restored conversation continues exactly like an uninterrupted
 //! one; damaged files are clear errors.
 
-mod common;
+use crate::common;
 
 use common::fixture;
 use std::fs;

@@ -7,7 +7,7 @@
 //!
 //! `EDGELM_RECORD_GOLDEN=1` rewrites the fixture from this machine (only ever on x86_64).
 
-mod common;
+use crate::common;
 
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;

@@ -1,7 +1,7 @@
 //! Multi-turn chat keeps the KV cache: a second turn prefills only its own tokens and gives
 //! the same reply as prefilling the whole conversation at once (greedy, real model).
 
-mod common;
+use crate::common;
 
 use edgelm::chat::Conversation;
 use edgelm::convert::Quant;

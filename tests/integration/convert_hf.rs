@@ -2,7 +2,7 @@
 //! tokenizer) and of the tiny GPT-2 as a llama.cpp-layout GGUF (`tiny-gpt2/gguf`), against the
 //! transformers reference recorded in `reference.json`.
 
-mod common;
+use crate::common;
 
 use common::{fixture, reference};
 use std::fs;

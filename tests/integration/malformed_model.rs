@@ -6,7 +6,7 @@
 //! before exec. Loading the intact tiny bundle needs well under it; a reader that trusts a
 //! size field and allocates for it hits the cap and aborts, which fails the test.
 
-mod common;
+use crate::common;
 
 use common::fixture;
 use std::fs;

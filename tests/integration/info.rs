@@ -1,6 +1,6 @@
 //! `edgelm info -m DIR` on the tiny bundles: the facts a user needs before running a model.
 
-mod common;
+use crate::common;
 
 use common::fixture;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Bad input gets a one-line `edgelm: …` error and exit status 1, never a panic.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;

@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-#[path = "../fuzz/harness.rs"]
+#[path = "../../fuzz/harness.rs"]
 mod harness;
 
 /// Runs `harness` on every file in tests/fixtures/fuzz/`target` (the inputs that found

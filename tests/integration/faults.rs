@@ -2,7 +2,7 @@
 //! saving a session. Each ends cleanly, says what happened, and loses no saved state.
 //! (Serve's faults are in tests/serve.rs.)
 
-mod common;
+use crate::common;
 
 use common::fixture;
 use std::fs;
@@ -15,9 +15,11 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("faults", name)
 }
 
-/// `edgelm run` on the tiny Llama, greedy, through EOS, `n` tokens.
+/// `edgelm run` on the tiny Llama, greedy, through EOS, `n` tokens (under qemu-user when
+/// cross/test.sh names a runner: the signal and the file-size limit reach the emulated
+/// process through the emulator).
 fn run_cmd(n: usize) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelm"));
+    let mut cmd = common::edgelm_command();
     cmd.args(["run", "-m"])
         .arg(fixture("tiny-llama/onnx-f32"))
         .args(["-t", "1", "--ignore-eos", "-n", &n.to_string()]);

@@ -1,7 +1,7 @@
 //! The loader and KV-cache forward against the tiny models' Hugging Face references
 //! (`tests/fixtures/*/reference.json`, recorded with transformers in f32).
 
-mod common;
+use crate::common;
 
 use common::{fixture, reference};
 use std::fs;

@@ -2,7 +2,7 @@
 //! pair configured like a serial line, with the tiny Llama fixture. Every read has a
 //! timeout, so a wedged server fails the test with the lines seen so far instead of hanging.
 
-mod common;
+use crate::common;
 
 use common::fixture;
 use std::fs::{self, File};

@@ -1,7 +1,7 @@
 //! The ring-buffer KV cache end to end: overflow in constant memory with every shift reported,
 //! re-positioning past the trained context, f16 storage, and the `run --json` shift lines.
 
-mod common;
+use crate::common;
 
 use common::fixture;
 

@@ -2,7 +2,7 @@
 //! reference (`tests/fixtures/smollm2-135m-instruct/golden_hf.json`: greedy, KV cache, 32 new tokens, no
 //! EOS stop), and the int8 bundle against the f32 bundle, teacher-forced.
 
-mod common;
+use crate::common;
 
 use std::sync::OnceLock;
 

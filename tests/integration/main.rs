@@ -1,0 +1,24 @@
+//! The integration tests, one module per concern, in one test binary: each binary links the
+//! whole of tract, and CI builds them for three targets (x86_64, aarch64, armv7), so one
+//! binary instead of seventeen saves minutes of linking.
+//!
+//! Select a module with a filter: `cargo test --test integration serve::`.
+
+mod common;
+
+mod chat;
+mod cli_errors;
+mod convert_hf;
+mod faults;
+mod fuzz_regressions;
+mod gguf;
+mod golden_cross_arch;
+mod golden_smollm2;
+mod info;
+mod kv_ring;
+mod malformed_model;
+mod model_tiny;
+mod serve;
+mod session;
+mod smollm2_text;
+mod tokenizer_gguf;
