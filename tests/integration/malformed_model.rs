@@ -19,7 +19,7 @@ use prost::Message;
 use tract_onnx::pb;
 
 /// The child's data limit. The intact tiny bundle loads and generates in a fraction of it.
-const DATA_LIMIT: u64 = 512 << 20;
+const DATA_LIMIT: libc::rlim_t = 512 << 20;
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("malformed", name)
