@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::model::{LoadOptions, Model};
 use crate::template::{ChatTemplate, Message};
@@ -31,8 +31,16 @@ impl Engine {
                 dir.display()
             );
         }
-        let model = Model::load(dir, opts)?;
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        // The graph (ONNX parse, tract's optimizer) and the tokenizer (serde over a 2 MB
+        // JSON, a third of the load) do not depend on each other: one core each.
+        let (model, tokenizer) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| Tokenizer::from_file(&dir.join("tokenizer.json")));
+            let model = Model::load(dir, opts);
+            let tokenizer = tokenizer
+                .join()
+                .map_err(|_| anyhow!("the tokenizer loading thread panicked"))?;
+            Ok::<_, anyhow::Error>((model?, tokenizer?))
+        })?;
         // An id the embedding does not have would fail (or worse) deep inside the graph.
         let (tokens, vocab) = (tokenizer.vocab_size(), model.config().vocab_size);
         if tokens > vocab {
