@@ -17,7 +17,13 @@ version=0.3.36
 mkdir -p "$cache"
 
 # --- llama.cpp -----------------------------------------------------------------------------
-bin="$cache/build/bin"
+# Native build without AMX: on CPUs that have it (Xeon Sapphire Rapids and later) ggml's AMX
+# matmul crashes in llama-bench on our VMs (SIGSEGV in ggml_backend_amx_mul_mat); every other
+# instruction set the CPU has (AVX-512, VNNI) stays on.
+build="$cache/build-noamx"
+bin="$build/bin"
+native_flags=""
+[[ "$(uname -m)" == x86_64 ]] && native_flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 if [[ ! -x "$bin/llama-bench" || ! -x "$bin/llama-quantize" ]]; then
   sdist="$cache/llama_cpp_python-$version.tar.gz"
   if [[ ! -f "$sdist" ]]; then
@@ -38,10 +44,11 @@ EOF
     "$cache/venv/bin/pip" install --quiet cmake
   fi
   echo "== building llama-bench and llama-quantize" >&2
-  "$cache/venv/bin/cmake" -S "$cache/src/vendor/llama.cpp" -B "$cache/build" \
+  "$cache/venv/bin/cmake" -S "$cache/src/vendor/llama.cpp" -B "$build" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DCMAKE_C_FLAGS="$native_flags" -DCMAKE_CXX_FLAGS="$native_flags" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-  "$cache/venv/bin/cmake" --build "$cache/build" -j "$(nproc)" \
+  "$cache/venv/bin/cmake" --build "$build" -j "$(nproc)" \
     --target llama-bench llama-quantize >&2
 fi
 
