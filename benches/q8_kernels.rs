@@ -121,9 +121,16 @@ fn read_all(arena: &Arena, c: usize, pool: &ThreadPool) -> u64 {
 fn configs() -> Vec<(Scheme, Kernel)> {
     let mut v = Vec::new();
     for kernel in Kernel::available() {
-        v.push((Scheme::Q8Q8, kernel));
+        // Only their own code: Dotprod has Q8Q8 code (Q8F32 and Q8Q16 run NEON's), Avx512
+        // has Q8F32 code (the integer schemes run AVX2's).
+        if kernel != Kernel::Avx512 {
+            v.push((Scheme::Q8Q8, kernel));
+        }
         if kernel != Kernel::Dotprod {
             v.push((Scheme::Q8F32, kernel));
+        }
+        if kernel != Kernel::Dotprod && kernel != Kernel::Avx512 {
+            v.push((Scheme::Q8Q16, kernel));
         }
     }
     v

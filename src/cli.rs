@@ -84,11 +84,12 @@ pub struct ModelArgs {
     /// Worker threads for the matrix kernels (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
-    /// How int8 weights run: f32 activations (q8f32), quantized activations as llama.cpp
-    /// (q8q8), or dequantized to f32 by tract at load (fold).
+    /// How int8 weights run: f32 activations (q8f32), int8 activations as llama.cpp (q8q8),
+    /// int16 activations (q8q16), or dequantized to f32 by tract at load (fold).
     #[arg(long, value_enum, default_value_t = Int8Arg::Q8f32)]
     pub int8: Int8Arg,
-    /// Force a kernel variant (scalar, avx2, neon, dotprod); default: the best this CPU has.
+    /// Force a kernel variant (scalar, avx2, avx512, neon, dotprod); default: the best this CPU
+    /// has.
     #[arg(long, env = "EDGELM_KERNEL")]
     pub kernel: Option<String>,
 }
@@ -100,6 +101,8 @@ pub enum Int8Arg {
     Q8f32,
     /// int8 weights and per-block int8 activations (llama.cpp's Q8_0 path).
     Q8q8,
+    /// int8 weights and per-block int16 activations.
+    Q8q16,
     /// Dequantize to f32 at load and let tract run them.
     Fold,
 }
@@ -116,6 +119,7 @@ impl ModelArgs {
             int8: match self.int8 {
                 Int8Arg::Q8f32 => Int8Path::Q8F32,
                 Int8Arg::Q8q8 => Int8Path::Q8Q8,
+                Int8Arg::Q8q16 => Int8Path::Q8Q16,
                 Int8Arg::Fold => Int8Path::Fold,
             },
             kernel,

@@ -63,6 +63,8 @@ pub enum Int8Path {
     Q8F32,
     /// Our operators, activations quantized per block too ([`Scheme::Q8Q8`], llama.cpp's).
     Q8Q8,
+    /// Our operators, activations quantized per block to int16 ([`Scheme::Q8Q16`]).
+    Q8Q16,
     /// Dequantized to f32 at load and run by tract (the reference; ~4x the memory).
     Fold,
 }
@@ -243,6 +245,7 @@ impl Model {
         if !q8.is_empty() {
             let scheme = match opts.int8 {
                 Int8Path::Q8Q8 => Scheme::Q8Q8,
+                Int8Path::Q8Q16 => Scheme::Q8Q16,
                 _ => Scheme::Q8F32,
             };
             let kernel = match opts.kernel {
@@ -828,7 +831,7 @@ fn prepare(mut proto: pb::ModelProto, dir: &Path, int8: Int8Path) -> Result<Prep
     }
     let q8 = match int8 {
         Int8Path::Fold => Q8Table::new(),
-        Int8Path::Q8F32 | Int8Path::Q8Q8 => {
+        Int8Path::Q8F32 | Int8Path::Q8Q8 | Int8Path::Q8Q16 => {
             let mut q8 =
                 route_q8(graph, &external).with_context(|| format!("rewriting {model_path:?}"))?;
             let ort = route_matmul_integer(graph, &external)

@@ -8,6 +8,9 @@
 //! `|w|` goes to the unsigned operand so every weight in -128..=127 is exact; activations are
 //! in -127..=127 by construction, so `sign` never overflows and pair sums stay below 2^15.
 //! The last, partial group of 4 blocks runs the same code with zeros for missing blocks.
+//!
+//! Q8Q16 runs the same code with int16 activations: per block, the weights are sign-extended
+//! to int16 and `madd` with the activations gives the 8 partial i32 sums directly.
 
 // Kernels index several arrays (rows of a tile, lanes, blocks) with one counter; index
 // loops say that most plainly and, unlike iterator adapters with closures, always inline
@@ -17,7 +20,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::format::{QuantActs, BLOCK};
+use super::format::{ActInt, QuantActs, BLOCK};
 use super::{reduce8, scalar, OutRows, Q8Matrix};
 
 /// Activation rows processed together against one weight row (reusing each weight block).
@@ -28,18 +31,18 @@ const TILE: usize = 4;
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_acts(x: &[f32], a: &mut QuantActs) {
+pub(super) unsafe fn quantize_acts<T: ActInt>(x: &[f32], a: &mut QuantActs<T>) {
     a.fill_from(x);
 }
 
-/// Scheme Q8Q8 for output columns `rows`.
+/// Schemes Q8Q8 (`T = i8`) and Q8Q16 (`T = i16`) for output columns `rows`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn q8q8(
+pub(super) unsafe fn q8q8<T: Avx2Acts>(
     w: &Q8Matrix<'_>,
-    x: &QuantActs,
+    x: &QuantActs<T>,
     rows: Range<usize>,
     out: &mut OutRows<'_>,
 ) {
@@ -47,9 +50,9 @@ pub(super) unsafe fn q8q8(
         let (wq, ws) = w.row(r);
         let mut i = 0;
         while i + TILE <= x.m {
-            let xs: [(&[i8], &[f32]); TILE] = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
+            let xs: [(&[T], &[f32]); TILE] = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
             // SAFETY: AVX2 and FMA are available (this function's contract).
-            let ys = unsafe { dot_q8q8::<TILE>(wq, ws, xs) };
+            let ys = unsafe { dot_q8q8::<T, TILE>(wq, ws, xs) };
             for (t, y) in ys.into_iter().enumerate() {
                 out.set(i + t, r, y);
             }
@@ -57,7 +60,7 @@ pub(super) unsafe fn q8q8(
         }
         for i in i..x.m {
             // SAFETY: as above.
-            let [y] = unsafe { dot_q8q8::<1>(wq, ws, [x.row(i)]) };
+            let [y] = unsafe { dot_q8q8::<T, 1>(wq, ws, [x.row(i)]) };
             out.set(i, r, y);
         }
     }
@@ -143,6 +146,45 @@ unsafe fn block_partials(w: *const i8, x: *const i8, ones: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), sx), ones)
 }
 
+/// Activation types of the integer kernels: one block's dot product as 8 partial i32 sums.
+pub(super) trait Avx2Acts: ActInt {
+    /// 8 partial i32 sums of the dot product of one full block (32 values at `w` and `x`).
+    ///
+    /// # Safety
+    /// AVX2 is available; `w` and `x` are valid for 32 values of reads.
+    unsafe fn partials(w: *const i8, x: *const Self, ones: __m256i) -> __m256i;
+}
+
+impl Avx2Acts for i8 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn partials(w: *const i8, x: *const i8, ones: __m256i) -> __m256i {
+        // SAFETY: forwarded contract.
+        unsafe { block_partials(w, x, ones) }
+    }
+}
+
+impl Avx2Acts for i16 {
+    /// Weights sign-extended to int16, then `madd` with the activations: each pair sum is
+    /// at most 2 * 128 * 32767 in magnitude, far from i32 overflow.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn partials(w: *const i8, x: *const i16, _ones: __m256i) -> __m256i {
+        // SAFETY: 32 readable int8 at `w` and int16 at `x` (caller); loadu needs no alignment.
+        let (w0, w1, x0, x1) = unsafe {
+            (
+                _mm_loadu_si128(w.cast()),
+                _mm_loadu_si128(w.add(16).cast()),
+                _mm256_loadu_si256(x.cast()),
+                _mm256_loadu_si256(x.add(16).cast()),
+            )
+        };
+        let p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w0), x0);
+        let p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w1), x1);
+        _mm256_add_epi32(p0, p1)
+    }
+}
+
 /// How far ahead of the current block weights are prefetched.
 const PREFETCH_BYTES: usize = 2048;
 
@@ -184,9 +226,9 @@ fn reduce_halves(lo: __m128, hi: __m128) -> f32 {
 /// AVX2 is available; blocks b0..b0 + 4 are full blocks of `wq` and of every `xs[t].0`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn full_quad<const R: usize>(
+unsafe fn full_quad<T: Avx2Acts, const R: usize>(
     wq: &[i8],
-    xs: [(&[i8], &[f32]); R],
+    xs: [(&[T], &[f32]); R],
     b0: usize,
     ones: __m256i,
 ) -> [[__m256i; 2]; R] {
@@ -198,9 +240,8 @@ unsafe fn full_quad<const R: usize>(
             let off = (b0 + p * 2 + e) * BLOCK;
             for t in 0..R {
                 // SAFETY: a full block: off + 32 <= k, the length of both rows (contract).
-                v[t][e] = unsafe {
-                    block_partials(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off), ones)
-                };
+                v[t][e] =
+                    unsafe { T::partials(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off), ones) };
             }
         }
         for t in 0..R {
@@ -216,10 +257,10 @@ unsafe fn full_quad<const R: usize>(
 /// AVX2 is available; blocks b0..b0 + 4 are full blocks of `wq` and of every `xs[t].0`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn full_group<const R: usize>(
+unsafe fn full_group<T: Avx2Acts, const R: usize>(
     wq: &[i8],
     ws: &[f32],
-    xs: [(&[i8], &[f32]); R],
+    xs: [(&[T], &[f32]); R],
     b0: usize,
     ones: __m256i,
     acc: &mut [__m128; R],
@@ -248,10 +289,10 @@ unsafe fn full_group<const R: usize>(
 /// AVX2 is available; every `xs[t]` has the lengths of (`wq`, `ws`); 0 < nb - b0 <= 4.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn last_group<const R: usize>(
+unsafe fn last_group<T: Avx2Acts, const R: usize>(
     wq: &[i8],
     ws: &[f32],
-    xs: [(&[i8], &[f32]); R],
+    xs: [(&[T], &[f32]); R],
     b0: usize,
     ones: __m256i,
     acc: &mut [__m128; R],
@@ -261,7 +302,7 @@ unsafe fn last_group<const R: usize>(
     let tail = full * BLOCK..k;
     let zero = _mm256_setzero_si256();
     let mut w_pad = [0i8; BLOCK];
-    let mut x_pad = [[0i8; BLOCK]; R];
+    let mut x_pad = [[T::default(); BLOCK]; R];
     if !tail.is_empty() {
         w_pad[..tail.len()].copy_from_slice(&wq[tail.clone()]);
         for t in 0..R {
@@ -277,13 +318,13 @@ unsafe fn last_group<const R: usize>(
                 // SAFETY: a full block (b < full) has 32 bytes in both rows; the pads hold 32.
                 v[t][e] = unsafe {
                     if b < full {
-                        block_partials(
+                        T::partials(
                             wq.as_ptr().add(b * BLOCK),
                             xs[t].0.as_ptr().add(b * BLOCK),
                             ones,
                         )
                     } else if b == full && !tail.is_empty() {
-                        block_partials(w_pad.as_ptr(), x_pad[t].as_ptr(), ones)
+                        T::partials(w_pad.as_ptr(), x_pad[t].as_ptr(), ones)
                     } else {
                         zero
                     }
@@ -306,7 +347,8 @@ unsafe fn last_group<const R: usize>(
     }
 }
 
-/// Scheme Q8Q8: one weight row (`wq` (k), `ws` (nb)) against R quantized activation rows.
+/// Schemes Q8Q8 and Q8Q16: one weight row (`wq` (k), `ws` (nb)) against R quantized
+/// activation rows.
 ///
 /// Blocks go 4 at a time, alternately into the low (lanes 0..4) and high (lanes 4..8)
 /// accumulator halves, then [`last_group`] adds the remainder.
@@ -315,7 +357,11 @@ unsafe fn last_group<const R: usize>(
 /// AVX2 and FMA are available; every `xs[t]` has the lengths of (`wq`, `ws`).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8q8<const R: usize>(wq: &[i8], ws: &[f32], xs: [(&[i8], &[f32]); R]) -> [f32; R] {
+unsafe fn dot_q8q8<T: Avx2Acts, const R: usize>(
+    wq: &[i8],
+    ws: &[f32],
+    xs: [(&[T], &[f32]); R],
+) -> [f32; R] {
     let (k, nb) = (wq.len(), ws.len());
     for (xq, xsc) in xs {
         assert!(xq.len() == k && xsc.len() == nb);
@@ -397,7 +443,7 @@ unsafe fn block_fma(acc: __m256, wp: *const i8, sp: *const f32, xv: &[__m256; 4]
 /// The 8 lanes of `acc` plus the partial last block from column `start`, reduced.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn finish_q8f32(acc: __m256, wq: &[i8], ws: &[f32], x: &[f32], start: usize) -> f32 {
+pub(super) fn finish_q8f32(acc: __m256, wq: &[i8], ws: &[f32], x: &[f32], start: usize) -> f32 {
     let mut lanes = [0f32; 8];
     // SAFETY: `lanes` holds 8 floats.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };

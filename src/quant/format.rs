@@ -123,13 +123,14 @@ pub fn quantize_q8(w: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
     (q, scales)
 }
 
-/// Quantizes one row: `x` (k) into `q` (k) and `scales` (ceil(k / 32)) by the Q8_0 rule.
+/// Quantizes one row: `x` (k) into `q` (k) and `scales` (ceil(k / 32)) by the Q8_0 rule
+/// (for i8; see [`quantize_block`] for wider types).
 ///
 /// `#[inline(always)]` so that SIMD wrappers compiled with more target features get a
 /// vectorized copy of the same arithmetic (division and `round` are exactly rounded, so every
 /// copy gives the same bits).
 #[inline(always)]
-pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
+pub(crate) fn quantize_row<T: ActInt>(x: &[f32], q: &mut [T], scales: &mut [f32]) {
     // Whole blocks as fixed-size arrays, so the compiler sees 32 lanes and vectorizes.
     let (x_blocks, x_tail) = x.as_chunks::<BLOCK>();
     let (q_blocks, q_tail) = q.as_chunks_mut::<BLOCK>();
@@ -145,9 +146,34 @@ pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
     }
 }
 
-/// Quantizes one block (up to 32 values) by the Q8_0 rule and returns its scale.
+/// An integer type activations are quantized to: i8 (scheme Q8Q8) or i16 (scheme Q8Q16).
+pub(crate) trait ActInt: Copy + Default + Into<i32> + Send + Sync + 'static {
+    /// The largest magnitude a quantized value takes, as the divisor of a block's max|x|.
+    const QMAX: f32;
+    /// `v`, already rounded and within ±QMAX (the conversion cannot overflow).
+    fn from_i32(v: i32) -> Self;
+}
+
+impl ActInt for i8 {
+    const QMAX: f32 = 127.0;
+    #[inline(always)]
+    fn from_i32(v: i32) -> Self {
+        v as i8
+    }
+}
+
+impl ActInt for i16 {
+    const QMAX: f32 = 32767.0;
+    #[inline(always)]
+    fn from_i32(v: i32) -> Self {
+        v as i16
+    }
+}
+
+/// Quantizes one block (up to 32 values) by the Q8_0 rule, with ±`T::QMAX` in place of
+/// ±127 for wider types, and returns its scale.
 #[inline(always)]
-fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+fn quantize_block<T: ActInt>(xb: &[f32], qb: &mut [T]) -> f32 {
     // max|x| on the bit patterns with the sign cleared: for non-negative floats their order
     // is the float order, and an integer max reduction vectorizes (a NaN wins, and then
     // poisons only its own block).
@@ -157,35 +183,36 @@ fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
         .max()
         .unwrap_or(0);
     let amax = f32::from_bits(amax_bits);
-    let scale = amax / 127.0;
+    let scale = amax / T::QMAX;
     if scale == 0.0 {
-        qb.fill(0);
+        qb.fill(T::default());
         return scale;
     }
     for (qv, &xv) in qb.iter_mut().zip(xb) {
         // max/min (not clamp) also map NaN into range, which makes the conversion sound and
-        // lets it vectorize (a saturating `as i8` does not).
+        // lets it vectorize (a saturating `as` does not).
         #[allow(clippy::manual_clamp)] // clamp would keep NaN
-        let v = (xv / scale).round().max(-127.0).min(127.0);
-        // SAFETY: v is finite and within -127..=127.
-        *qv = unsafe { v.to_int_unchecked::<i32>() } as i8;
+        let v = (xv / scale).round().max(-T::QMAX).min(T::QMAX);
+        // SAFETY: v is finite and within ±QMAX, which fits i32.
+        *qv = T::from_i32(unsafe { v.to_int_unchecked::<i32>() });
     }
     scale
 }
 
-/// Activations quantized per block of 32 by the Q8_0 rule (scheme Q8Q8's right-hand side).
+/// Activations quantized per block of 32: to i8 by the Q8_0 rule (scheme Q8Q8's right-hand
+/// side) or to i16 by the same rule with ±32767 (scheme Q8Q16's).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct QuantActs {
-    pub q: Vec<i8>,       // (m, k)
+pub(crate) struct QuantActs<T = i8> {
+    pub q: Vec<T>,        // (m, k)
     pub scales: Vec<f32>, // (m, nb)
     pub m: usize,
     pub k: usize,
 }
 
-impl QuantActs {
-    /// Row `i`: its k int8 values (each in -127..=127) and its nb scales.
+impl<T: ActInt> QuantActs<T> {
+    /// Row `i`: its k quantized values (each within ±`T::QMAX`) and its nb scales.
     #[inline]
-    pub fn row(&self, i: usize) -> (&[i8], &[f32]) {
+    pub fn row(&self, i: usize) -> (&[T], &[f32]) {
         let nb = blocks_per_row(self.k);
         (
             &self.q[i * self.k..(i + 1) * self.k],
@@ -196,7 +223,7 @@ impl QuantActs {
     /// Empty buffers shaped for `m` rows of `k`, to be filled by a quantizer.
     pub fn zeroed(m: usize, k: usize) -> Self {
         Self {
-            q: vec![0; m * k],
+            q: vec![T::default(); m * k],
             scales: vec![0.0; m * blocks_per_row(k)],
             m,
             k,

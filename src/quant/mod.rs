@@ -7,12 +7,14 @@
 //! [`Q8Matrix`] and [`quantize_q8`].
 //!
 //! # Schemes
-//! Both compute `y[i, r] = sum_j W[r, j] * x[i, j]` for activations x (m, k), y (m, n):
+//! All compute `y[i, r] = sum_j W[r, j] * x[i, j]` for activations x (m, k), y (m, n):
 //! - [`Scheme::Q8Q8`]: each activation row is quantized per block of 32 by the same Q8_0 rule
 //!   (scale `sx`, int8 `xq`), then per block `b` the exact integer dot product
 //!   `idot_b = sum q * xq` (i32) is scaled: `t_b = (sw_b * sx_b) * (idot_b as f32)`
 //!   (two f32 multiplications, in that order). This is llama.cpp's Q8_0 path.
-//! - [`Scheme::Q8F32`]: int8 weights are widened to f32 and multiplied into the f32
+//! - [`Scheme::Q8Q16`]: the same with activations quantized to int16 (`scale = max|x| /
+//!   32767`, values in -32767..=32767): the integer sums stay exact (|idot| < 2^27), and the
+//!   activation rounding is 2^8 times finer than Q8Q8's, far below the weights' own.//! - [`Scheme::Q8F32`]: int8 weights are widened to f32 and multiplied into the f32
 //!   activations, no activation rounding. Per block: `s_b[l] = sum over j ≡ l (mod 8) of
 //!   q_j * x_j` (8 lanes, j increasing), then `acc[l] += sw_b * s_b[l]`.
 //!
@@ -22,15 +24,17 @@
 //! reduced as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))` ([`reduce8`] ordering), which
 //! is what an 8-wide (AVX2) or two 4-wide (NEON) accumulators reduce to naturally.
 //!
-//! - Q8Q8: integer sums are exact in any order and every float operation above is done in the
-//!   same order by every variant, so scalar, AVX2, NEON and dotprod give bit-identical results.
+//! - Q8Q8, Q8Q16: integer sums are exact in any order and every float operation above is done
+//!   in the same order by every variant, so scalar, AVX2, NEON and dotprod give bit-identical
+//!   results.
 //! - Q8F32: the SIMD variants fuse `s += q * x` and `acc += sw * s` into FMAs where the scalar
 //!   code rounds twice, so they differ from the scalar reference by rounding only (bounded in
 //!   the tests by `(nb + 16) * f32::EPSILON * sum |sw * q * x|`).
 //!
 //! # Variants and dispatch
-//! [`Kernel`] names an instruction set: portable scalar, x86_64 AVX2+FMA, aarch64 NEON and
-//! NEON+dotprod (SDOT, scheme Q8Q8 only; Q8F32 with `Dotprod` runs the NEON code). On armv7,
+//! [`Kernel`] names an instruction set: portable scalar, x86_64 AVX2+FMA and AVX-512 (scheme
+//! Q8F32 only; the integer schemes with `Avx512` run the AVX2 code), aarch64 NEON and
+//! NEON+dotprod (SDOT, scheme Q8Q8 only; Q8F32 and Q8Q16 with `Dotprod` run the NEON code). On armv7,
 //! `core::arch::arm` intrinsics and `is_arm_feature_detected!` are unstable on stable Rust, so
 //! the portable code is used there (written to auto-vectorize when built with `+neon`).
 //! [`Kernel::select`] picks the best available one, or the one named by `EDGELM_KERNEL`.
@@ -48,6 +52,8 @@ mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(test)]
@@ -62,9 +68,10 @@ pub use fit::quantize_q8_fitted;
 pub use format::{blocks_per_row, quantize_q8, Q8Matrix, BLOCK};
 pub use pool::ThreadPool;
 
-use format::QuantActs;
+use format::{ActInt, QuantActs};
 
-/// Environment variable that forces a kernel variant (`scalar`, `avx2`, `neon`, `dotprod`).
+/// Environment variable that forces a kernel variant (`scalar`, `avx2`, `avx512`, `neon`,
+/// `dotprod`).
 pub const KERNEL_ENV: &str = "EDGELM_KERNEL";
 
 /// Below this many weight bytes per worker, extra threads cost more than they save.
@@ -126,7 +133,7 @@ pub enum QuantError {
         got: usize,
     },
     /// A kernel name that is not one of ours.
-    #[error("unknown kernel \"{0}\": expected scalar, avx2, neon or dotprod")]
+    #[error("unknown kernel \"{0}\": expected scalar, avx2, avx512, neon or dotprod")]
     UnknownKernel(String),
     /// A kernel this CPU (or this build's target) cannot run.
     #[error("kernel {0} is not supported on this CPU")]
@@ -140,6 +147,8 @@ pub enum Scheme {
     Q8Q8,
     /// Weights widened to f32 and multiplied into f32 activations.
     Q8F32,
+    /// Activations quantized to int16 per block; int8·int16 dot products in i32.
+    Q8Q16,
 }
 
 /// An instruction-set variant of the kernels.
@@ -149,6 +158,8 @@ pub enum Kernel {
     Scalar,
     /// x86_64 AVX2 + FMA.
     Avx2,
+    /// x86_64 AVX-512F (with AVX2 + FMA) for Q8F32.
+    Avx512,
     /// aarch64 NEON (Advanced SIMD).
     Neon,
     /// aarch64 NEON with the dot-product extension (SDOT) for Q8Q8.
@@ -157,13 +168,20 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every variant, best last.
-    pub const ALL: [Kernel; 4] = [Kernel::Scalar, Kernel::Avx2, Kernel::Neon, Kernel::Dotprod];
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Scalar,
+        Kernel::Avx2,
+        Kernel::Avx512,
+        Kernel::Neon,
+        Kernel::Dotprod,
+    ];
 
     /// The name used by `EDGELM_KERNEL`.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Scalar => "scalar",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
             Kernel::Neon => "neon",
             Kernel::Dotprod => "dotprod",
         }
@@ -175,6 +193,12 @@ impl Kernel {
             Kernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -291,6 +315,7 @@ impl Q8Matrix<'_> {
         }
         let input = match scheme {
             Scheme::Q8Q8 => Input::Quant(quantize_acts(x, m, k, kernel)),
+            Scheme::Q8Q16 => Input::Quant16(quantize_acts(x, m, k, kernel)),
             Scheme::Q8F32 => Input::F32(x),
         };
         let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads());
@@ -320,15 +345,16 @@ impl Q8Matrix<'_> {
 
 /// The right-hand side as a kernel consumes it.
 enum Input<'x> {
-    Quant(QuantActs),
+    Quant(QuantActs<i8>),
+    Quant16(QuantActs<i16>),
     F32(&'x [f32]), // (m, k)
 }
 
 /// Quantizes activations x (m, k) with the fastest code for `kernel` (same bits for all).
-fn quantize_acts(x: &[f32], m: usize, k: usize, kernel: Kernel) -> QuantActs {
+fn quantize_acts<T: ActInt>(x: &[f32], m: usize, k: usize, kernel: Kernel) -> QuantActs<T> {
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => {
+        Kernel::Avx2 | Kernel::Avx512 => {
             let mut a = QuantActs::zeroed(m, k);
             // SAFETY: `kernel` was checked available, so the CPU has AVX2 and FMA.
             unsafe { avx2::quantize_acts(x, &mut a) };
@@ -349,10 +375,18 @@ fn run_part(
     match (input, kernel) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `kernel` was checked available, so the CPU has AVX2 and FMA.
-        (Input::Quant(x), Kernel::Avx2) => unsafe { avx2::q8q8(w, x, rows, out) },
+        (Input::Quant(x), Kernel::Avx2 | Kernel::Avx512) => unsafe { avx2::q8q8(w, x, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Input::Quant16(x), Kernel::Avx2 | Kernel::Avx512) => unsafe {
+            avx2::q8q8(w, x, rows, out)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         (Input::F32(x), Kernel::Avx2) => unsafe { avx2::q8f32(w, x, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `kernel` was checked available, so the CPU has AVX-512F, AVX2 and FMA.
+        (Input::F32(x), Kernel::Avx512) => unsafe { avx512::q8f32(w, x, rows, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `kernel` was checked available, so the CPU has NEON.
         (Input::Quant(x), Kernel::Neon) => unsafe { neon::q8q8(w, x, rows, out) },
@@ -361,8 +395,14 @@ fn run_part(
         (Input::Quant(x), Kernel::Dotprod) => unsafe { neon::q8q8_dotprod(w, x, rows, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: `kernel` was checked available, so the CPU has NEON.
+        (Input::Quant16(x), Kernel::Neon | Kernel::Dotprod) => unsafe {
+            neon::q8q8(w, x, rows, out)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `kernel` was checked available, so the CPU has NEON.
         (Input::F32(x), Kernel::Neon | Kernel::Dotprod) => unsafe { neon::q8f32(w, x, rows, out) },
         (Input::Quant(x), _) => scalar::q8q8(w, x, rows, out),
+        (Input::Quant16(x), _) => scalar::q8q8(w, x, rows, out),
         (Input::F32(x), _) => scalar::q8f32(w, x, rows, out),
     }
 }

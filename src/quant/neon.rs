@@ -7,6 +7,8 @@
 //! The last, partial group runs the same code with zeros for missing blocks.
 //! `vdotq_s32` is still unstable in Rust 1.95, so SDOT is written as inline assembly.
 //! Pair sums in the `vmull` path stay below 2^15 because activations are in -127..=127.
+//! Q8Q16 runs the same code with int16 activations: weights widened to int16 and
+//! `vmull_s16`/`vmlal_s16` into 4 partial i32 sums (SDOT has no int16 form).
 
 // Kernels index several arrays (rows of a tile, lanes, blocks) with one counter; index
 // loops say that most plainly and, unlike iterator adapters with closures, always inline
@@ -17,25 +19,25 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::ops::Range;
 
-use super::format::{QuantActs, BLOCK};
+use super::format::{ActInt, QuantActs, BLOCK};
 use super::{reduce8, scalar, OutRows, Q8Matrix};
 
 /// Activation rows processed together against one weight row (reusing each weight block).
 const TILE: usize = 4;
 
-/// Scheme Q8Q8 for output columns `rows` with plain NEON.
+/// Schemes Q8Q8 (`T = i8`) and Q8Q16 (`T = i16`) for output columns `rows` with plain NEON.
 ///
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn q8q8(
+pub(super) unsafe fn q8q8<T: NeonActs>(
     w: &Q8Matrix<'_>,
-    x: &QuantActs,
+    x: &QuantActs<T>,
     rows: Range<usize>,
     out: &mut OutRows<'_>,
 ) {
     // SAFETY: NEON is available (this function's contract).
-    unsafe { q8q8_rows::<false>(w, x, rows, out) }
+    unsafe { q8q8_rows::<T, false>(w, x, rows, out) }
 }
 
 /// Scheme Q8Q8 for output columns `rows` with SDOT.
@@ -45,12 +47,12 @@ pub(super) unsafe fn q8q8(
 #[target_feature(enable = "neon,dotprod")]
 pub(super) unsafe fn q8q8_dotprod(
     w: &Q8Matrix<'_>,
-    x: &QuantActs,
+    x: &QuantActs<i8>,
     rows: Range<usize>,
     out: &mut OutRows<'_>,
 ) {
     // SAFETY: NEON and dotprod are available (this function's contract).
-    unsafe { q8q8_rows::<true>(w, x, rows, out) }
+    unsafe { q8q8_rows::<i8, true>(w, x, rows, out) }
 }
 
 /// Scheme Q8F32 for output columns `rows`, x (m, k).
@@ -125,9 +127,9 @@ pub(super) unsafe fn q8f32(w: &Q8Matrix<'_>, x: &[f32], rows: Range<usize>, out:
 /// # Safety
 /// NEON (and dotprod if `DOT`) are available.
 #[inline(always)]
-unsafe fn q8q8_rows<const DOT: bool>(
+unsafe fn q8q8_rows<T: NeonActs, const DOT: bool>(
     w: &Q8Matrix<'_>,
-    x: &QuantActs,
+    x: &QuantActs<T>,
     rows: Range<usize>,
     out: &mut OutRows<'_>,
 ) {
@@ -135,9 +137,9 @@ unsafe fn q8q8_rows<const DOT: bool>(
         let (wq, ws) = w.row(r);
         let mut i = 0;
         while i + TILE <= x.m {
-            let xs: [(&[i8], &[f32]); TILE] = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
+            let xs: [(&[T], &[f32]); TILE] = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
             // SAFETY: the features are available (this function's contract).
-            let ys = unsafe { dot_q8q8::<TILE, DOT>(wq, ws, xs) };
+            let ys = unsafe { dot_q8q8::<T, TILE, DOT>(wq, ws, xs) };
             for (t, y) in ys.into_iter().enumerate() {
                 out.set(i + t, r, y);
             }
@@ -145,10 +147,67 @@ unsafe fn q8q8_rows<const DOT: bool>(
         }
         for i in i..x.m {
             // SAFETY: as above.
-            let [y] = unsafe { dot_q8q8::<1, DOT>(wq, ws, [x.row(i)]) };
+            let [y] = unsafe { dot_q8q8::<T, 1, DOT>(wq, ws, [x.row(i)]) };
             out.set(i, r, y);
         }
     }
+}
+
+/// Activation types of the integer kernels: one block's dot product as 4 partial i32 sums.
+pub(super) trait NeonActs: ActInt {
+    /// 4 partial i32 sums of one full block's dot product (32 values at `w` and `x`), with
+    /// SDOT if `DOT` and the type has it.
+    ///
+    /// # Safety
+    /// NEON (and dotprod if `DOT`) are available; `w` and `x` are valid for 32 values of reads.
+    unsafe fn partials<const DOT: bool>(w: *const i8, x: *const Self) -> int32x4_t;
+}
+
+impl NeonActs for i8 {
+    #[inline(always)]
+    unsafe fn partials<const DOT: bool>(w: *const i8, x: *const i8) -> int32x4_t {
+        // SAFETY: forwarded contract.
+        unsafe { partials::<DOT>(w, x) }
+    }
+}
+
+impl NeonActs for i16 {
+    #[inline(always)]
+    unsafe fn partials<const DOT: bool>(w: *const i8, x: *const i16) -> int32x4_t {
+        // SAFETY: forwarded contract (NEON is available).
+        unsafe { partials_wide(w, x) }
+    }
+}
+
+/// 4 partial i32 sums of one full block of int8 weights and int16 activations: each
+/// product is at most 128 * 32767 in magnitude, 8 per lane, far from i32 overflow.
+///
+/// # Safety
+/// NEON is available; `w` is valid for 32 int8 and `x` for 32 int16 of reads.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn partials_wide(w: *const i8, x: *const i16) -> int32x4_t {
+    // SAFETY: 32 readable values at each (caller); vld1q needs no alignment.
+    let (w0, w1, x0, x1, x2, x3) = unsafe {
+        (
+            vld1q_s8(w),
+            vld1q_s8(w.add(16)),
+            vld1q_s16(x),
+            vld1q_s16(x.add(8)),
+            vld1q_s16(x.add(16)),
+            vld1q_s16(x.add(24)),
+        )
+    };
+    let (a, b) = (vmovl_s8(vget_low_s8(w0)), vmovl_high_s8(w0));
+    let (c, d) = (vmovl_s8(vget_low_s8(w1)), vmovl_high_s8(w1));
+    let acc = vmull_s16(vget_low_s16(a), vget_low_s16(x0));
+    let acc = vmlal_high_s16(acc, a, x0);
+    let acc = vmlal_s16(acc, vget_low_s16(b), vget_low_s16(x1));
+    let acc = vmlal_high_s16(acc, b, x1);
+    let acc = vmlal_s16(acc, vget_low_s16(c), vget_low_s16(x2));
+    let acc = vmlal_high_s16(acc, c, x2);
+    let acc = vmlal_s16(acc, vget_low_s16(d), vget_low_s16(x3));
+    vmlal_high_s16(acc, d, x3)
 }
 
 /// 4 partial i32 sums of one full block's dot product, with SDOT if `DOT`.
@@ -251,10 +310,10 @@ unsafe fn add_quad<const R: usize>(
 /// NEON (and dotprod if `DOT`) are available; blocks b0..b0 + 4 are full blocks of `wq`
 /// and of every `xs[t].0`.
 #[inline(always)]
-unsafe fn full_group<const R: usize, const DOT: bool>(
+unsafe fn full_group<T: NeonActs, const R: usize, const DOT: bool>(
     wq: &[i8],
     ws: &[f32],
-    xs: [(&[i8], &[f32]); R],
+    xs: [(&[T], &[f32]); R],
     b0: usize,
     acc: &mut [float32x4_t; R],
 ) {
@@ -266,7 +325,7 @@ unsafe fn full_group<const R: usize, const DOT: bool>(
         for e in 0..4 {
             let off = (b0 + e) * BLOCK;
             for t in 0..R {
-                v[t][e] = partials::<DOT>(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off));
+                v[t][e] = T::partials::<DOT>(wq.as_ptr().add(off), xs[t].0.as_ptr().add(off));
             }
         }
         for t in 0..R {
@@ -284,10 +343,10 @@ unsafe fn full_group<const R: usize, const DOT: bool>(
 /// NEON (and dotprod if `DOT`) are available; every `xs[t]` has the lengths of (`wq`, `ws`);
 /// 0 < nb - b0 <= 4.
 #[inline(always)]
-unsafe fn last_group<const R: usize, const DOT: bool>(
+unsafe fn last_group<T: NeonActs, const R: usize, const DOT: bool>(
     wq: &[i8],
     ws: &[f32],
-    xs: [(&[i8], &[f32]); R],
+    xs: [(&[T], &[f32]); R],
     b0: usize,
     acc: &mut [float32x4_t; R],
 ) {
@@ -295,7 +354,7 @@ unsafe fn last_group<const R: usize, const DOT: bool>(
     let full = k / BLOCK;
     let tail = full * BLOCK..k;
     let mut w_pad = [0i8; BLOCK];
-    let mut x_pad = [[0i8; BLOCK]; R];
+    let mut x_pad = [[T::default(); BLOCK]; R];
     if !tail.is_empty() {
         w_pad[..tail.len()].copy_from_slice(&wq[tail.clone()]);
         for t in 0..R {
@@ -309,12 +368,12 @@ unsafe fn last_group<const R: usize, const DOT: bool>(
             // SAFETY: a full block (b < full) has 32 bytes in both rows; the pads hold 32.
             unsafe {
                 if b < full {
-                    v[t][e] = partials::<DOT>(
+                    v[t][e] = T::partials::<DOT>(
                         wq.as_ptr().add(b * BLOCK),
                         xs[t].0.as_ptr().add(b * BLOCK),
                     );
                 } else if b == full && !tail.is_empty() {
-                    v[t][e] = partials::<DOT>(w_pad.as_ptr(), x_pad[t].as_ptr());
+                    v[t][e] = T::partials::<DOT>(w_pad.as_ptr(), x_pad[t].as_ptr());
                 }
             }
         }
@@ -346,7 +405,8 @@ unsafe fn reduce_halves(lo: float32x4_t, hi: float32x4_t) -> f32 {
     }
 }
 
-/// Scheme Q8Q8: one weight row (`wq` (k), `ws` (nb)) against R quantized activation rows.
+/// Schemes Q8Q8 and Q8Q16: one weight row (`wq` (k), `ws` (nb)) against R quantized
+/// activation rows.
 ///
 /// Blocks go 4 at a time, alternately into the low (lanes 0..4) and high (lanes 4..8)
 /// accumulator halves, then [`last_group`] adds the remainder.
@@ -354,10 +414,10 @@ unsafe fn reduce_halves(lo: float32x4_t, hi: float32x4_t) -> f32 {
 /// # Safety
 /// NEON (and dotprod if `DOT`) are available; every `xs[t]` has the lengths of (`wq`, `ws`).
 #[inline(always)]
-unsafe fn dot_q8q8<const R: usize, const DOT: bool>(
+unsafe fn dot_q8q8<T: NeonActs, const R: usize, const DOT: bool>(
     wq: &[i8],
     ws: &[f32],
-    xs: [(&[i8], &[f32]); R],
+    xs: [(&[T], &[f32]); R],
 ) -> [f32; R] {
     let (k, nb) = (wq.len(), ws.len());
     for (xq, xsc) in xs {
@@ -373,17 +433,17 @@ unsafe fn dot_q8q8<const R: usize, const DOT: bool>(
     // groups end at or before `full`, the last group is checked by `last_group`.
     unsafe {
         while b0 + 8 <= full {
-            full_group::<R, DOT>(wq, ws, xs, b0, &mut lo);
-            full_group::<R, DOT>(wq, ws, xs, b0 + 4, &mut hi);
+            full_group::<T, R, DOT>(wq, ws, xs, b0, &mut lo);
+            full_group::<T, R, DOT>(wq, ws, xs, b0 + 4, &mut hi);
             b0 += 8;
         }
         if b0 + 4 <= full {
-            full_group::<R, DOT>(wq, ws, xs, b0, &mut lo);
+            full_group::<T, R, DOT>(wq, ws, xs, b0, &mut lo);
             b0 += 4;
         }
         if b0 < nb {
             let acc = if b0 % 8 == 0 { &mut lo } else { &mut hi };
-            last_group::<R, DOT>(wq, ws, xs, b0, acc);
+            last_group::<T, R, DOT>(wq, ws, xs, b0, acc);
         }
     }
     let mut ys = [0f32; R];

@@ -6,21 +6,23 @@
 
 use std::ops::Range;
 
-use super::format::{QuantActs, BLOCK};
+use super::format::{ActInt, QuantActs, BLOCK};
 use super::{reduce8, OutRows, Q8Matrix};
 
-/// Exact int8·int8 dot product of one block (up to 32 values, so no i32 overflow).
+/// Exact dot product of one block of int8 weights with int8 or int16 activations (up to 32
+/// values: |sum| <= 32 * 128 * 32767 < 2^31, so no i32 overflow).
 #[inline(always)]
-pub(crate) fn idot(w: &[i8], x: &[i8]) -> i32 {
+pub(crate) fn idot<T: ActInt>(w: &[i8], x: &[T]) -> i32 {
     w.iter()
         .zip(x)
-        .map(|(&a, &b)| i32::from(a) * i32::from(b))
+        .map(|(&a, &b)| i32::from(a) * b.into())
         .sum()
 }
 
-/// Scheme Q8Q8 for one weight row against one quantized activation row.
+/// Schemes Q8Q8 (`T = i8`) and Q8Q16 (`T = i16`) for one weight row against one quantized
+/// activation row.
 #[inline(always)]
-pub(crate) fn dot_q8q8(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
+pub(crate) fn dot_q8q8<T: ActInt>(wq: &[i8], ws: &[f32], xq: &[T], xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     for (b, (wb, xb)) in wq.chunks(BLOCK).zip(xq.chunks(BLOCK)).enumerate() {
         acc[b % 8] += (ws[b] * xs[b]) * idot(wb, xb) as f32;
@@ -50,8 +52,14 @@ pub(crate) fn dot_q8f32(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
     reduce8(&acc)
 }
 
-/// Scheme Q8Q8: `out[i, r] = W[r] · x[i]` for `r` in `rows`, every activation row `i`.
-pub(crate) fn q8q8(w: &Q8Matrix<'_>, x: &QuantActs, rows: Range<usize>, out: &mut OutRows<'_>) {
+/// Schemes Q8Q8 and Q8Q16: `out[i, r] = W[r] · x[i]` for `r` in `rows`, every activation
+/// row `i`.
+pub(crate) fn q8q8<T: ActInt>(
+    w: &Q8Matrix<'_>,
+    x: &QuantActs<T>,
+    rows: Range<usize>,
+    out: &mut OutRows<'_>,
+) {
     for r in rows {
         let (wq, ws) = w.row(r);
         for i in 0..x.m {

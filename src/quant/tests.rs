@@ -115,12 +115,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn every_q8q8_kernel_equals_scalar_bit_for_bit((n, k, m, seed) in shapes()) {
+    fn every_integer_kernel_equals_scalar_bit_for_bit((n, k, m, seed) in shapes()) {
         let p = Problem::new(n, k, m, seed);
         let pool = ThreadPool::single();
-        let reference = bits(&p.run(Scheme::Q8Q8, Kernel::Scalar, &pool));
-        for kernel in Kernel::available() {
-            prop_assert_eq!(&bits(&p.run(Scheme::Q8Q8, kernel, &pool)), &reference, "kernel {}", kernel);
+        for scheme in [Scheme::Q8Q8, Scheme::Q8Q16] {
+            let reference = bits(&p.run(scheme, Kernel::Scalar, &pool));
+            for kernel in Kernel::available() {
+                prop_assert_eq!(&bits(&p.run(scheme, kernel, &pool)), &reference, "{:?} kernel {}", scheme, kernel);
+            }
         }
     }
 
@@ -143,29 +145,36 @@ proptest! {
     }
 
     #[test]
-    fn both_schemes_are_within_stated_bounds_of_f64_dequantized_product((n, k, m, seed) in shapes()) {
+    fn all_schemes_are_within_stated_bounds_of_f64_dequantized_product((n, k, m, seed) in shapes()) {
         let p = Problem::new(n, k, m, seed);
         let pool = ThreadPool::single();
-        let acts = QuantActs::quantize_scalar(&p.x, m, k);
+        let acts8 = QuantActs::<i8>::quantize_scalar(&p.x, m, k);
+        let acts16 = QuantActs::<i16>::quantize_scalar(&p.x, m, k);
         let nb = blocks_per_row(k);
         for kernel in Kernel::available() {
             let y8 = p.run(Scheme::Q8Q8, kernel, &pool);
+            let y16 = p.run(Scheme::Q8Q16, kernel, &pool);
             let yf = p.run(Scheme::Q8F32, kernel, &pool);
             for i in 0..m {
-                let (xq, xs) = acts.row(i);
+                let (xq8, xs8) = acts8.row(i);
+                let (xq16, xs16) = acts16.row(i);
+                let xq8: Vec<f64> = xq8.iter().map(|&v| f64::from(v)).collect();
+                let xq16: Vec<f64> = xq16.iter().map(|&v| f64::from(v)).collect();
                 for r in 0..n {
                     let exact: f64 = (0..k).map(|j| p.w(r, j) * f64::from(p.x[i * k + j])).sum();
                     let abs_f32: f64 = (0..k).map(|j| (p.w(r, j) * f64::from(p.x[i * k + j])).abs()).sum();
                     prop_assert!((f64::from(yf[i * n + r]) - exact).abs() <= rounding_bound(nb, abs_f32));
-                    // Q8Q8: each activation moves by at most half its block's step (plus the
-                    // rounding of x / scale), then the quantized product is rounded as above.
-                    let step: f64 = (0..k).map(|j| p.w(r, j).abs() * 0.5001 * f64::from(xs[j / BLOCK])).sum();
-                    let abs_q: f64 = (0..k)
-                        .map(|j| (p.w(r, j) * f64::from(xq[j]) * f64::from(xs[j / BLOCK])).abs())
-                        .sum();
-                    let bound = step + rounding_bound(nb, abs_q);
-                    let err = (f64::from(y8[i * n + r]) - exact).abs();
-                    prop_assert!(err <= bound, "kernel {kernel} ({i}, {r}): error {err}, bound {bound}");
+                    // Q8Q8, Q8Q16: each activation moves by at most half its block's step (plus
+                    // the rounding of x / scale), then the quantized product is rounded as above.
+                    for (y, xq, xs, name) in [(&y8, &xq8, xs8, "Q8Q8"), (&y16, &xq16, xs16, "Q8Q16")] {
+                        let step: f64 = (0..k).map(|j| p.w(r, j).abs() * 0.5001 * f64::from(xs[j / BLOCK])).sum();
+                        let abs_q: f64 = (0..k)
+                            .map(|j| (p.w(r, j) * xq[j] * f64::from(xs[j / BLOCK])).abs())
+                            .sum();
+                        let bound = step + rounding_bound(nb, abs_q);
+                        let err = (f64::from(y[i * n + r]) - exact).abs();
+                        prop_assert!(err <= bound, "{name} kernel {kernel} ({i}, {r}): error {err}, bound {bound}");
+                    }
                 }
             }
         }
@@ -182,7 +191,7 @@ proptest! {
         let single = ThreadPool::single();
         let pools = [ThreadPool::new(2).unwrap(), ThreadPool::new(3).unwrap()];
         for kernel in Kernel::available() {
-            for scheme in [Scheme::Q8Q8, Scheme::Q8F32] {
+            for scheme in [Scheme::Q8Q8, Scheme::Q8Q16, Scheme::Q8F32] {
                 let reference = bits(&p.run(scheme, kernel, &single));
                 for pool in &pools {
                     prop_assert_eq!(&bits(&p.run(scheme, kernel, pool)), &reference, "{:?} {} threads {}", scheme, kernel, pool.threads());
@@ -196,14 +205,17 @@ proptest! {
 fn simd_variants_match_scalar_at_model_shapes() {
     let pool = ThreadPool::new(2).unwrap();
     for (k, n) in [(576, 1536), (1536, 576)] {
-        for m in [1, 5] {
+        for (m, scheme) in [1, 5]
+            .into_iter()
+            .flat_map(|m| [(m, Scheme::Q8Q8), (m, Scheme::Q8Q16)])
+        {
             let p = Problem::new(n, k, m, (k * n + m) as u64);
-            let reference = bits(&p.run(Scheme::Q8Q8, Kernel::Scalar, &ThreadPool::single()));
+            let reference = bits(&p.run(scheme, Kernel::Scalar, &ThreadPool::single()));
             for kernel in Kernel::available() {
                 assert_eq!(
-                    bits(&p.run(Scheme::Q8Q8, kernel, &pool)),
+                    bits(&p.run(scheme, kernel, &pool)),
                     reference,
-                    "{kernel} k={k} n={n} m={m}"
+                    "{scheme:?} {kernel} k={k} n={n} m={m}"
                 );
             }
         }
@@ -217,7 +229,14 @@ fn expected_simd_kernels_are_detected() {
     let available: Vec<&str> = Kernel::available().iter().map(|k| k.name()).collect();
     match std::env::var("EDGELM_EXPECT_KERNELS") {
         Ok(expected) => assert_eq!(available.join(","), expected),
-        Err(_) if cfg!(target_arch = "x86_64") => assert_eq!(available, ["scalar", "avx2"]),
+        Err(_) if cfg!(target_arch = "x86_64") => {
+            assert_eq!(available[..2], ["scalar", "avx2"]);
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(
+                available.contains(&"avx512"),
+                is_x86_feature_detected!("avx512f")
+            );
+        }
         Err(_) if cfg!(target_arch = "aarch64") => assert!(available.contains(&"neon")),
         Err(_) => assert_eq!(available, ["scalar"]),
     }
@@ -253,7 +272,7 @@ fn activation_quantizer_variants_agree_including_ties() {
     x[0] = 127.0;
     x[32] = -127.0;
     x[64] = 127.0;
-    let a = QuantActs::quantize_scalar(&x, 3, 32);
+    let a = QuantActs::<i8>::quantize_scalar(&x, 3, 32);
     assert_eq!(a.scales, [1.0, 1.0, 1.0]);
     assert_eq!(a.q[..5], [127, -118, -115, -113, -110]);
     assert_eq!(a.q[32..36], [-127, -38, -35, -33]);
@@ -262,13 +281,32 @@ fn activation_quantizer_variants_agree_including_ties() {
     let mut rng = Rng(7);
     let y: Vec<f32> = (0..5 * 45).map(|_| rng.unit() * 3.0).collect(); // (5, 45)
     for (x, m, k) in [(&x[..], 3, 32), (&y[..], 5, 45)] {
-        let reference = QuantActs::quantize_scalar(x, m, k);
+        let reference = QuantActs::<i8>::quantize_scalar(x, m, k);
+        let reference16 = QuantActs::<i16>::quantize_scalar(x, m, k);
         for kernel in Kernel::available() {
-            let got = quantize_acts(x, m, k, kernel);
+            let got: QuantActs<i8> = quantize_acts(x, m, k, kernel);
             assert_eq!(got.q, reference.q, "{kernel}");
             assert_eq!(bits(&got.scales), bits(&reference.scales), "{kernel}");
+            let got: QuantActs<i16> = quantize_acts(x, m, k, kernel);
+            assert_eq!(got.q, reference16.q, "{kernel}");
+            assert_eq!(bits(&got.scales), bits(&reference16.scales), "{kernel}");
         }
     }
+}
+
+#[test]
+fn int16_activation_quantizer_goldens() {
+    // max|x| = 32767 gives scale 1: q = x rounded half away from zero, within ±32767.
+    // The second row's max|x| = 1 gives scale 1 / 32767, so 0.75 -> 24575.25 -> 24575 and
+    // -1 -> -32767; a short all-zero block gets scale 0.
+    let mut x = vec![0f32; 2 * 40]; // (2, 40)
+    x[..5].copy_from_slice(&[32767.0, -32767.0, 0.5, -1.5, 12345.49]);
+    x[40..43].copy_from_slice(&[0.75, -1.0, 0.25]);
+    let a = QuantActs::<i16>::quantize_scalar(&x, 2, 40);
+    assert_eq!(a.scales, [1.0, 0.0, 1.0 / 32767.0, 0.0]);
+    assert_eq!(a.q[..6], [32767, -32767, 1, -2, 12345, 0]);
+    assert_eq!(a.q[40..43], [24575, -32767, 8192]);
+    assert!(a.q[32..40].iter().chain(&a.q[72..]).all(|&v| v == 0));
 }
 
 #[test]
@@ -321,6 +359,7 @@ fn matrix_rejects_mismatched_lengths() {
 #[test]
 fn kernel_names_parse() {
     assert_eq!("avx2".parse::<Kernel>().unwrap(), Kernel::Avx2);
+    assert_eq!("AVX512".parse::<Kernel>().unwrap(), Kernel::Avx512);
     assert_eq!(" DotProd ".parse::<Kernel>().unwrap(), Kernel::Dotprod);
     assert_eq!(
         "sse".parse::<Kernel>().unwrap_err(),
