@@ -6,6 +6,7 @@
 
 mod common;
 
+mod bench;
 mod chat;
 mod cli_errors;
 mod convert_hf;
