@@ -15,79 +15,34 @@ use std::ops::Range;
 
 use super::avx2::finish_q8f32;
 use super::format::BLOCK;
+use super::tiles::{self, F32Tiles};
 use super::{OutRows, Q8Matrix};
 
-/// Weight rows of a matrix-vector product computed together (as in the AVX2 twin).
-const MV_ROWS: usize = 4;
-
-/// Activation rows computed together against one weight row in a matrix-matrix product.
-const MM_ACTS: usize = 8;
-
-/// Weight rows multiplied with one tile of activation rows before the next tile.
-const MM_ROWS: usize = 16;
-
-/// Scheme Q8F32 for output columns `rows`, x (m, k): one activation row (decode) takes
-/// [`MV_ROWS`] weight rows at a time, several (prefill) tiles of [`MM_ACTS`] activation rows
-/// against one weight row, over chunks of [`MM_ROWS`] weight rows.
+/// Scheme Q8F32 for output columns `rows`, x (m, k): the shared loop ([`tiles::q8f32`]) over
+/// this instruction set's kernels.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub(super) unsafe fn q8f32(w: &Q8Matrix<'_>, x: &[f32], rows: Range<usize>, out: &mut OutRows<'_>) {
-    let k = w.k();
-    let m = x.len() / k;
-    assert!(x.len() == m * k && rows.end <= w.n());
-    if m == 1 {
-        let mut r = rows.start;
-        while r + MV_ROWS <= rows.end {
-            // SAFETY: the features are available (this function's contract); rows
-            // r..r + MV_ROWS exist and x has length k (checked above).
-            let ys = unsafe { rows_q8f32::<MV_ROWS>(w, r, x) };
-            for (j, y) in ys.into_iter().enumerate() {
-                out.set(0, r + j, y);
-            }
-            r += MV_ROWS;
-        }
-        for r in r..rows.end {
-            // SAFETY: as above, for one row.
-            let [y] = unsafe { rows_q8f32::<1>(w, r, x) };
-            out.set(0, r, y);
-        }
-        return;
+    // SAFETY: forwarded contract.
+    unsafe { tiles::q8f32::<Avx512>(w, x, rows, out) }
+}
+
+/// This instruction set's Q8F32 kernels, for [`tiles::q8f32`].
+struct Avx512;
+
+impl F32Tiles for Avx512 {
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> [f32; R] {
+        // SAFETY: forwarded contract (AVX-512F, AVX2 and FMA are available).
+        unsafe { rows_q8f32::<R>(w, r0, x) }
     }
-    let mut chunk = rows.start;
-    while chunk < rows.end {
-        let chunk_rows = chunk..(chunk + MM_ROWS).min(rows.end);
-        let mut i = 0;
-        while i + MM_ACTS <= m {
-            for r in chunk_rows.clone() {
-                // SAFETY: the features are available; row r exists, x rows i..i + MM_ACTS
-                // exist (checked above).
-                let ys = unsafe { acts_q8f32::<MM_ACTS>(w, r, x, i) };
-                for (t, y) in ys.into_iter().enumerate() {
-                    out.set(i + t, r, y);
-                }
-            }
-            i += MM_ACTS;
-        }
-        while i + 4 <= m {
-            for r in chunk_rows.clone() {
-                // SAFETY: as above, for 4 activation rows.
-                let ys = unsafe { acts_q8f32::<4>(w, r, x, i) };
-                for (t, y) in ys.into_iter().enumerate() {
-                    out.set(i + t, r, y);
-                }
-            }
-            i += 4;
-        }
-        for i in i..m {
-            for r in chunk_rows.clone() {
-                // SAFETY: as above, for one activation row.
-                let [y] = unsafe { acts_q8f32::<1>(w, r, x, i) };
-                out.set(i, r, y);
-            }
-        }
-        chunk = chunk_rows.end;
+
+    #[inline(always)]
+    unsafe fn acts<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: usize) -> [f32; T] {
+        // SAFETY: forwarded contract (AVX-512F, AVX2 and FMA are available).
+        unsafe { acts_q8f32::<T>(w, r, x, i0) }
     }
 }
 

@@ -49,6 +49,8 @@ mod format;
 pub mod op;
 pub mod pool;
 mod scalar;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod tiles;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

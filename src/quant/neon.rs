@@ -20,6 +20,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use super::format::{ActInt, QuantActs, BLOCK};
+use super::tiles::{self, F32Tiles};
 use super::{reduce8, scalar, OutRows, Q8Matrix};
 
 /// Activation rows processed together against one weight row (reusing each weight block).
@@ -55,70 +56,31 @@ pub(super) unsafe fn q8q8_dotprod(
     unsafe { q8q8_rows::<i8, true>(w, x, rows, out) }
 }
 
-/// Scheme Q8F32 for output columns `rows`, x (m, k).
-///
-/// The structure of the AVX2 twin: one activation row (decode) takes [`MV_ROWS`] weight rows
-/// at a time; several (prefill) take tiles of [`MM_ACTS`] activation rows against one weight
-/// row, over chunks of [`MM_ROWS`] weight rows.
+/// Scheme Q8F32 for output columns `rows`, x (m, k): the shared loop ([`tiles::q8f32`]) over
+/// this instruction set's kernels.
 ///
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn q8f32(w: &Q8Matrix<'_>, x: &[f32], rows: Range<usize>, out: &mut OutRows<'_>) {
-    let k = w.k();
-    let m = x.len() / k;
-    assert!(x.len() == m * k && rows.end <= w.n());
-    if m == 1 {
-        let mut r = rows.start;
-        while r + MV_ROWS <= rows.end {
-            // SAFETY: NEON is available (this function's contract); rows r..r + MV_ROWS
-            // exist and x has length k (checked above).
-            let ys = unsafe { rows_q8f32::<MV_ROWS>(w, r, x) };
-            for (j, y) in ys.into_iter().enumerate() {
-                out.set(0, r + j, y);
-            }
-            r += MV_ROWS;
-        }
-        for r in r..rows.end {
-            // SAFETY: as above, for one row.
-            let [y] = unsafe { rows_q8f32::<1>(w, r, x) };
-            out.set(0, r, y);
-        }
-        return;
+    // SAFETY: forwarded contract.
+    unsafe { tiles::q8f32::<Neon>(w, x, rows, out) }
+}
+
+/// This instruction set's Q8F32 kernels, for [`tiles::q8f32`].
+struct Neon;
+
+impl F32Tiles for Neon {
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(w: &Q8Matrix<'_>, r0: usize, x: &[f32]) -> [f32; R] {
+        // SAFETY: forwarded contract (NEON is available).
+        unsafe { rows_q8f32::<R>(w, r0, x) }
     }
-    let mut chunk = rows.start;
-    while chunk < rows.end {
-        let chunk_rows = chunk..(chunk + MM_ROWS).min(rows.end);
-        let mut i = 0;
-        while i + MM_ACTS <= m {
-            for r in chunk_rows.clone() {
-                // SAFETY: NEON is available; row r exists, x rows i..i + MM_ACTS exist
-                // (checked above).
-                let ys = unsafe { acts_q8f32::<MM_ACTS>(w, r, x, i) };
-                for (t, y) in ys.into_iter().enumerate() {
-                    out.set(i + t, r, y);
-                }
-            }
-            i += MM_ACTS;
-        }
-        while i + 4 <= m {
-            for r in chunk_rows.clone() {
-                // SAFETY: as above, for 4 activation rows.
-                let ys = unsafe { acts_q8f32::<4>(w, r, x, i) };
-                for (t, y) in ys.into_iter().enumerate() {
-                    out.set(i + t, r, y);
-                }
-            }
-            i += 4;
-        }
-        for i in i..m {
-            for r in chunk_rows.clone() {
-                // SAFETY: as above, for one activation row.
-                let [y] = unsafe { acts_q8f32::<1>(w, r, x, i) };
-                out.set(i, r, y);
-            }
-        }
-        chunk = chunk_rows.end;
+
+    #[inline(always)]
+    unsafe fn acts<const T: usize>(w: &Q8Matrix<'_>, r: usize, x: &[f32], i0: usize) -> [f32; T] {
+        // SAFETY: forwarded contract (NEON is available).
+        unsafe { acts_q8f32::<T>(w, r, x, i0) }
     }
 }
 
@@ -453,15 +415,6 @@ unsafe fn dot_q8q8<T: NeonActs, const R: usize, const DOT: bool>(
     }
     ys
 }
-
-/// Weight rows of a matrix-vector product computed together (as in the AVX2 twin).
-const MV_ROWS: usize = 4;
-
-/// Activation rows computed together against one widened weight block (as in the AVX2 twin).
-const MM_ACTS: usize = 8;
-
-/// Weight rows multiplied with one tile of activation rows before the next tile.
-const MM_ROWS: usize = 16;
 
 /// The 32 int8 of one block at `wp` widened to f32; chunk c holds values 4c..4c + 4.
 ///
