@@ -12,11 +12,11 @@
 #
 # aarch64: the int8 kernel tests under QEMU_CPU=max (NEON + dotprod: the SDOT kernels run)
 # and QEMU_CPU=cortex-a57 (NEON only, as on the Pi 3/4's A53/A72), then the library and the
-# integration tests under QEMU_CPU=max: all of them (but malformed_model, see below), or
-# with --ci the tiny-model ones plus the one greedy golden run on the default SmolLM2 model
-# (tests/integration/golden_cross_arch.rs).
+# integration tests under QEMU_CPU=max: all of them, or with --ci the tiny-model ones plus
+# the one greedy golden run on the default SmolLM2 model (tests/integration/golden_cross_arch.rs).
 # armv7 (QEMU_CPU=cortex-a7, the Pi 2's core; portable kernels): the library's unit tests
-# (kernels, sampler, protocol, ...) and the tiny-model tests; with --ci the same.
+# (kernels, sampler, protocol, ...), the tiny-model tests and the malformed-model table (a
+# 32-bit usize meets the oversized fields first); with --ci the same.
 #
 # Tests that spawn the `edgelm` binary run it through EDGELM_TEST_RUNNER (a test under
 # qemu-user cannot exec a foreign binary unless binfmt_misc is set up).
@@ -95,10 +95,8 @@ tiny=(model_tiny:: kv_ring:: serve::)
 # Also tiny-model (or model-free) tests, run on aarch64 with --ci: sessions, `edgelm info`,
 # the Hugging Face converter, the fuzz regression inputs, CLI errors, and the one test on
 # the default model (golden tokens vs x86_64).
-more=(session:: info:: convert_hf:: fuzz_regressions:: cli_errors:: golden_cross_arch::)
-# malformed_model sets RLIMIT_DATA on the spawned binary, which under qemu-user caps the
-# emulator's own reservation of the guest's memory: it stays on the x86_64 run.
-native_only=(--skip malformed_model::)
+more=(session:: info:: convert_hf:: fuzz_regressions:: cli_errors:: malformed_model::
+  golden_cross_arch::)
 
 if [[ $build == 1 ]]; then
   step "build" build_tests
@@ -119,10 +117,11 @@ if [[ "$target" == aarch64-* ]]; then
     step "integration: tiny models, sessions, info, converter, fuzz inputs, CLI errors, golden tokens vs x86_64" \
       run "QEMU_CPU=max" integration "${tiny[@]}" "${more[@]}"
   else
-    step "integration: all" run "QEMU_CPU=max" integration "${native_only[@]}"
+    step "integration: all" run "QEMU_CPU=max" integration
   fi
 else
   step "kernels (portable)" run "QEMU_CPU=cortex-a7 EDGELM_EXPECT_KERNELS=scalar" lib quant
   step "library" run "QEMU_CPU=cortex-a7" lib --skip quant::
-  step "integration: tiny models" run "QEMU_CPU=cortex-a7" integration "${tiny[@]}"
+  step "integration: tiny models, malformed models" \
+    run "QEMU_CPU=cortex-a7" integration "${tiny[@]}" malformed_model::
 fi

@@ -906,7 +906,9 @@ fn elem_size(data_type: i32) -> Option<usize> {
 /// Element count of a tensor, refusing negative dims and overflow.
 fn element_count(t: &pb::TensorProto) -> Result<usize> {
     t.dims.iter().try_fold(1usize, |acc, &d| {
-        let d = usize::try_from(d).map_err(|_| anyhow!("tensor {:?} has dim {d}", t.name))?;
+        let d = u64::try_from(d).map_err(|_| anyhow!("tensor {:?} has dim {d}", t.name))?;
+        // A dim past usize (32-bit boards) is as impossible to hold as an overflowing product.
+        let d = usize::try_from(d).map_err(|_| anyhow!("tensor {:?} is too large", t.name))?;
         acc.checked_mul(d)
             .ok_or_else(|| anyhow!("tensor {:?} is too large", t.name))
     })
@@ -968,9 +970,13 @@ impl ExternalData {
                 "tensor {name:?}: external data {location:?} resolves outside the bundle"
             );
             let offset: usize = match external_entry(t, "offset") {
-                Some(s) => s
-                    .parse()
-                    .with_context(|| format!("tensor {name:?}: offset {s:?}"))?,
+                Some(s) => {
+                    let offset: u64 = s
+                        .parse()
+                        .with_context(|| format!("tensor {name:?}: offset {s:?}"))?;
+                    // Past usize (32-bit boards) is past the end of any file we can map.
+                    usize::try_from(offset).unwrap_or(usize::MAX)
+                }
                 None => 0,
             };
             let size = elem_size(t.data_type)
