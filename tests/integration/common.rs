@@ -58,8 +58,12 @@ pub fn reference(model: &str) -> Reference {
 /// The `edgelm` binary as a command. Under qemu-user a test cannot exec a foreign binary
 /// (no binfmt_misc on build machines), so cross/test.sh names the emulator in
 /// `EDGELM_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`) and it is run through it.
+/// `EDGELM_TEST_BIN` replaces the test build's binary with another one, so that
+/// `cross/test.sh TARGET --board` tests the board binary (`[profile.pi]`) users copy over.
 pub fn edgelm_command() -> Command {
-    let bin = env!("CARGO_BIN_EXE_edgelm");
+    let bin = std::env::var_os("EDGELM_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgelm")));
     let runner = std::env::var("EDGELM_TEST_RUNNER").unwrap_or_default();
     let mut parts = runner.split_whitespace();
     match parts.next() {
