@@ -57,6 +57,22 @@ pub fn open(path: &Path, families: &[&'static Family]) -> Result<Checkpoint> {
     })
 }
 
+/// A non-negative integer metadata value.
+pub fn get_usize(g: &Gguf, key: &str) -> Result<usize> {
+    Ok(usize::try_from(g.get_u64(key)?)?)
+}
+
+/// The vocabulary size: llama.cpp's `token_embd.weight` is (hidden, vocab) in GGUF order.
+pub fn embedding_rows(g: &Gguf, hidden: usize) -> Result<usize> {
+    let embd = g
+        .tensor("token_embd.weight")
+        .context("GGUF has no tensor \"token_embd.weight\"")?;
+    match embd.dims.as_slice() {
+        [d, v] if *d as usize == hidden => Ok(usize::try_from(*v)?),
+        dims => bail!("token_embd.weight has dims {dims:?}, expected [{hidden}, vocab]"),
+    }
+}
+
 fn vocab(g: &Gguf) -> Result<GgufVocab> {
     let opt_id = |k: &str| -> Result<Option<u32>> {
         match g.get(k) {

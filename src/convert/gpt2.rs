@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::decoder::{Activation, Biases, DecoderParams, Layout, Mlp, Norm, Positions, Tensor};
 use super::family::{Family, GgufChange, GgufTensor};
+use super::from_gguf::{embedding_rows, get_usize};
 use super::gguf::Gguf;
 
 /// The GPT-2 family.
@@ -134,16 +135,10 @@ fn params_from_hf(config: &Value, _model_type: &str) -> Result<DecoderParams> {
 
 /// GPT-2 hyper-parameters from llama.cpp's `gpt2.*` keys.
 fn params_from_gguf(g: &Gguf) -> Result<DecoderParams> {
-    let int = |k: &str| -> Result<usize> { Ok(usize::try_from(g.get_u64(k)?)?) };
+    let int = |key: &str| get_usize(g, key);
     let hidden = int("gpt2.embedding_length")?;
     let heads = int("gpt2.attention.head_count")?;
-    let embd = g
-        .tensor("token_embd.weight")
-        .context("GGUF has no tensor \"token_embd.weight\"")?;
-    let vocab = match embd.dims.as_slice() {
-        [d, v] if *d as usize == hidden => usize::try_from(*v)?,
-        dims => bail!("token_embd.weight has dims {dims:?}, expected [{hidden}, vocab]"),
-    };
+    let vocab = embedding_rows(g, hidden)?;
     let eps = g.get_f32("gpt2.attention.layer_norm_epsilon")?;
     Ok(DecoderParams {
         vocab,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::decoder::{Activation, Biases, DecoderParams, Layout, Mlp, Norm, Positions, Tensor};
 use super::family::{Family, GgufChange, GgufTensor};
+use super::from_gguf::{embedding_rows, get_usize};
 use super::gguf::Gguf;
 
 /// The Llama family.
@@ -132,7 +133,7 @@ fn params_from_hf(config: &Value, model_type: &str) -> Result<DecoderParams> {
 }
 
 fn params_from_gguf(g: &Gguf) -> Result<DecoderParams> {
-    let int = |k: &str| -> Result<usize> { Ok(usize::try_from(g.get_u64(k)?)?) };
+    let int = |key: &str| get_usize(g, key);
     let hidden = int("llama.embedding_length")?;
     let heads = int("llama.attention.head_count")?;
     let kv_heads = match g.get("llama.attention.head_count_kv") {
@@ -143,13 +144,7 @@ fn params_from_gguf(g: &Gguf) -> Result<DecoderParams> {
         Some(_) => int("llama.rope.dimension_count")?,
         None => hidden / heads.max(1),
     };
-    let embd = g
-        .tensor("token_embd.weight")
-        .context("GGUF has no tensor \"token_embd.weight\"")?;
-    let vocab = match embd.dims.as_slice() {
-        [d, v] if *d as usize == hidden => usize::try_from(*v)?,
-        dims => bail!("token_embd.weight has dims {dims:?}, expected [{hidden}, vocab]"),
-    };
+    let vocab = embedding_rows(g, hidden)?;
     let theta = match g.get("llama.rope.freq_base") {
         Some(_) => g.get_f32("llama.rope.freq_base")?,
         None => 10_000.0,
