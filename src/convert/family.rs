@@ -1,6 +1,10 @@
 //! What a model family file supplies to the converter: how its checkpoints' keys map onto
 //! [`DecoderParams`], where its tensors are, and how its bundle config reads. Everything
 //! else (reading containers, writing the graph) is shared.
+//!
+//! A new family is a file that fills in a [`Family`] and an entry in `convert::FAMILIES`;
+//! a block feature it needs (RoPE scaling, q/k norms, sliding windows, extra norms) is a
+//! field of [`DecoderParams`] and a step of the graph writer, so every family can use it.
 
 use anyhow::Result;
 use serde_json::Value;
