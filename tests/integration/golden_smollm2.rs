@@ -134,19 +134,15 @@ fn int8_with_int16_activations_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(&greedy_runs_with(engine_q8q16()), "int8 --int8 q8q16");
 }
 
-/// Teacher-forced over a fixed 500+-token text: top-1 agreement and perplexities.
+/// Teacher-forced over a fixed 814-token text: top-1 agreement and perplexities.
 #[test]
-fn int8_agrees_with_f32_on_98_percent_of_positions() {
+fn int8_agrees_with_f32_on_807_of_813_positions() {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();
     let f = engine(Quant::F32);
     let q = engine(Quant::Int8);
     let ids = f.tokenizer.encode(&text, true).unwrap();
-    assert!(
-        ids.len() >= 500,
-        "evaluation text has only {} tokens",
-        ids.len()
-    );
+    assert_eq!(ids.len(), 814, "evaluation text tokens");
     let vocab = f.model.config().vocab_size;
     let lf = f.model.new_state().forward_all(&ids).unwrap();
     let lq = q.model.new_state().forward_all(&ids).unwrap();
@@ -174,12 +170,14 @@ fn int8_agrees_with_f32_on_98_percent_of_positions() {
         "teacher-forced over {positions} positions: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
         rate * 100.0
     );
-    // Measured 99.38% with lattice-fitted scales (plain Q8_0 rounding of the Q4_1 weights:
-    // 97.79%).
-    assert!(rate >= 0.98, "top-1 agreement {:.2}% < 98%", rate * 100.0);
+    // Measured 808/813 (99.38%) with lattice-fitted scales, the same with the AVX2 and AVX-512
+    // kernels (plain Q8_0 rounding of the Q4_1 weights: 97.79%); one position under it, so
+    // that a near-tie flipping on another architecture is no failure.
+    assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
+    // Measured f32 25.107, int8 25.110 (+0.012%).
     assert!(
-        ppl_q < ppl_f * 1.05,
-        "int8 perplexity {ppl_q:.3} is more than 5% above f32 {ppl_f:.3}"
+        ppl_q < ppl_f * 1.001,
+        "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
     );
 }
 
