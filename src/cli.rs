@@ -270,7 +270,7 @@ pub struct ConvertArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Weight storage in the bundle.
-    #[arg(long, value_enum, default_value_t = Quant::Int8)]
+    #[arg(long, default_value_t = Quant::Int8)]
     pub quant: Quant,
 }
 

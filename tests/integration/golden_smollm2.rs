@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use common::{argmax, golden_hf as golden, ids};
 use std::sync::OnceLock;
 
 use edgelm::convert::Quant;
@@ -11,15 +12,6 @@ use edgelm::engine::Engine;
 use edgelm::generate::{generate, Flow, GenerateOptions};
 use edgelm::model::{Int8Path, LoadOptions};
 use edgelm::sampler::SamplerConfig;
-use serde_json::Value;
-
-fn golden() -> Value {
-    let text = std::fs::read_to_string(
-        common::root().join("tests/fixtures/smollm2-135m-instruct/golden_hf.json"),
-    )
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 fn engine(quant: Quant) -> &'static Engine {
     static F32: OnceLock<Engine> = OnceLock::new();
@@ -29,14 +21,6 @@ fn engine(quant: Quant) -> &'static Engine {
         Quant::Int8 => &INT8,
     };
     cell.get_or_init(|| Engine::load(&common::default_bundle(quant), &Default::default()).unwrap())
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// The int8 bundle run with `--int8 q8q16` (int16 activations).
@@ -87,10 +71,6 @@ fn greedy_runs_with(e: &Engine) -> Vec<(String, Vec<u32>, Vec<u32>)> {
         .collect()
 }
 
-fn leading_equal(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 #[test]
 fn prompts_tokenize_like_the_reference() {
     let e = engine(Quant::Int8);
@@ -123,57 +103,46 @@ fn chat_template_renders_the_reference_prompt() {
 
 #[test]
 fn f32_bundle_matches_transformers_for_all_tokens() {
-    for (name, got, want) in greedy_runs(Quant::F32) {
-        assert_eq!(
-            got, want,
-            "prompt {name:?}: f32 greedy tokens differ from transformers"
-        );
-    }
+    assert_all_tokens_equal(&greedy_runs(Quant::F32), "f32");
 }
 
-#[test]
-fn int8_bundle_keeps_16_leading_tokens_on_3_of_4_prompts() {
-    let runs = greedy_runs(Quant::Int8);
-    let mut good = 0;
-    for (name, got, want) in &runs {
-        let lead = leading_equal(got, want);
-        eprintln!("int8 {name:?}: {lead}/{} leading tokens equal", want.len());
-        if lead >= 16 {
-            good += 1;
-        }
-    }
+/// Asserts every prompt's greedy ids equal transformers' f32 ones.
+fn assert_all_tokens_equal(runs: &[(String, Vec<u32>, Vec<u32>)], what: &str) {
+    let differ: Vec<String> = runs
+        .iter()
+        .filter(|(_, got, want)| got != want)
+        .map(|(name, got, want)| format!("{name:?}: {got:?}, transformers {want:?}"))
+        .collect();
     assert!(
-        good >= 3,
-        "only {good} of {} prompts keep 16 leading tokens",
-        runs.len()
+        differ.is_empty(),
+        "{what}: greedy tokens differ from transformers on {} of {} prompts:\n{}",
+        differ.len(),
+        runs.len(),
+        differ.join("\n")
     );
 }
 
+/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens, with f32 and with int16
+/// activations, are exactly transformers' from the f32 weights.
 #[test]
-fn int8_with_int16_activations_keeps_16_leading_tokens_on_3_of_4_prompts() {
-    let runs = greedy_runs_with(engine_q8q16());
-    let leads: Vec<usize> = runs
-        .iter()
-        .map(|(_, got, want)| leading_equal(got, want))
-        .collect();
-    eprintln!("int8 --int8 q8q16: leading tokens equal per prompt: {leads:?} of 32");
-    let good = leads.iter().filter(|&&lead| lead >= 16).count();
-    assert!(good >= 3, "only {good} of 4 prompts keep 16 leading tokens");
+fn int8_bundle_matches_transformers_for_all_tokens() {
+    assert_all_tokens_equal(&greedy_runs(Quant::Int8), "int8");
 }
 
-/// Teacher-forced over a fixed 500+-token text: top-1 agreement and perplexities.
 #[test]
-fn int8_agrees_with_f32_on_98_percent_of_positions() {
+fn int8_with_int16_activations_matches_transformers_for_all_tokens() {
+    assert_all_tokens_equal(&greedy_runs_with(engine_q8q16()), "int8 --int8 q8q16");
+}
+
+/// Teacher-forced over a fixed 814-token text: top-1 agreement and perplexities.
+#[test]
+fn int8_agrees_with_f32_on_807_of_813_positions() {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();
     let f = engine(Quant::F32);
     let q = engine(Quant::Int8);
     let ids = f.tokenizer.encode(&text, true).unwrap();
-    assert!(
-        ids.len() >= 500,
-        "evaluation text has only {} tokens",
-        ids.len()
-    );
+    assert_eq!(ids.len(), 814, "evaluation text tokens");
     let vocab = f.model.config().vocab_size;
     let lf = f.model.new_state().forward_all(&ids).unwrap();
     let lq = q.model.new_state().forward_all(&ids).unwrap();
@@ -201,23 +170,15 @@ fn int8_agrees_with_f32_on_98_percent_of_positions() {
         "teacher-forced over {positions} positions: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
         rate * 100.0
     );
-    // Measured 99.38% with lattice-fitted scales (plain Q8_0 rounding of the Q4_1 weights:
-    // 97.79%).
-    assert!(rate >= 0.98, "top-1 agreement {:.2}% < 98%", rate * 100.0);
+    // Measured 808/813 (99.38%) with lattice-fitted scales, the same with the AVX2 and AVX-512
+    // kernels (plain Q8_0 rounding of the Q4_1 weights: 97.79%); one position under it, so
+    // that a near-tie flipping on another architecture is no failure.
+    assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
+    // Measured f32 25.107, int8 25.110 (+0.012%).
     assert!(
-        ppl_q < ppl_f * 1.05,
-        "int8 perplexity {ppl_q:.3} is more than 5% above f32 {ppl_f:.3}"
+        ppl_q < ppl_f * 1.001,
+        "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
     );
-}
-
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 fn nll(logits: &[f32], target: u32) -> f64 {
