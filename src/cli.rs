@@ -45,6 +45,8 @@ pub enum Command {
     /// Describe a bundle: architecture, sizes, quantization, context, special tokens, and
     /// which fast paths (int8 operators, ring-buffer KV cache) it gets.
     Info(InfoArgs),
+    /// Print the token ids of a text, space-separated, on one line.
+    Tokenize(TokenizeArgs),
 }
 
 /// `edgelm info` flags.
@@ -346,5 +348,43 @@ impl ServeArgs {
             },
             cache: self.cache.to_options(),
         })
+    }
+}
+
+/// `edgelm tokenize`.
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["file", "text"]))]
+pub struct TokenizeArgs {
+    /// A model bundle directory or a `.gguf` file (a vocabulary-only GGUF is enough).
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Read the text from FILE (UTF-8, taken as it is).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Add what the model adds around a raw prompt (its BOS token, if it uses one), as `run`
+    /// does.
+    #[arg(long)]
+    pub bos: bool,
+    /// Turn special-token text such as `<|im_start|>` into its token (default: plain text).
+    #[arg(long)]
+    pub special: bool,
+    /// The text.
+    pub text: Option<String>,
+}
+
+impl TokenizeArgs {
+    /// The tokenize options these flags describe.
+    pub fn to_options(&self) -> crate::tokenize::TokenizeOptions {
+        use crate::tokenize::{TokenizeInput, TokenizeOptions};
+        let input = match (&self.file, &self.text) {
+            (Some(file), _) => TokenizeInput::File(file.clone()),
+            (None, text) => TokenizeInput::Text(text.clone().unwrap_or_default()),
+        };
+        TokenizeOptions {
+            model: self.model.clone(),
+            input,
+            bos: self.bos,
+            special: self.special,
+        }
     }
 }

@@ -17,6 +17,7 @@ mod golden_cross_arch;
 mod golden_smollm2;
 mod info;
 mod kv_ring;
+mod llama_vocab;
 mod malformed_model;
 mod model_tiny;
 mod serve;
