@@ -24,3 +24,4 @@ mod serve;
 mod session;
 mod smollm2_text;
 mod tokenizer_gguf;
+mod vocab_fixtures;
