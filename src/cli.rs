@@ -47,6 +47,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Print the token ids of a text, space-separated, on one line.
     Tokenize(TokenizeArgs),
+    /// Print the prompt the chat template makes of one user turn, exactly.
+    Template(TemplateArgs),
 }
 
 /// `edgelm info` flags.
@@ -386,5 +388,39 @@ impl TokenizeArgs {
             bos: self.bos,
             special: self.special,
         }
+    }
+}
+
+/// `edgelm template`.
+#[derive(Args, Debug)]
+pub struct TemplateArgs {
+    /// A model bundle directory or a `.gguf` file: its chat template and special tokens.
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Use the Jinja chat template in FILE instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// A system turn before the user's.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The date (and time, UTC) that `strftime_now` gives the template: YYYY-MM-DD or
+    /// YYYY-MM-DDTHH:MM:SS (default: now).
+    #[arg(long, value_name = "DATE")]
+    pub date: Option<String>,
+    /// The user's turn.
+    pub text: String,
+}
+
+impl TemplateArgs {
+    /// The template options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<crate::template::prompt::TemplateOptions> {
+        use crate::template::prompt::{parse_time, TemplateOptions};
+        Ok(TemplateOptions {
+            model: self.model.clone(),
+            template_file: self.chat_template_file.clone(),
+            system: self.system.clone(),
+            text: self.text.clone(),
+            now: self.date.as_deref().map(parse_time).transpose()?,
+        })
     }
 }

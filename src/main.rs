@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => {
             edgelm::tokenize::tokenize(&args.to_options(), &mut std::io::stdout().lock())
         }
+        Command::Template(args) => args
+            .to_options()
+            .and_then(|o| edgelm::template::prompt::template(&o, &mut std::io::stdout().lock())),
     };
     match result {
         // A `run` cut short by a signal still finished cleanly, but did not do all it was

@@ -8,6 +8,7 @@ mod common;
 
 mod bench;
 mod chat;
+mod chat_templates;
 mod cli_errors;
 mod convert_hf;
 mod faults;
