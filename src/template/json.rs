@@ -184,7 +184,7 @@ impl JsonStyle {
 
 /// Python's `repr(float)` as `json.dumps` writes it: shortest round-trip digits, exponent
 /// form below 1e-4 or from 1e16 on, and `NaN`/`Infinity` for the non-finite.
-fn python_float_repr(f: f64) -> String {
+pub(super) fn python_float_repr(f: f64) -> String {
     if f.is_nan() {
         return "NaN".into();
     }

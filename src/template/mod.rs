@@ -6,13 +6,20 @@
 //! dict methods (`.strip()`, `.startswith()`, `.items()` …) through minijinja-contrib's
 //! pycompat, dicts in insertion order, and the helpers transformers adds:
 //! `raise_exception(msg)`, `strftime_now(fmt)` ([`strftime`]) and a `tojson` filter that
-//! writes what Python's `json.dumps` writes ([`json`]). Like transformers, rendering passes
-//! `tools` and `documents` as none and only the special tokens the model has. The
-//! `{% generation %}` block tag (used by training code to mark assistant output) renders
-//! its body unchanged.
+//! writes what Python's `json.dumps` writes ([`json`]). Values print as Python's `str()`
+//! prints them, and `round`, `string` and `is sequence` behave as in Python ([`python`]).
+//! Like transformers, rendering passes `tools` and `documents` as none and only the special
+//! tokens the model has. The `{% generation %}` block tag (used by training code to mark
+//! assistant output) renders its body unchanged.
+//!
+//! Known differences from jinja2, none used by the templates tested: no `%` string
+//! formatting, no tuples (`dictsort`, `items` and `(a, b)` print as lists), no `batch`,
+//! `wordcount` or `sum(start=…)`, and error messages in minijinja's words (a
+//! `raise_exception` message is kept as it is).
 
 mod json;
 pub mod prompt;
+mod python;
 mod strftime;
 
 use std::borrow::Cow;
@@ -153,10 +160,14 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python::unknown_method);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        env.set_formatter(python::formatter);
+        env.add_filter("string", python::string);
+        env.add_filter("round", python::round);
+        env.add_test("sequence", python::is_sequence);
         env.add_template_owned(NAME, rewrite_generation_tags(source).into_owned())
             .map_err(|e| anyhow!("invalid chat template: {}", one_line(&e)))?;
         Ok(ChatTemplate { env, specials })

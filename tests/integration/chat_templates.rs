@@ -16,6 +16,15 @@ struct Expected {
     date: String,
     special_tokens: BTreeMap<String, Specials>,
     cases: Vec<Case>,
+    snippet_messages: Vec<Turn>,
+    snippets: Vec<Snippet>,
+}
+
+#[derive(serde::Deserialize)]
+struct Snippet {
+    source: String,
+    text: Option<String>,
+    error: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -95,6 +104,39 @@ fn every_template_renders_every_conversation_as_jinja2_does() {
         expected.cases.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn jinja2_features_render_as_in_python() {
+    let expected = expected();
+    assert!(expected.snippets.len() > 50);
+    let messages: Vec<Message> = expected
+        .snippet_messages
+        .iter()
+        .map(|m| Message::new(m.role.as_str(), m.content.as_str()))
+        .collect();
+    let now = parse_time(&expected.date).unwrap();
+    let mut failures = Vec::new();
+    for s in &expected.snippets {
+        let specials = SpecialTokens::new(Some("<s>"), Some("</s>"));
+        let got = ChatTemplate::with_specials(&s.source, specials)
+            .map(|t| t.with_fixed_time(now))
+            .and_then(|t| t.render(&messages, true))
+            .map_err(|e| format!("{e:#}"));
+        let ok = match (&got, &s.text, &s.error) {
+            (Ok(text), Some(want), None) => text == want,
+            (Err(e), None, Some(want)) => e.contains(want.as_str()),
+            _ => false,
+        };
+        if !ok {
+            failures.push(format!(
+                "{:?}:\n  want {:?}\n  got  {got:?}",
+                s.source,
+                s.text.as_ref().or(s.error.as_ref())
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 fn edgelm_template(args: &[&str]) -> std::process::Output {

@@ -132,3 +132,143 @@ fn merges<'a>(v: &'a GgufVocab, ids: &HashMap<&str, u32>) -> Vec<[&'a str; 2]> {
     });
     merges.into_iter().map(|m| m.pair).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use tokenizers::Tokenizer;
+
+    use super::*;
+    use crate::convert::vocab::build_tokenizer_json;
+
+    const UNK: u32 = 0;
+    const BOS: u32 = 1;
+    const BYTE0: u32 = 3; // `<0x00>`; the 256 byte tokens follow
+    const SP: u32 = 259; // "▁"
+
+    /// `<unk>`, `<s>`, `</s>`, the 256 byte tokens, then pieces with their scores.
+    fn vocab(pieces: &[(&str, f32)]) -> GgufVocab {
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+        tokens.extend((0..=255).map(byte_token));
+        let mut token_types = vec![2, 3, 3];
+        token_types.extend([6; 256]);
+        let mut scores = vec![0.0; tokens.len()];
+        for (piece, score) in pieces {
+            tokens.push(piece.to_string());
+            token_types.push(1);
+            scores.push(*score);
+        }
+        GgufVocab {
+            model: "llama".to_owned(),
+            tokens,
+            token_types,
+            scores,
+            bos_id: Some(BOS),
+            eos_id: Some(2),
+            unk_id: Some(UNK),
+            add_bos: true,
+            ..GgufVocab::default()
+        }
+    }
+
+    fn load(v: &GgufVocab) -> Tokenizer {
+        Tokenizer::from_str(&build_tokenizer_json(v).unwrap().to_string()).unwrap()
+    }
+
+    fn ids(tok: &Tokenizer, text: &str, bos: bool) -> Vec<u32> {
+        tok.encode(text, bos).unwrap().get_ids().to_vec()
+    }
+
+    /// ▁=259, a=260, b=261, c=262, then merged pieces.
+    fn abc(extra: &[(&str, f32)]) -> GgufVocab {
+        let mut pieces = vec![("▁", -1.0), ("a", -2.0), ("b", -3.0), ("c", -4.0)];
+        pieces.extend_from_slice(extra);
+        vocab(&pieces)
+    }
+
+    #[test]
+    fn the_highest_scoring_merge_wins() {
+        // "abc": ab (263) scores above bc (264), so a+b first, then ab+c is not a token.
+        let tok = load(&abc(&[("ab", -5.0), ("bc", -6.0), ("▁a", -7.0)]));
+        assert_eq!(ids(&tok, "abc", false), [SP, 263, 262]);
+        // With bc above ab, b+c first.
+        let tok = load(&abc(&[("ab", -6.0), ("bc", -5.0), ("▁a", -7.0)]));
+        assert_eq!(ids(&tok, "abc", false), [265, 264]);
+    }
+
+    #[test]
+    fn a_space_mark_goes_before_every_piece_of_text() {
+        let tok = load(&abc(&[("▁a", -5.0)]));
+        assert_eq!(ids(&tok, "a b", false), [263, SP, 261]);
+        // Also before text that starts with a space, as llama.cpp does.
+        assert_eq!(ids(&tok, " a", false), [SP, 263]);
+        assert_eq!(ids(&tok, "a", true), [BOS, 263]);
+        // And after a special token.
+        assert_eq!(ids(&tok, "<s>a", false), [BOS, 263]);
+        assert_eq!(tok.decode(&[BOS, 263, SP, 261], true).unwrap(), "a b");
+    }
+
+    #[test]
+    fn without_add_space_prefix_no_mark_is_added() {
+        let v = GgufVocab {
+            add_space_prefix: Some(false),
+            ..abc(&[("▁a", -5.0)])
+        };
+        let tok = load(&v);
+        assert_eq!(ids(&tok, "a a", false), [260, 263]);
+        assert_eq!(tok.decode(&[SP, 260], false).unwrap(), " a");
+    }
+
+    #[test]
+    fn characters_without_a_token_fall_back_to_bytes() {
+        let tok = load(&abc(&[]));
+        let e_acute = [BYTE0 + 0xC3, BYTE0 + 0xA9];
+        assert_eq!(ids(&tok, "é", false), [SP, e_acute[0], e_acute[1]]);
+        assert_eq!(
+            tok.decode(&[SP, e_acute[0], e_acute[1]], false).unwrap(),
+            "é"
+        );
+    }
+
+    #[test]
+    fn merges_rank_by_score_then_id_then_sides() {
+        let v = abc(&[("ab", -5.0), ("abc", -5.0), ("bc", -4.5)]);
+        let ids: HashMap<&str, u32> = v.tokens.iter().map(String::as_str).zip(0u32..).collect();
+        assert_eq!(
+            merges(&v, &ids),
+            [["b", "c"], ["a", "b"], ["a", "bc"], ["ab", "c"]]
+        );
+    }
+
+    #[test]
+    fn missing_scores_bytes_or_nan_are_refused() {
+        let mut v = abc(&[]);
+        v.scores.pop();
+        assert_eq!(
+            build_tokenizer_json(&v),
+            Err(TokenizerJsonError::ScoreCount {
+                tokens: 263,
+                scores: 262
+            })
+        );
+        let mut v = abc(&[]);
+        v.scores[261] = f32::NAN;
+        assert_eq!(
+            build_tokenizer_json(&v),
+            Err(TokenizerJsonError::NanScore(261))
+        );
+        let mut v = GgufVocab {
+            unk_id: None,
+            ..abc(&[])
+        };
+        v.tokens[(BYTE0 + 0x0A) as usize] = "<newline>".to_owned();
+        assert_eq!(
+            build_tokenizer_json(&v),
+            Err(TokenizerJsonError::MissingByteToken {
+                byte: 0x0A,
+                token: "<0x0A>".to_owned()
+            })
+        );
+    }
+}

@@ -44,6 +44,7 @@ fn synthetic() -> GgufVocab {
         add_bos: false,
         add_eos: false,
         chat_template: Some("{{ messages }}".to_owned()),
+        ..GgufVocab::default()
     }
 }
 
@@ -239,6 +240,43 @@ fn qwen2_splits_single_digits_and_composes_nfc() {
         ids(&tok, "abc"),
         "abc".bytes().map(byte).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn qwen35_keeps_combining_marks_with_their_letters_and_does_not_compose() {
+    let tok = load(&with_pre("qwen35"));
+    assert_eq!(pre_tokens(&tok, "e\u{301}t 12"), ["eÌģt", "Ġ", "1", "2"]);
+}
+
+#[test]
+fn starcoder_isolates_every_digit_before_the_gpt2_regex() {
+    for pre in ["starcoder", "refact"] {
+        let tok = load(&with_pre(pre));
+        assert_eq!(
+            pre_tokens(&tok, "a  12 x"),
+            ["a", "ĠĠ", "1", "2", "Ġx"],
+            "{pre}"
+        );
+    }
+}
+
+#[test]
+fn deepseek_llm_splits_lines_letters_punctuation_cjk_and_digits() {
+    let tok = load(&with_pre("deepseek-llm"));
+    assert_eq!(
+        pre_tokens(&tok, "Hi, 你好\n42!"),
+        ["Hi", ",", "Ġ", "ä½łå¥½", "Ċ", "4", "2", "!"]
+    );
+}
+
+#[test]
+fn phi3_chat_tokens_swallow_the_whitespace_after_them() {
+    let mut v = synthetic();
+    v.name = Some("phi-3 mini".to_owned());
+    let tok = load(&v);
+    assert_eq!(ids(&tok, "<|im_start|>\n the"), [1, byte(b't'), HE]);
+    // `<|endoftext|>` keeps it, as llama.cpp and transformers' Phi-3 tokenizer do.
+    assert_eq!(ids(&tok, "<|endoftext|> the"), [0, THE_]);
 }
 
 #[test]
