@@ -33,7 +33,7 @@ pub fn load_template(model: &Path, template_file: Option<&Path>) -> Result<ChatT
         return ChatTemplate::from_file(file, specials);
     }
     match source {
-        Some(Source::Compiled(t)) => Ok(t),
+        Some(Source::Compiled(t)) => Ok(*t),
         Some(Source::Text(text)) => ChatTemplate::with_specials(&text, specials)
             .with_context(|| format!("chat template of \"{}\"", model.display())),
         None => bail!(
@@ -45,7 +45,7 @@ pub fn load_template(model: &Path, template_file: Option<&Path>) -> Result<ChatT
 
 /// A model's own template, compiled already (bundle) or as text (GGUF).
 enum Source {
-    Compiled(ChatTemplate),
+    Compiled(Box<ChatTemplate>),
     Text(String),
 }
 
@@ -60,7 +60,7 @@ fn model_template(model: &Path) -> Result<(Option<Source>, SpecialTokens)> {
         }
         let specials = special_tokens_of(&config)?;
         let template = ChatTemplate::from_tokenizer_config(&config)?;
-        return Ok((template.map(Source::Compiled), specials));
+        return Ok((template.map(|t| Source::Compiled(Box::new(t))), specials));
     }
     if !model.exists() {
         bail!("model \"{}\" does not exist", model.display());
