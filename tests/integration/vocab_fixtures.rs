@@ -136,3 +136,44 @@ fn edgelm_tokenize_adds_bos_and_parses_special_text_only_when_asked() {
     assert_ne!(plain, ids(chat));
     assert!(!plain.split_whitespace().any(|id| id == "1"), "{plain}");
 }
+
+#[test]
+fn edgelm_tokenize_bad_input_is_a_one_line_error() {
+    let dir = common::scratch("vocab_fixtures", "bad_input");
+    let not_utf8 = dir.join("latin1.txt");
+    std::fs::write(&not_utf8, b"caf\xe9").unwrap();
+    let not_gguf = dir.join("notes.txt");
+    std::fs::write(&not_gguf, "hello").unwrap();
+    let gguf = path("tiny-qwen2", "gguf");
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
+        (
+            vec!["-m".as_ref(), "/nonexistent/model".as_ref(), "hi".as_ref()],
+            "model \"/nonexistent/model\" does not exist",
+        ),
+        (
+            vec![
+                "-m".as_ref(),
+                gguf.as_os_str(),
+                "-f".as_ref(),
+                not_utf8.as_os_str(),
+            ],
+            "latin1.txt\" is not UTF-8 text",
+        ),
+        (
+            vec!["-m".as_ref(), not_gguf.as_os_str(), "hi".as_ref()],
+            "not a GGUF file",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = common::edgelm_command()
+            .arg("tokenize")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("edgelm: ") && err.contains(want), "{err}");
+    }
+}
