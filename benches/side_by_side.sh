@@ -4,16 +4,16 @@
 #
 #   benches/side_by_side.sh [THREADS]
 #
-# llama.cpp is built from the sources bundled in the PyPI sdist of llama-cpp-python (cached
-# under ~/.cache/edgelm/llama.cpp; needs gcc/g++ and downloads cmake from PyPI), and the
-# model is re-quantized from the Q4_1 GGUF to Q8_0 with its llama-quantize. edgelm runs the
-# default int8 bundle with `edgelm bench` from a release build.
+# llama.cpp is built from the sources bundled in the PyPI sdist of llama-cpp-python
+# (models/fetch-llama-cpp.sh, cached under ~/.cache/edgelm/llama.cpp; needs gcc/g++ and
+# downloads cmake from PyPI), and the model is re-quantized from the Q4_1 GGUF to Q8_0 with
+# its llama-quantize. edgelm runs the default int8 bundle with `edgelm bench` from a release
+# build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 threads="${1:-$(nproc)}"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgelm/llama.cpp"
-version=0.3.36
 mkdir -p "$cache"
 
 # --- llama.cpp -----------------------------------------------------------------------------
@@ -25,26 +25,13 @@ bin="$build/bin"
 native_flags=""
 [[ "$(uname -m)" == x86_64 ]] && native_flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 if [[ ! -x "$bin/llama-bench" || ! -x "$bin/llama-quantize" ]]; then
-  sdist="$cache/llama_cpp_python-$version.tar.gz"
-  if [[ ! -f "$sdist" ]]; then
-    echo "== downloading llama-cpp-python $version (sdist) from PyPI" >&2
-    python3 - "$sdist" "$version" <<'EOF'
-import json, sys, urllib.parse, urllib.request
-out, version = sys.argv[1], sys.argv[2]
-index = "https://pypi.org/pypi/llama-cpp-python/json"
-releases = json.load(urllib.request.urlopen(index, timeout=60))["releases"][version]
-sdist = next(f for f in releases if f["packagetype"] == "sdist")
-urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), out)
-EOF
-  fi
-  rm -rf "$cache/src" && mkdir -p "$cache/src"
-  tar xzf "$sdist" -C "$cache/src" --strip-components=1
+  tree="$(models/fetch-llama-cpp.sh)"
   if [[ ! -x "$cache/venv/bin/cmake" ]]; then
     python3 -m venv "$cache/venv"
     "$cache/venv/bin/pip" install --quiet cmake
   fi
   echo "== building llama-bench and llama-quantize" >&2
-  "$cache/venv/bin/cmake" -S "$cache/src/vendor/llama.cpp" -B "$build" \
+  "$cache/venv/bin/cmake" -S "$tree" -B "$build" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
     -DCMAKE_C_FLAGS="$native_flags" -DCMAKE_CXX_FLAGS="$native_flags" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2

@@ -45,6 +45,10 @@ pub enum Command {
     /// Describe a bundle: architecture, sizes, quantization, context, special tokens, and
     /// which fast paths (int8 operators, ring-buffer KV cache) it gets.
     Info(InfoArgs),
+    /// Print the token ids of a text, space-separated, on one line.
+    Tokenize(TokenizeArgs),
+    /// Print the prompt the chat template makes of one user turn, exactly.
+    Template(TemplateArgs),
 }
 
 /// `edgelm info` flags.
@@ -345,6 +349,78 @@ impl ServeArgs {
                 ignore_eos: false,
             },
             cache: self.cache.to_options(),
+        })
+    }
+}
+
+/// `edgelm tokenize`.
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["file", "text"]))]
+pub struct TokenizeArgs {
+    /// A model bundle directory or a `.gguf` file (a vocabulary-only GGUF is enough).
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Read the text from FILE (UTF-8, taken as it is).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Add what the model adds around a raw prompt (its BOS token, if it uses one), as `run`
+    /// does.
+    #[arg(long)]
+    pub bos: bool,
+    /// Turn special-token text such as `<|im_start|>` into its token (default: plain text).
+    #[arg(long)]
+    pub special: bool,
+    /// The text.
+    pub text: Option<String>,
+}
+
+impl TokenizeArgs {
+    /// The tokenize options these flags describe.
+    pub fn to_options(&self) -> crate::tokenize::TokenizeOptions {
+        use crate::tokenize::{TokenizeInput, TokenizeOptions};
+        let input = match (&self.file, &self.text) {
+            (Some(file), _) => TokenizeInput::File(file.clone()),
+            (None, text) => TokenizeInput::Text(text.clone().unwrap_or_default()),
+        };
+        TokenizeOptions {
+            model: self.model.clone(),
+            input,
+            bos: self.bos,
+            special: self.special,
+        }
+    }
+}
+
+/// `edgelm template`.
+#[derive(Args, Debug)]
+pub struct TemplateArgs {
+    /// A model bundle directory or a `.gguf` file: its chat template and special tokens.
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Use the Jinja chat template in FILE instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// A system turn before the user's.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The date (and time, UTC) that `strftime_now` gives the template: YYYY-MM-DD or
+    /// YYYY-MM-DDTHH:MM:SS (default: now).
+    #[arg(long, value_name = "DATE")]
+    pub date: Option<String>,
+    /// The user's turn.
+    pub text: String,
+}
+
+impl TemplateArgs {
+    /// The template options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<crate::template::prompt::TemplateOptions> {
+        use crate::template::prompt::{parse_time, TemplateOptions};
+        Ok(TemplateOptions {
+            model: self.model.clone(),
+            template_file: self.chat_template_file.clone(),
+            system: self.system.clone(),
+            text: self.text.clone(),
+            now: self.date.as_deref().map(parse_time).transpose()?,
         })
     }
 }

@@ -23,5 +23,6 @@ pub mod session;
 pub mod signal;
 pub mod stop;
 pub mod template;
+pub mod tokenize;
 pub mod tokenizer;
 pub mod transport;

@@ -3,7 +3,10 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
+
+use crate::convert::gguf::Gguf;
+use crate::convert::vocab::{build_tokenizer_json, GgufVocab};
 
 /// A Hugging Face `tokenizer.json`, loaded once and shared read-only.
 pub struct Tokenizer {
@@ -18,12 +21,48 @@ const CACHE_WORDS: usize = 1024;
 impl Tokenizer {
     /// Loads a `tokenizer.json`; the error names the path.
     pub fn from_file(path: &Path) -> anyhow::Result<Tokenizer> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
+        let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("loading tokenizer {:?}: {e}", path.display().to_string()))?;
+        Ok(Tokenizer::wrap(inner))
+    }
+
+    /// The tokenizer of a model: a bundle directory (its `tokenizer.json`) or a `.gguf` file
+    /// (its vocabulary, converted as `edgelm convert` converts it; a vocabulary-only GGUF is
+    /// enough).
+    pub fn from_model(path: &Path) -> anyhow::Result<Tokenizer> {
+        if path.is_dir() {
+            return Tokenizer::from_file(&path.join("tokenizer.json"));
+        }
+        if !path.exists() {
+            bail!("model \"{}\" does not exist", path.display());
+        }
+        Tokenizer::from_gguf(path)
+    }
+
+    /// The vocabulary of a GGUF file, converted to a `tokenizer.json` in memory.
+    pub fn from_gguf(path: &Path) -> anyhow::Result<Tokenizer> {
+        let shown = path.display();
+        let gguf = Gguf::open(path)?;
+        let vocab = GgufVocab::from_gguf(&gguf)
+            .with_context(|| format!("reading tokenizer of \"{shown}\""))?;
+        let json = build_tokenizer_json(&vocab)
+            .with_context(|| format!("converting tokenizer of \"{shown}\""))?;
+        let inner = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json.to_string())
+            .map_err(|e| anyhow!("loading the tokenizer converted from \"{shown}\": {e}"))?;
+        Ok(Tokenizer::wrap(inner))
+    }
+
+    fn wrap(mut inner: tokenizers::Tokenizer) -> Tokenizer {
         let mut model = inner.get_model().clone();
         model.resize_cache(CACHE_WORDS);
         inner.with_model(model);
-        Ok(Tokenizer { inner })
+        Tokenizer { inner }
+    }
+
+    /// Whether special-token text in the input (`<|im_start|>`) becomes that token (the
+    /// default) or is tokenized as plain text. User-defined added tokens match either way.
+    pub fn set_parse_special(&mut self, parse: bool) {
+        self.inner.set_encode_special_tokens(!parse);
     }
 
     /// Token ids of `text`; `add_special_tokens` runs the tokenizer's post-processor

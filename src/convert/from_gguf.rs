@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use super::family::{Family, GgufChange, GgufTensor};
 use super::gguf::Gguf;
-use super::tokenizer_json::{build_tokenizer_config, build_tokenizer_json, GgufVocab};
+use super::vocab::{build_tokenizer_config, build_tokenizer_json, GgufVocab};
 use super::{Checkpoint, Weight, WeightSource};
 
 /// Opens `path` as a GGUF checkpoint of one of `families`.
@@ -31,8 +31,8 @@ pub fn open(path: &Path, families: &[&'static Family]) -> Result<Checkpoint> {
     };
     let params = (family.params_from_gguf)(&gguf)
         .with_context(|| format!("reading \"{}\"", path.display()))?;
-    let vocab =
-        vocab(&gguf).with_context(|| format!("reading tokenizer of \"{}\"", path.display()))?;
+    let vocab = GgufVocab::from_gguf(&gguf)
+        .with_context(|| format!("reading tokenizer of \"{}\"", path.display()))?;
     if vocab.tokens.len() != params.vocab {
         bail!(
             "\"{}\": tokenizer has {} tokens but the embedding has {} rows",
@@ -71,63 +71,6 @@ pub fn embedding_rows(g: &Gguf, hidden: usize) -> Result<usize> {
         [d, v] if *d as usize == hidden => Ok(usize::try_from(*v)?),
         dims => bail!("token_embd.weight has dims {dims:?}, expected [{hidden}, vocab]"),
     }
-}
-
-fn vocab(g: &Gguf) -> Result<GgufVocab> {
-    let opt_id = |k: &str| -> Result<Option<u32>> {
-        match g.get(k) {
-            Some(_) => Ok(Some(u32::try_from(g.get_u64(k)?)?)),
-            None => Ok(None),
-        }
-    };
-    let opt_bool = |k: &str, default: bool| -> Result<bool> {
-        match g.get(k) {
-            Some(_) => Ok(g.get_bool(k)?),
-            None => Ok(default),
-        }
-    };
-    let token_types = match g.get("tokenizer.ggml.token_type") {
-        Some(_) => g
-            .get_i64_array("tokenizer.ggml.token_type")?
-            .into_iter()
-            .map(|t| i32::try_from(t).unwrap_or(1))
-            .collect(),
-        None => vec![],
-    };
-    let merges = match g.get("tokenizer.ggml.merges") {
-        Some(_) => g
-            .get_str_array("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        None => vec![],
-    };
-    let pre = match g.get("tokenizer.ggml.pre") {
-        Some(_) => Some(g.get_str("tokenizer.ggml.pre")?.to_string()),
-        None => None,
-    };
-    let chat_template = match g.get("tokenizer.chat_template") {
-        Some(_) => Some(g.get_str("tokenizer.chat_template")?.to_string()),
-        None => None,
-    };
-    Ok(GgufVocab {
-        model: g.get_str("tokenizer.ggml.model")?.to_string(),
-        pre,
-        tokens: g
-            .get_str_array("tokenizer.ggml.tokens")?
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        token_types,
-        merges,
-        bos_id: opt_id("tokenizer.ggml.bos_token_id")?,
-        eos_id: opt_id("tokenizer.ggml.eos_token_id")?,
-        unk_id: opt_id("tokenizer.ggml.unknown_token_id")?,
-        pad_id: opt_id("tokenizer.ggml.padding_token_id")?,
-        add_bos: opt_bool("tokenizer.ggml.add_bos_token", false)?,
-        add_eos: opt_bool("tokenizer.ggml.add_eos_token", false)?,
-        chat_template,
-    })
 }
 
 /// GGUF tensors served under Hugging Face names.

@@ -17,7 +17,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod onnx;
 pub mod safetensors;
-pub mod tokenizer_json;
+pub mod vocab;
 
 use std::fmt;
 use std::io::IsTerminal;

@@ -232,3 +232,25 @@ fn converter_source_hash() -> u64 {
     }
     h.finish()
 }
+
+/// llama.cpp's source tree from the llama-cpp-python sdist (tokenizer test vectors in
+/// `models/`, chat templates in `models/templates/`), fetched by
+/// `models/fetch-llama-cpp.sh` when missing.
+pub fn llama_cpp_tree() -> PathBuf {
+    static FETCH: Mutex<()> = Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(root().join("models/fetch-llama-cpp.sh"))
+        .output()
+        .expect("running models/fetch-llama-cpp.sh");
+    assert!(
+        out.status.success(),
+        "models/fetch-llama-cpp.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.join("models").is_dir(),
+        "fetch script printed {path:?}, which has no models/"
+    );
+    path
+}
