@@ -6,16 +6,21 @@ prefill and decode speed on Raspberry Pi boards (no board is measured here).
 
 What it does:
 1. Compiles edgelm's library for aarch64 to assembly (`cargo rustc --release --target
-   aarch64-unknown-linux-gnu --lib -- --emit asm -C codegen-units=1`; one codegen unit, as the
-   board profile `pi` builds; the dependencies at opt-level 0, which does not touch our
-   kernels and builds much faster) and llama.cpp's ARM kernels (ggml-cpu/arch/arm/quants.c
-   and repack.cpp from the llama-cpp-python 0.3.36 sdist) with aarch64-linux-gnu-gcc -O3
-   -mcpu=<core>, as a native build on the board would.
-2. Finds each kernel's hot loop: the innermost loops (a label and a backward branch to it)
-   of the kernel's function that contain the kernel's dot-product instruction, then one of
-   them by the rule in KERNELS (`max`: most dot-product instructions, i.e. the largest tile;
-   `min`: fewest; `ratio:RE=V`: those where RE-matching instructions per dot-product
-   instruction equal V, then the largest). `--show-loops` prints every candidate.
+   aarch64-unknown-linux-gnu --lib -- --emit asm -C codegen-units=1 -C
+   debuginfo=line-tables-only`; one codegen unit, as the board profile `pi` builds; the
+   dependencies at opt-level 0, which does not touch our kernels and builds much faster)
+   and llama.cpp's ARM kernels (ggml-cpu/arch/arm/quants.c and repack.cpp from the
+   llama-cpp-python 0.3.36 sdist) with aarch64-linux-gnu-gcc -O3 -mcpu=<core>, as a native
+   build on the board would.
+2. Finds each kernel's hot loop among the innermost loops (a label and a backward branch to
+   it) that contain the kernel's dot-product instruction: for llama.cpp, the loops of the
+   named function; for edgelm, whose kernels are inlined into their dispatcher, the loops
+   made from the named source function (`src/quant/neon.rs:rows_q8f32`: the loop's `.loc`
+   line entries fall in that function's text; the library is compiled with line tables for
+   this). Then one of them by the rule in KERNELS (`max`: most dot-product instructions,
+   i.e. the largest tile; `min`: fewest, the one-row tile; `ratio:RE=V`: those where
+   RE-matching instructions per dot-product instruction equal V, then the largest).
+   `--show-loops` prints every candidate.
 3. Runs llvm-mca (LLVM 16: `apt-get install llvm-16`) on each loop body for each core's
    scheduling model, and divides the steady-state cycles per iteration by the 32-weight
    blocks x activation rows the iteration computes. That work is counted from the loop
@@ -25,7 +30,8 @@ What it does:
    with the llvm-mca reports and loop bodies in DIR (default target/arm-model).
 
 To add a kernel: one line in KERNELS (engine configuration it belongs to, phase, source,
-function name regex, dot-product instruction regex and count per block-row, loop rule).
+function (regex, or `file.rs:function` for ours), dot-product instruction regex and count
+per block-row, loop rule).
 
 Scheduling models (llvm-mca -mcpu; LLVM 16 has no Cortex-A72 or A76 model of its own):
 - Cortex-A53 (Pi 3, Zero 2 W): `cortex-a53`, its own in-order model.
@@ -158,7 +164,7 @@ SHAPES = [
 ]
 
 # Dot-product instruction patterns (mnemonic and operands, lower case).
-FMUL_VV = r"^f(mla|mul)\s+v\d+\.4s,\s*v\d+\.4s,\s*v\d+\.4s$"  # vector x vector, f32
+FMUL = r"^f(mla|mul)\s+v\d+\.4s,"  # f32 multiply(-add), 4 lanes
 SMULL_8H = r"^s(mull|mlal)2?\s+v\d+\.8h,"  # int8 x int8 -> int16, 8 products
 SMULL_4S = r"^s(mull|mlal)2?\s+v\d+\.4s,\s*v\d+\.[48]h,"  # int16 x int16 -> int32, 4 products
 SDOT = r"^sdot\s"  # 16 products
@@ -182,14 +188,16 @@ class Kernel:
 
 KERNELS = [
     # edgelm: src/quant/neon.rs, tiles.rs
-    Kernel("edgelm q8f32", "decode", "rust", r"quant::neon::q8f32$", FMUL_VV, 8, r"ratio:^scvtf=1"),
-    Kernel("edgelm q8f32", "prefill", "rust", r"quant::neon::q8f32$", FMUL_VV, 8, "max"),
-    Kernel("edgelm q8q16", "decode", "rust", r"quant::neon::q8q8(<i16>)?$", SMULL_4S, 8, "min"),
-    Kernel("edgelm q8q16", "prefill", "rust", r"quant::neon::q8q8(<i16>)?$", SMULL_4S, 8, "max"),
-    Kernel("edgelm q8q8", "decode", "rust", r"quant::neon::q8q8(<i8>)?$", SMULL_8H, 4, "min", where="no-dotprod"),
-    Kernel("edgelm q8q8", "prefill", "rust", r"quant::neon::q8q8(<i8>)?$", SMULL_8H, 4, "max", where="no-dotprod"),
-    Kernel("edgelm q8q8", "decode", "rust", r"quant::neon::q8q8_dotprod$", SDOT, 2, "min", needs_dotprod=True),
-    Kernel("edgelm q8q8", "prefill", "rust", r"quant::neon::q8q8_dotprod$", SDOT, 2, "max", needs_dotprod=True),
+    # q8f32: per block and row 8 multiply(-add)s of products, 2 of the block scale.
+    Kernel("edgelm q8f32", "decode", "rust", "src/quant/neon.rs:rows_q8f32", FMUL, 10, "max"),
+    Kernel("edgelm q8f32", "prefill", "rust", "src/quant/neon.rs:acts_q8f32", FMUL, 10, "max"),
+    # q8q16 widens each weight block once (4 sshll) for all the rows of its tile.
+    Kernel("edgelm q8q16", "decode", "rust", "src/quant/neon.rs:dot_q8q8,full_group", SMULL_4S, 8, r"ratio:^sshll=0.5"),
+    Kernel("edgelm q8q16", "prefill", "rust", "src/quant/neon.rs:dot_q8q8,full_group", SMULL_4S, 8, r"ratio:^sshll=0.125"),
+    Kernel("edgelm q8q8", "decode", "rust", "src/quant/neon.rs:dot_q8q8", SMULL_8H, 4, "min", where="no-dotprod"),
+    Kernel("edgelm q8q8", "prefill", "rust", "src/quant/neon.rs:dot_q8q8", SMULL_8H, 4, "max", where="no-dotprod"),
+    Kernel("edgelm q8q8", "decode", "rust", "src/quant/neon.rs:dot_q8q8", SDOT, 2, "min", needs_dotprod=True),
+    Kernel("edgelm q8q8", "prefill", "rust", "src/quant/neon.rs:dot_q8q8", SDOT, 2, "max", needs_dotprod=True),
     # llama.cpp: ggml/src/ggml-cpu/arch/arm/quants.c, repack.cpp
     Kernel("llama.cpp Q8_0", "decode", "quants", r"^ggml_vec_dot_q8_0_q8_0$", SMULL_8H, 4, "max", where="no-dotprod"),
     Kernel("llama.cpp Q8_0", "prefill", "quants", r"^ggml_vec_dot_q8_0_q8_0$", SMULL_8H, 4, "max", where="no-dotprod"),
@@ -238,8 +246,8 @@ def build_rust_asm(out: Path, build: bool) -> Path:
         run(["cargo", "rustc", "--locked", "--release", "--target", TARGET, "--lib",
              "--config", 'profile.release.package."*".opt-level=0',
              "--config", 'profile.release.package."*".debug-assertions=false',
-             "--", "--emit", "asm", "-C", "codegen-units=1",
-             "-C", "symbol-mangling-version=v0"], cwd=ROOT)
+             "--", "--emit", "asm", "-C", "codegen-units=1", "-C", "debuginfo=line-tables-only"],
+            cwd=ROOT)
     files = sorted(deps.glob("edgelm-*.s"), key=lambda p: p.stat().st_mtime)
     if not files:
         sys.exit(f"arm_model.py: no edgelm-*.s under {deps} (run without --no-build)")
@@ -273,11 +281,20 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, text.splitlines()))
 
 
-def functions(asm: Path) -> dict[str, list[str]]:
-    """Function name (demangled, Rust hashes dropped) -> lines of its body."""
+@dataclass
+class Function:
+    name: str  # demangled, without Rust's hash; generic instances of one function share it
+    body: list[str]
+    files: dict[str, str]  # DWARF file number -> path, for `.loc` lines
+
+
+def functions(asm: Path) -> list[Function]:
     lines = asm.read_text().splitlines()
-    starts = {}
+    files, starts = {}, {}
     for i, line in enumerate(lines):
+        m = re.match(r'^\s*\.file\s+(\d+)\s+"([^"]*)"(?:\s+"([^"]*)")?', line)
+        if m:
+            files[m.group(1)] = os.path.normpath(os.path.join(m.group(2), m.group(3) or ""))
         m = re.match(r"^\s*\.type\s+([^,]+),\s*[@%]function", line)
         if m:
             starts[m.group(1).strip().strip('"')] = i
@@ -288,19 +305,26 @@ def functions(asm: Path) -> dict[str, list[str]]:
             j += 1
         bodies[name] = lines[i:j]
     names = demangle(list(bodies))
-    out = {}
+    out = []
     for raw, body in bodies.items():
         clean = re.sub(r"::h[0-9a-f]{16}$", "", names[raw])
-        clean = re.sub(r"\[[0-9a-f]+\]", "", clean)  # v0 crate disambiguators
         clean = re.sub(r"\(.*\)$", "", clean)  # C++ parameter lists
-        out[clean if clean not in out else f"{clean} ({raw})"] = body
+        out.append(Function(clean, body, files))
     return out
 
 
-def parse(body: list[str]) -> list[tuple[str | None, str | None]]:
-    """(label, instruction) per line; directives and comments dropped."""
+Item = tuple[str | None, str | None, tuple[str, int] | None]  # label, instruction, source
+
+
+def parse(f: Function) -> list[Item]:
+    """(label, instruction, source file and line) per line; directives and comments dropped."""
     items = []
-    for line in body:
+    loc = None
+    for line in f.body:
+        m = re.match(r"^\s*\.loc\s+(\d+)\s+(\d+)", line)
+        if m:
+            loc = (f.files.get(m.group(1), "?"), int(m.group(2)))
+            continue
         # Hand-written kernels spell newer instructions as `.inst 0x...  // sdot ...`.
         m = re.match(r"^(\s*(?:[\w.$]+:)?)\s*\.inst\s+0x[0-9a-fA-F]+\s*//\s*(\S.*)$", line)
         if m:
@@ -314,8 +338,25 @@ def parse(body: list[str]) -> list[tuple[str | None, str | None]]:
             label, rest = m.group(1), m.group(2).strip()
         if rest.startswith((".", "#")):
             rest = ""
-        items.append((label, rest or None))
+        items.append((label, rest or None, loc if rest else None))
     return items
+
+
+def source_ranges(spec: str) -> tuple[str, list[tuple[int, int]]]:
+    """`path/file.rs:f,g` -> (path, [(first line, last line)] of those functions' text, each
+    up to the next `fn` at any depth or the end of the file)."""
+    path, names = spec.rsplit(":", 1)
+    text = (ROOT / path).read_text().splitlines()
+    fn = re.compile(r"^\s*(pub(\([^)]*\))?\s+)?(const\s+)?(unsafe\s+)?fn\s+(\w+)")
+    starts = [(i + 1, m.group(5)) for i, line in enumerate(text) if (m := fn.match(line))]
+    ranges = []
+    for name in names.split(","):
+        found = [(line, starts[n + 1][0] - 1 if n + 1 < len(starts) else len(text))
+                 for n, (line, fname) in enumerate(starts) if fname == name]
+        if not found:
+            sys.exit(f"arm_model.py: no fn {name} in {path}")
+        ranges += found
+    return str(ROOT / path), ranges
 
 
 def resolve(target: str, labels: dict[str, list[int]], at: int) -> int | None:
@@ -338,15 +379,17 @@ class Loop:
     end: int
     label: str
     body: list[str]  # llvm-mca input lines
+    sources: set[tuple[str, int]]  # (file, line) of the loop's instructions
+    func: str  # the function it was compiled into
 
 
-def innermost_loops(items: list[tuple[str | None, str | None]]) -> list[Loop]:
+def innermost_loops(items: list[Item], func: str) -> list[Loop]:
     labels: dict[str, list[int]] = {}
-    for i, (label, _) in enumerate(items):
+    for i, (label, _, _) in enumerate(items):
         if label is not None:
             labels.setdefault(label, []).append(i)
     spans = []
-    for i, (_, ins) in enumerate(items):
+    for i, (_, ins, _) in enumerate(items):
         m = BRANCH.match(ins or "")
         if not m:
             continue
@@ -364,7 +407,7 @@ def innermost_loops(items: list[tuple[str | None, str | None]]) -> list[Loop]:
         local = {items[t][0] for t in range(j, i + 1) if items[t][0] is not None}
         body = [f"{name}:"]
         for t in range(j, i + 1):
-            label, ins = items[t]
+            label, ins, _ = items[t]
             if label is not None and t != j:
                 body.append(f"{label}_{t}:" if label.isdigit() else f"{label}:")
             if ins is None:
@@ -385,13 +428,33 @@ def innermost_loops(items: list[tuple[str | None, str | None]]) -> list[Loop]:
                     tgt = name  # leaves the loop: point it at the loop head so it assembles
                 ins = f"{mnem} " + ", ".join([*(o.strip() for o in ops[:-1]), tgt])
             body.append(f"\t{ins}")
-        loops.append(Loop(j, i, name, body))
+        sources = {items[t][2] for t in range(j, i + 1) if items[t][2] is not None}
+        loops.append(Loop(j, i, name, body, sources, func))
     return loops
 
 
 def count(body: list[str], pattern: str) -> int:
     rx = re.compile(pattern)
     return sum(1 for line in body if rx.search(line.strip().lower()))
+
+
+def kernel_loops(k: Kernel, funcs: list[Function]) -> list[Loop]:
+    """The innermost loops of the kernel: of the functions named by `k.symbol`, or, for
+    `file.rs:function`, those made from that source function wherever it was inlined."""
+    if ".rs:" not in k.symbol:
+        return [lp for f in funcs if re.search(k.symbol, f.name)
+                for lp in innermost_loops(parse(f), f.name)]
+    path, ranges = source_ranges(k.symbol)
+    ids = {i for i, p in funcs[0].files.items() if p == path} if funcs else set()
+    loc = re.compile(r"^\s*\.loc\s+(" + "|".join(sorted(ids)) + r")\s") if ids else None
+    loops = []
+    for f in funcs:
+        if loc is None or not any(loc.match(line) for line in f.body):
+            continue
+        for lp in innermost_loops(parse(f), f.name):
+            if any(s[0] == path and lo <= s[1] <= hi for s in lp.sources for lo, hi in ranges):
+                loops.append(lp)
+    return loops
 
 
 def pick_loop(loops: list[Loop], k: Kernel) -> tuple[Loop | None, list[tuple[Loop, int]]]:
@@ -488,23 +551,21 @@ def main() -> None:
         for core in CORES:
             if not applies(k, core):
                 continue
-            funcs = rust if k.source == "rust" else llama[core.gcc][k.source]
-            matches = [n for n in funcs if re.search(k.symbol, n)]
-            loops = [lp for n in matches for lp in innermost_loops(parse(funcs[n]))]
+            loops = kernel_loops(k, rust if k.source == "rust" else llama[core.gcc][k.source])
             loop, cands = pick_loop(loops, k)
             tag = f"{k.engine} {k.phase} on {core.name}"
             if args.show_loops or loop is None:
-                print(f"-- {tag}: functions {matches}", file=sys.stderr)
+                print(f"-- {tag}: {k.symbol}", file=sys.stderr)
                 for lp, n in cands:
                     mark = "*" if lp is loop else " "
-                    print(f"   {mark} loop {lp.label}: {len(lp.body) - 1} lines, {n} dot "
-                          f"instructions", file=sys.stderr)
+                    print(f"   {mark} {lp.func}, loop {lp.label}: {len(lp.body) - 1} lines, "
+                          f"{n} dot instructions", file=sys.stderr)
             if loop is None:
                 sys.exit(f"arm_model.py: no loop found for {tag} (symbol {k.symbol!r})")
             safe = re.sub(r"[^\w.-]+", "_", f"{k.engine}-{k.phase}-{core.name}")
             res = mca(tool, core.mcpu, loop.body, args.out / f"{safe}.s")
             block_rows = count(loop.body, k.prim) / k.per_block
-            func = matches[0] if len(matches) == 1 else f"{len(matches)} functions"
+            func = loop.func
             cycles[(k.engine, k.phase, core.name)] = (res.cycles_per_iter / block_rows,
                                                        res.bound, func)
             notes.append(f"{tag}: {func}, loop {loop.label}, {block_rows:g} block-rows per "
