@@ -65,7 +65,8 @@ Memory bandwidth (effective read bandwidth of all four cores streaming the weigh
 - Pi 5 (BCM2712, LPDDR4X-4267, 32-bit: 17 GB/s peak): tinymembench memcpy 5.5-6.3 GB/s
   (geerlingguy/sbc-reviews#21; ThomasKaiser in raspberrypi/firmware#1876: C copy 5.6-6.2
   GB/s on 4 and 8 GB boards); a copy reads and writes every byte, so reads alone are taken
-  at twice that, 12 GB/s (single-core NEON reads reach ~15 GB/s).
+  at twice that, 12 GB/s (a single-core NEON read figure of ~15 GB/s is quoted for the
+  Pi 5; no source for it was found, so it is not used).
 - Pi 4 (LPDDR4-3200, 32-bit: 12.8 GB/s peak): sbc-bench memcpy 2.2-2.8 GB/s
   (ThomasKaiser/sbc-bench Results.md) -> 5 GB/s read.
 - Pi 3 B+ (LPDDR2, 3.6 GB/s peak): sbc-bench memcpy 1.0-1.2 GB/s -> 2.2 GB/s read.

@@ -29,7 +29,7 @@ PROMPT_64 = (
     "The history of the Raspberry Pi begins in 2006, when a group at the University of "
     "Cambridge noticed that fewer students arrived with hands-on experience of programming. "
     "They set out to build a computer cheap enough to give away, small enough to carry in a "
-    "pocket, and open enough to be taken apart. Early prototypes ran on"
+    "pocket, and open enough to be taken apart."
 )
 PROMPT_TOKENS = 64
 DEPTH = 1024
@@ -204,7 +204,8 @@ def main() -> None:
           f"Q4_0 {results['llama.cpp Q4_0'][0]['info']['model_size'] / 2**20:.0f} MiB "
           f"({results['llama.cpp Q4_0'][0]['info']['model_type']})")
     e = ours[0]["info"]
-    print(f"edgelm --int8 {e['int8']}, ctx {e['ctx']}, bundle {e['model_bytes'] / 2**20:.0f} MiB; "
+    print(f"edgelm --int8 {e['int8'].lower()}, ctx {e['ctx'] or 'default'}, "
+          f"bundle {e['model_bytes'] / 2**20:.0f} MiB; "
           f"bench load {fmt([f['info']['load_ms'] / 1000 for f in ours])} s, "
           f"first prefill {fmt([f['info']['ttft_ms'] / 1000 for f in ours])} s")
     print(f"CPU: {info['cpu_info']} ({platform.machine()}, {os.cpu_count()} logical CPUs); "

@@ -4,6 +4,7 @@
 # ratios (edgelm / llama.cpp).
 #
 #   benches/side_by_side.sh [-t THREADS] [-r ROUNDS] SHAPE...
+#   EDGELM=path/to/edgelm benches/side_by_side.sh ...   (another build of edgelm)
 #
 # SHAPE (or `all`):
 #   smollm2-135m  SmolLM2-135M-Instruct, the real model (its Q4_1 GGUF, models/fetch-smollm2.sh)
@@ -91,9 +92,14 @@ if [[ ! -x "$bin/llama-bench" || ! -x "$bin/llama-quantize" ]]; then
 fi
 
 # --- edgelm --------------------------------------------------------------------------------
-cargo build --release --quiet
-edgelm="$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/edgelm"
+# EDGELM=path/to/edgelm runs that binary instead of this tree's release build.
+edgelm="${EDGELM:-}"
+if [[ -z "$edgelm" ]]; then
+  cargo build --release --quiet
+  edgelm="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/edgelm"
+fi
+edgelm="$(realpath "$edgelm")"
 
 # --- models --------------------------------------------------------------------------------
 # The GGUF writer's Python packages (numpy, pyyaml, tqdm), once.
