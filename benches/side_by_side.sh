@@ -157,7 +157,11 @@ bundle() {
 # --- runs ----------------------------------------------------------------------------------
 mkdir -p target/ladder
 for shape in "${shapes[@]}"; do
+  # Assignments, so that a failure here stops the script (set -e).
+  q8="$(q8_gguf "$shape")"
+  q4="$(q4_gguf "$shape")"
+  ours="$(bundle "$shape")"
   python3 benches/side_by_side.py --shape "$shape" --threads "$threads" --rounds "$rounds" \
-    --llama-bin "$bin" --q8 "$(q8_gguf "$shape")" --q4 "$(q4_gguf "$shape")" \
-    --edgelm "$edgelm" --bundle "$(bundle "$shape")" --json-out target/ladder/side_by_side.jsonl
+    --llama-bin "$bin" --q8 "$q8" --q4 "$q4" --edgelm "$edgelm" --bundle "$ours" \
+    --json-out target/ladder/side_by_side.jsonl
 done
