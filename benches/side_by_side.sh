@@ -27,6 +27,7 @@
 # cmake from PyPI), numpy for the GGUF writer likewise into ~/.cache/edgelm/ladder/venv.
 # Not run by CI.
 set -euo pipefail
+shopt -s inherit_errexit  # command substitutions (the model helpers below) stop on errors too
 cd "$(dirname "$0")/.."
 
 threads=2
