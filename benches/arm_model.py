@@ -630,6 +630,14 @@ def main() -> None:
                     cells.append(f"{est:.1f} {which}" if est < 100 else f"{est:.0f} {which}")
                 lines.append(f"| {shape.name} | {phase} | " + " | ".join(cells) + " |")
         lines.append("")
+        ours = cycles.get(("edgelm q8f32", "prefill", board.core))
+        if ours:
+            vs = [f"{cycles[(e, 'prefill', board.core)][0] / ours[0]:.2f}x {e}'s"
+                  for e in ("llama.cpp Q8_0", "llama.cpp Q4_0")
+                  if (e, "prefill", board.core) in cycles]
+            lines.append(f"edgelm q8f32 (the default) prefill kernel speed per block-row: "
+                         f"{', '.join(vs)}; busiest resource in its loop: {ours[1]}.")
+            lines.append("")
     lines.append("C: compute-bound (kernel cycles only: an upper bound), B: bandwidth-bound. "
                  "4 threads, perfect scaling assumed; prefill for a 64-token prompt.")
     text = "\n".join(lines)
