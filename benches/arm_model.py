@@ -42,7 +42,10 @@ Scheduling models (llvm-mca -mcpu; LLVM 16 has no Cortex-A72 or A76 model of its
   pipe). LLVM itself maps `-mcpu=cortex-a76` to the A57 model (one ASIMD integer-multiply
   and FP-convert pipe slower, and no SDOT model of its own); that figure is in the cycle
   table as a second opinion ("A76/A57").
-llvm-mca assumes every load hits L1 and the loop runs long; it models one core.
+llvm-mca assumes every load hits L1 and the loop runs long; it models one core. Where the
+compiler keeps a tile's innermost loop over single blocks (edgelm q8q16's 4-row tile), the
+work after it (the scale arithmetic once per group of 4 blocks) is not counted. LLVM's A53
+model is coarse (most 128-bit ASIMD operations at one per cycle).
 
 Estimate (per board, shape and engine): min(compute bound, bandwidth bound), 4 threads.
 - compute: cores x clock / (weight blocks per token x cycles per block-row). Decode runs
