@@ -199,8 +199,9 @@ def main() -> None:
         d = [f["decode_1024"] / f["decode"] for f in results[n]]
         print(f"{n} decode at {DEPTH} cached / decode at {PROMPT_TOKENS}: {fmt(d)}")
     info = results["llama.cpp Q8_0"][0]["info"]
+    flash = {-1: "auto", 0: "off", 1: "on"}.get(info["flash_attn"], info["flash_attn"])
     print(f"llama.cpp {info['build_commit']} ({info['backends']}, KV {info['type_k']}, "
-          f"flash attention {info['flash_attn']}); Q8_0 {info['model_size'] / 2**20:.0f} MiB, "
+          f"flash attention {flash}); Q8_0 {info['model_size'] / 2**20:.0f} MiB, "
           f"Q4_0 {results['llama.cpp Q4_0'][0]['info']['model_size'] / 2**20:.0f} MiB "
           f"({results['llama.cpp Q4_0'][0]['info']['model_type']})")
     e = ours[0]["info"]
