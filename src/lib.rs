@@ -21,6 +21,7 @@ pub mod sampler;
 pub mod serve;
 pub mod session;
 pub mod signal;
+pub mod state;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

@@ -35,11 +35,12 @@ use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::source::TypedSource;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 
-use crate::attention::{self, RingState};
+use crate::attention;
 use crate::config::Config;
-use crate::kv_cache::{KvType, LayerKv, RingLayout, Shift};
+use crate::kv_cache::{KvType, RingLayout};
 use crate::quant::op::{self as q8op, Q8Exec, Q8Gather, Q8MatMul, Q8Weights, WeightBytes};
 use crate::quant::{blocks_per_row, quantize_q8_fitted, Kernel, Scheme, ThreadPool, BLOCK};
+pub use crate::state::{CacheOptions, ForwardError, State, DEFAULT_CTX, DEFAULT_KEEP};
 
 /// The graph file inside a bundle.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -69,82 +70,37 @@ pub enum Int8Path {
     Fold,
 }
 
-/// Errors of [`State::forward`] a caller may want to act on (e.g. by trimming the cache).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ForwardError {
-    /// `forward` was called with no tokens.
-    #[error("no tokens to feed")]
-    Empty,
-    /// A token id is not below the vocabulary size.
-    #[error("token id {token} is outside the vocabulary (size {vocab_size})")]
-    TokenOutOfRange {
-        /// The offending id.
-        token: u32,
-        /// The model's vocabulary size.
-        vocab_size: usize,
-    },
-    /// The cache plus the new tokens would exceed the model's context.
-    #[error("context full: {cached} cached + {new} new tokens exceed the model's {max} positions")]
-    ContextFull {
-        /// Tokens already in the cache.
-        cached: usize,
-        /// Tokens passed to this call.
-        new: usize,
-        /// `max_position_embeddings`.
-        max: usize,
-    },
-}
-
-type Plan = SimplePlan<TypedFact, Box<dyn TypedOp>>;
-type Runner = SimpleState<TypedFact, Box<dyn TypedOp>>;
-
-/// The most KV-cache slots a conversation gets by default.
-pub const DEFAULT_CTX: usize = 2048;
-
-/// Sink tokens kept by default when the cache wraps (StreamingLLM uses 4).
-pub const DEFAULT_KEEP: usize = 4;
-
-/// The per-conversation KV cache: size, storage type, sink tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheOptions {
-    /// Slots; 0 = the smaller of the model's context and [`DEFAULT_CTX`].
-    pub ctx: usize,
-    /// Storage of keys and values.
-    pub kv: KvType,
-    /// First tokens never evicted when the cache wraps.
-    pub keep: usize,
-}
-
-impl Default for CacheOptions {
-    fn default() -> Self {
-        CacheOptions {
-            ctx: 0,
-            kv: KvType::F32,
-            keep: DEFAULT_KEEP,
-        }
-    }
-}
+pub(crate) type Plan = SimplePlan<TypedFact, Box<dyn TypedOp>>;
+pub(crate) type Runner = SimpleState<TypedFact, Box<dyn TypedOp>>;
 
 /// Where each tensor the decoder exchanges sits among the plan's inputs and outputs.
 #[derive(Debug, Clone)]
-struct Bindings {
+pub(crate) struct Bindings {
     /// Number of plan inputs.
-    inputs: usize,
-    input_ids: usize,
-    attention_mask: Option<usize>,
-    position_ids: Option<usize>,
+    pub(crate) inputs: usize,
+    pub(crate) input_ids: usize,
+    pub(crate) attention_mask: Option<usize>,
+    pub(crate) position_ids: Option<usize>,
     /// The rows to compute logits for, if the pre-pass added that input.
-    logit_rows: Option<usize>,
-    /// Per layer: (key input, value input); empty when the cache is fused into ring ops.
-    past: Vec<(usize, usize)>,
-    logits: usize,
-    /// Per layer: (key output, value output); empty when fused.
-    present: Vec<(usize, usize)>,
-    /// Per layer: the node of its `RingAttention` op; empty on the explicit path.
-    ring: Vec<usize>,
+    pub(crate) logit_rows: Option<usize>,
+    pub(crate) logits: usize,
+    /// Where the keys and values go.
+    pub(crate) kv: KvIo,
     /// Key/value heads and head width of the cache tensors.
-    kv_heads: usize,
-    head_dim: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// How the graph keeps its keys and values.
+#[derive(Debug, Clone)]
+pub(crate) enum KvIo {
+    /// Fused into ring attention ops: per layer, the plan node of its `RingAttention`.
+    Ring { nodes: Vec<usize> },
+    /// The graph's own cache I/O: per layer, (key, value) inputs and (key, value) outputs.
+    Explicit {
+        past: Vec<(usize, usize)>,
+        present: Vec<(usize, usize)>,
+    },
 }
 
 /// A loaded, optimized decoder; immutable and shared by any number of [`State`]s.
@@ -187,29 +143,6 @@ pub struct LoadSummary {
     pub logit_rows: bool,
     /// Node count per op name in the optimized graph tract runs.
     pub optimized_ops: BTreeMap<String, usize>,
-}
-
-/// One conversation's KV cache and position; owned by the caller.
-#[derive(Debug)]
-pub struct State {
-    plan: Arc<Plan>,
-    io: Arc<Bindings>,
-    pool: Arc<ThreadPool>,
-    vocab_size: usize,
-    max_positions: usize,
-    kv: KvType,
-    /// Created on the first forward (with the ring storage); reused so per-op state persists.
-    runner: Option<Runner>,
-    /// Explicit path: per layer, key then value, each (1, kv_heads, len, head_dim).
-    past: Vec<TValue>,
-    /// Explicit path: tokens in `past`.
-    len: usize,
-    /// Ring path: which slot holds which token.
-    ring: RingLayout,
-    /// Ring path: RoPE position of the next token.
-    next_pos: usize,
-    /// Shifts not yet taken by the caller.
-    shifts: Vec<Shift>,
 }
 
 impl Model {
@@ -334,7 +267,7 @@ impl Model {
 
     /// Whether the KV cache is the fixed-capacity ring (else the graph's explicit I/O).
     pub fn has_ring_cache(&self) -> bool {
-        !self.io.ring.is_empty()
+        matches!(self.io.kv, KvIo::Ring { .. })
     }
 
     /// A fresh, empty conversation with the default cache.
@@ -364,427 +297,16 @@ impl Model {
     }
 
     fn state_with(&self, opts: CacheOptions, ctx: usize) -> State {
-        // In range already (checked or derived by the callers); clamping only guards the types.
-        let ring = RingLayout::clamped(ctx, opts.keep);
-        State {
-            plan: Arc::clone(&self.plan),
-            io: Arc::clone(&self.io),
-            pool: Arc::clone(&self.pool),
-            vocab_size: self.config.vocab_size,
-            max_positions: self.config.max_position_embeddings,
-            kv: opts.kv,
-            runner: None,
-            past: Vec::new(),
-            len: 0,
-            ring,
-            next_pos: 0,
-            shifts: Vec::new(),
-        }
+        State::new(
+            Arc::clone(&self.plan),
+            Arc::clone(&self.io),
+            Arc::clone(&self.pool),
+            self.config.vocab_size,
+            self.config.max_position_embeddings,
+            opts,
+            ctx,
+        )
     }
-}
-
-impl State {
-    /// Feeds `tokens` and returns the logits of the last one, (vocab).
-    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.run(tokens, false)
-    }
-
-    /// Feeds `tokens` and returns the logits of every one, (tokens, vocab).
-    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.run(tokens, true)
-    }
-
-    /// Number of tokens in the cache.
-    pub fn len(&self) -> usize {
-        if self.io.ring.is_empty() {
-            self.len
-        } else {
-            self.ring.len()
-        }
-    }
-
-    /// Whether the cache is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The RoPE position the next token gets.
-    pub fn position(&self) -> usize {
-        if self.io.ring.is_empty() {
-            self.len
-        } else {
-            self.next_pos
-        }
-    }
-
-    /// Slots of the KV cache (the model's context on the explicit path).
-    pub fn capacity(&self) -> usize {
-        if self.io.ring.is_empty() {
-            self.max_positions
-        } else {
-            self.ring.capacity()
-        }
-    }
-
-    /// The ring's bookkeeping: which token each slot holds.
-    pub fn ring(&self) -> &RingLayout {
-        &self.ring
-    }
-
-    /// Bytes of key/value storage allocated for this conversation (0 before the first
-    /// forward; constant after it on the ring path).
-    pub fn cache_bytes(&self) -> usize {
-        match &self.runner {
-            Some(runner) if !self.io.ring.is_empty() => self
-                .io
-                .ring
-                .iter()
-                .filter_map(|&node| ring_state(runner, node))
-                .filter_map(|s| s.kv.as_ref().map(LayerKv::bytes))
-                .sum(),
-            _ => self
-                .past
-                .iter()
-                .map(|t| t.len() * t.datum_type().size_of())
-                .sum(),
-        }
-    }
-
-    /// Storage type of the ring.
-    pub fn kv_type(&self) -> KvType {
-        self.kv
-    }
-
-    /// Each layer's ring storage, in layer order; `None` before the first forward or on the
-    /// explicit path.
-    pub fn layer_kv(&self) -> Option<Vec<&LayerKv>> {
-        let runner = self.runner.as_ref()?;
-        self.io
-            .ring
-            .iter()
-            .map(|&node| ring_state(runner, node).and_then(|s| s.kv.as_ref()))
-            .collect::<Option<Vec<_>>>()
-            .filter(|v| !v.is_empty())
-    }
-
-    /// Replaces the conversation by a saved one: its ring layout, the next RoPE position and
-    /// each layer's exported keys and values ([`LayerKv::export`] of `layout.len()` slots).
-    /// On error the conversation is empty.
-    pub fn restore(
-        &mut self,
-        layout: RingLayout,
-        next_pos: usize,
-        layers: &[Vec<u8>],
-    ) -> Result<()> {
-        ensure!(
-            !self.io.ring.is_empty(),
-            "this model has no ring KV cache to restore"
-        );
-        ensure!(
-            layout.capacity() == self.ring.capacity() && layout.n_keep() == self.ring.n_keep(),
-            "the saved cache has {} slots keeping {}, this one {} keeping {}",
-            layout.capacity(),
-            layout.n_keep(),
-            self.ring.capacity(),
-            self.ring.n_keep()
-        );
-        ensure!(
-            layers.len() == self.io.ring.len(),
-            "{} saved layers, the model has {}",
-            layers.len(),
-            self.io.ring.len()
-        );
-        ensure!(
-            next_pos <= self.max_positions && layout.len() <= next_pos,
-            "saved position {next_pos} is inconsistent with {} cached tokens and the model's {} \
-             positions",
-            layout.len(),
-            self.max_positions
-        );
-        self.reset();
-        self.ensure_runner()?;
-        let io = Arc::clone(&self.io);
-        let runner = self
-            .runner
-            .as_mut()
-            .context("the model state was not started")?;
-        for (&node, bytes) in io.ring.iter().zip(layers) {
-            let kv = ring_state_mut(runner, node)?
-                .kv
-                .as_mut()
-                .context("no cache storage")?;
-            kv.import(layout.len(), bytes)?;
-        }
-        self.ring = layout;
-        self.next_pos = next_pos;
-        Ok(())
-    }
-
-    /// The cache shifts (evictions, re-positionings) since the last call, oldest first.
-    pub fn take_shifts(&mut self) -> Vec<Shift> {
-        std::mem::take(&mut self.shifts)
-    }
-
-    /// Forgets the conversation (the ring storage is kept, not reallocated).
-    pub fn reset(&mut self) {
-        self.past.clear();
-        self.len = 0;
-        self.ring.reset();
-        self.next_pos = 0;
-        self.shifts.clear();
-    }
-
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(ForwardError::Empty.into());
-        }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-            let vocab_size = self.vocab_size;
-            return Err(ForwardError::TokenOutOfRange { token, vocab_size }.into());
-        }
-        Ok(())
-    }
-
-    /// Feeds `tokens`; returns the logits of all of them or of the last, (n or 1, vocab).
-    fn run(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
-        self.check_tokens(tokens)?;
-        if self.io.ring.is_empty() {
-            let logits = self.run_explicit(tokens, all)?;
-            let rows = logits.try_as_plain_ram()?.as_slice::<f32>()?;
-            let from = if all { 0 } else { rows.len() - self.vocab_size };
-            return Ok(rows[from..].to_vec());
-        }
-        self.ensure_runner()?;
-        let mut out = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.ring.max_chunk()).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            if self.next_pos + chunk.len() > self.max_positions {
-                self.reposition(chunk.len())?;
-            }
-            let logits = self.run_chunk(chunk, all)?;
-            let rows = logits.try_as_plain_ram()?.as_slice::<f32>()?;
-            if all {
-                out.extend_from_slice(rows);
-            } else if i + 1 == chunks.len() {
-                out.extend_from_slice(&rows[rows.len() - self.vocab_size..]);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Spawns the plan's state and gives every ring op its storage (once per conversation).
-    fn ensure_runner(&mut self) -> Result<()> {
-        if self.runner.is_some() {
-            return Ok(());
-        }
-        let mut runner = self.plan.spawn()?;
-        let (kvh, hd, cap) = (self.io.kv_heads, self.io.head_dim, self.ring.capacity());
-        for &node in &self.io.ring {
-            let state = ring_state_mut(&mut runner, node)?;
-            state.kv = Some(LayerKv::new(kvh, cap, hd, self.kv));
-            state.pool = Some(Arc::clone(&self.pool));
-        }
-        self.runner = Some(runner);
-        Ok(())
-    }
-
-    /// Re-prefills the kept tokens at positions `0..` so that `incoming` more fit under the
-    /// model's trained context; drops the oldest non-sink tokens if they alone would not.
-    fn reposition(&mut self, incoming: usize) -> Result<()> {
-        let mut kept = self.ring.kept_tokens();
-        let limit = (self.max_positions * 3 / 4).min(self.max_positions.saturating_sub(incoming));
-        let sinks = self.ring.n_keep().min(kept.len());
-        let excess = kept.len().saturating_sub(limit).min(kept.len() - sinks);
-        kept.drain(sinks..sinks + excess);
-        ensure!(
-            kept.len() + incoming <= self.max_positions,
-            ForwardError::ContextFull {
-                cached: kept.len(),
-                new: incoming,
-                max: self.max_positions
-            }
-        );
-        log::info!(
-            "KV cache: positions reached {} of the model's {}; re-prefilling the {} kept tokens \
-             at fresh positions (dropped {excess})",
-            self.next_pos,
-            self.max_positions,
-            kept.len()
-        );
-        self.shifts.push(Shift {
-            dropped: excess,
-            kept: kept.len(),
-            repositioned: true,
-        });
-        self.ring.reset();
-        self.next_pos = 0;
-        for chunk in kept.chunks(self.ring.max_chunk()) {
-            self.run_chunk(chunk, false)?;
-        }
-        Ok(())
-    }
-
-    /// Runs one chunk that fits the ring and the position range. Returns logits (1, rows,
-    /// vocab): every token's if `all`, else at least the last one's.
-    fn run_chunk(&mut self, tokens: &[u32], all: bool) -> Result<TValue> {
-        let n = tokens.len();
-        let io = Arc::clone(&self.io);
-        let before = self.ring.clone();
-        let step = Arc::new(self.ring.place(tokens)?);
-        let runner = self
-            .runner
-            .as_mut()
-            .context("the model state was not started")?;
-        for &node in &io.ring {
-            ring_state_mut(runner, node)?.step = Some(Arc::clone(&step));
-        }
-        let mut inputs: Vec<Option<TValue>> = vec![None; io.inputs];
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        inputs[io.input_ids] = Some(Tensor::from_shape(&[1, n], &ids)?.into()); // (1, n)
-        if let Some(ix) = io.attention_mask {
-            // Unused once fused; its length only has to agree with itself.
-            inputs[ix] = Some(Tensor::from_shape(&[1, n], &vec![1i64; n])?.into());
-            // (1, n)
-        }
-        if let Some(ix) = io.position_ids {
-            let positions: Vec<i64> = (self.next_pos..self.next_pos + n)
-                .map(|p| p as i64)
-                .collect();
-            inputs[ix] = Some(Tensor::from_shape(&[1, n], &positions)?.into()); // (1, n)
-        }
-        let rows = logit_rows(&mut inputs, io.logit_rows, n, all)?;
-        let inputs = inputs
-            .into_iter()
-            .collect::<Option<TVec<TValue>>>()
-            .context("a model input has no binding")?;
-        let mut outputs = match runner.run(inputs) {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                for &node in &io.ring {
-                    if let Ok(state) = ring_state_mut(runner, node) {
-                        state.step = None;
-                    }
-                }
-                runner.reset_turn()?;
-                if step.dropped == 0 {
-                    // Only empty slots were written: the cache is as it was.
-                    self.ring.restore(before);
-                    return Err(e.context("running the model"));
-                }
-                self.reset();
-                return Err(e.context("running the model (the conversation was reset)"));
-            }
-        };
-        let logits = take_logits(&mut outputs, io.logits, rows, self.vocab_size)?;
-        self.next_pos += n;
-        if step.dropped > 0 {
-            let shift = Shift {
-                dropped: step.dropped,
-                kept: self.ring.len(),
-                repositioned: false,
-            };
-            log::info!(
-                "KV cache full: dropped the {} oldest tokens after the first {}, keeping {}",
-                shift.dropped,
-                self.ring.n_keep(),
-                shift.kept
-            );
-            self.shifts.push(shift);
-        }
-        Ok(logits)
-    }
-
-    /// The explicit path: feeds the previous presents back as pasts. Returns (1, rows, vocab)
-    /// as [`State::run_chunk`] does.
-    fn run_explicit(&mut self, tokens: &[u32], all: bool) -> Result<TValue> {
-        let n = tokens.len();
-        if self.len + n > self.max_positions {
-            let (cached, max) = (self.len, self.max_positions);
-            return Err(ForwardError::ContextFull {
-                cached,
-                new: n,
-                max,
-            }
-            .into());
-        }
-        let io = &*self.io;
-        if self.past.is_empty() {
-            // (1, kv_heads, 0, head_dim)
-            let empty: TValue = Tensor::zero::<f32>(&[1, io.kv_heads, 0, io.head_dim])?.into();
-            self.past = vec![empty; 2 * io.past.len()];
-        }
-
-        let mut inputs: Vec<Option<TValue>> = vec![None; io.inputs];
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        inputs[io.input_ids] = Some(Tensor::from_shape(&[1, n], &ids)?.into()); // (1, n)
-        if let Some(ix) = io.attention_mask {
-            let mask = vec![1i64; self.len + n];
-            inputs[ix] = Some(Tensor::from_shape(&[1, self.len + n], &mask)?.into());
-            // (1, past+n)
-        }
-        if let Some(ix) = io.position_ids {
-            let positions: Vec<i64> = (self.len..self.len + n).map(|p| p as i64).collect();
-            inputs[ix] = Some(Tensor::from_shape(&[1, n], &positions)?.into()); // (1, n)
-        }
-        let rows = logit_rows(&mut inputs, io.logit_rows, n, all)?;
-        for (layer, &(k, v)) in io.past.iter().enumerate() {
-            inputs[k] = Some(self.past[2 * layer].clone());
-            inputs[v] = Some(self.past[2 * layer + 1].clone());
-        }
-        let inputs = inputs
-            .into_iter()
-            .collect::<Option<TVec<TValue>>>()
-            .context("a model input has no binding")?;
-
-        let runner = match &mut self.runner {
-            Some(runner) => runner,
-            slot => slot.insert(self.plan.spawn()?),
-        };
-        let mut outputs = match runner.run(inputs) {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                // A failed turn leaves symbol bindings behind in tract's state; start afresh.
-                self.runner = None;
-                return Err(e.context("running the model"));
-            }
-        };
-
-        let expected = [1, io.kv_heads, self.len + n, io.head_dim];
-        let mut present = Vec::with_capacity(self.past.len());
-        for &(k, v) in &io.present {
-            for ix in [k, v] {
-                let t = outputs[ix].clone();
-                ensure!(
-                    t.shape() == expected,
-                    "present has shape {:?}, not {expected:?}",
-                    t.shape()
-                );
-                present.push(t);
-            }
-        }
-        let logits = take_logits(&mut outputs, io.logits, rows, self.vocab_size)?;
-        self.past = present;
-        self.len += n;
-        Ok(logits)
-    }
-}
-
-/// The ring op state of plan node `node`.
-fn ring_state(runner: &Runner, node: usize) -> Option<&RingState> {
-    runner
-        .op_states
-        .get(node)?
-        .as_ref()?
-        .downcast_ref::<RingState>()
-}
-
-fn ring_state_mut(runner: &mut Runner, node: usize) -> Result<&mut RingState> {
-    runner
-        .op_states
-        .get_mut(node)
-        .and_then(|s| s.as_mut())
-        .and_then(|s| s.downcast_mut::<RingState>())
-        .with_context(|| format!("plan node {node} has no ring attention state"))
 }
 
 /// Runs the protobuf pre-pass of [`Model::load`] (the part before tract: decode, external
@@ -1643,38 +1165,6 @@ fn bind_q8(model: &mut TypedModel, table: &Q8Table, exec: &Q8Exec) -> Result<()>
     Ok(())
 }
 
-/// Takes the logits output out of a run, checking it is f32 (1, rows, vocab).
-fn take_logits(outputs: &mut [TValue], ix: usize, rows: usize, vocab: usize) -> Result<TValue> {
-    let logits = std::mem::replace(&mut outputs[ix], Tensor::zero::<f32>(&[0])?.into());
-    ensure!(
-        logits.shape() == [1, rows, vocab] && logits.datum_type() == f32::datum_type(),
-        "logits have shape {:?} {:?}, not [1, {rows}, {vocab}] f32",
-        logits.shape(),
-        logits.datum_type()
-    );
-    Ok(logits)
-}
-
-/// Fills the [`LOGIT_ROWS`] input, if the graph has it: every row of `n` if `all`, else the
-/// last. Returns the number of logit rows the run will produce.
-fn logit_rows(
-    inputs: &mut [Option<TValue>],
-    slot: Option<usize>,
-    n: usize,
-    all: bool,
-) -> Result<usize> {
-    let Some(ix) = slot else {
-        return Ok(n);
-    };
-    let rows: Vec<i64> = if all {
-        (0..n as i64).collect()
-    } else {
-        vec![n as i64 - 1]
-    };
-    inputs[ix] = Some(Tensor::from_shape(&[rows.len()], &rows)?.into()); // (rows)
-    Ok(rows.len())
-}
-
 /// The extra graph input naming which rows (positions) of the hidden state get logits.
 const LOGIT_ROWS: &str = "edgelm_logit_rows";
 
@@ -2089,10 +1579,8 @@ impl IoNames {
                 attention_mask,
                 position_ids,
                 logit_rows,
-                past: vec![],
                 logits,
-                present: vec![],
-                ring,
+                kv: KvIo::Ring { nodes: ring },
                 kv_heads: config.num_key_value_heads,
                 head_dim: config.head_dim,
             });
@@ -2138,10 +1626,8 @@ impl IoNames {
             attention_mask,
             position_ids,
             logit_rows,
-            past,
             logits,
-            present,
-            ring: vec![],
+            kv: KvIo::Explicit { past, present },
             kv_heads,
             head_dim,
         })
@@ -2541,11 +2027,9 @@ mod tests {
     }
 
     #[test]
-    fn model_is_shared_across_threads_and_state_can_move() {
+    fn model_is_shared_across_threads() {
         fn send_sync<T: Send + Sync>() {}
-        fn send<T: Send>() {}
         send_sync::<Model>();
-        send::<State>();
     }
 
     #[test]
