@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 
 use edgelm::convert::gguf::Gguf;
 use edgelm::convert::open_checkpoint;
-use edgelm::model::{prepass, Int8Path, LoadOptions, Model};
+use edgelm::model::{Int8Path, LoadOptions, Model};
+use edgelm::prepass::check_protobuf;
 use edgelm::protocol::{self, Frame, LineParser, Request};
 use edgelm::session;
 
@@ -76,7 +77,7 @@ pub fn onnx_prepass(data: &[u8]) {
     } else {
         Int8Path::Fold
     };
-    if let Err(e) = prepass(bytes, onnx_bundle(), int8) {
+    if let Err(e) = check_protobuf(bytes, onnx_bundle(), int8) {
         let _ = format!("{e:#}");
     }
 }

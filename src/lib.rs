@@ -14,6 +14,7 @@ pub mod info;
 pub mod kv_cache;
 pub mod logger;
 pub mod model;
+pub mod prepass;
 pub mod protocol;
 pub mod quant;
 pub mod run;

@@ -20,7 +20,7 @@ use tract_onnx::prelude::*;
 
 use crate::attention::RingState;
 use crate::kv_cache::{KvType, LayerKv, RingLayout, Shift};
-use crate::model::{Bindings, KvIo, Plan, Runner};
+use crate::prepass::{Bindings, KvIo, Plan, Runner};
 use crate::quant::ThreadPool;
 
 /// The most KV-cache slots a conversation gets by default.
