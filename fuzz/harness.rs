@@ -8,9 +8,10 @@ use std::sync::OnceLock;
 
 use edgelm::convert::gguf::Gguf;
 use edgelm::convert::open_checkpoint;
-use edgelm::model::{Int8Path, LoadOptions, Model};
+use edgelm::model::{LoadOptions, Model};
 use edgelm::prepass::check_protobuf;
 use edgelm::protocol::{self, Frame, LineParser, Request};
+use edgelm::quant::Scheme;
 use edgelm::session;
 
 /// A per-process scratch path under the temp dir.
@@ -73,9 +74,9 @@ pub fn onnx_prepass(data: &[u8]) {
         return;
     };
     let int8 = if mode & 1 == 0 {
-        Int8Path::Q8F32
+        Scheme::Q8F32
     } else {
-        Int8Path::Fold
+        Scheme::Fold
     };
     if let Err(e) = check_protobuf(bytes, onnx_bundle(), int8) {
         let _ = format!("{e:#}");

@@ -25,7 +25,7 @@ use anyhow::{ensure, Context, Result};
 use crate::config::Config;
 use crate::kv_cache::{KvType, RingLayout};
 use crate::prepass::{self, Bindings, Built, KvIo, Plan};
-use crate::quant::{Kernel, ThreadPool};
+use crate::quant::{Kernel, Scheme, ThreadPool};
 pub use crate::state::{CacheOptions, ForwardError, State, DEFAULT_CTX, DEFAULT_KEEP};
 
 /// The graph file inside a bundle.
@@ -34,26 +34,13 @@ pub const MODEL_FILE: &str = "model.onnx";
 /// How to load a bundle.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Threads for matrix products; 0 = all cores.
+    /// Compute threads, the caller's included (int8 products, attention); 0 = one per core.
     pub threads: usize,
     /// How int8 weights run.
-    pub int8: Int8Path,
-    /// Kernel variant for the int8 path; `None` = [`Kernel::select`] (best, or `EDGELM_KERNEL`).
+    pub int8: Scheme,
+    /// Kernel variant (int8 products and attention); `None` = [`Kernel::select`]'s choice
+    /// (`EDGELM_KERNEL`, else the best this CPU runs).
     pub kernel: Option<Kernel>,
-}
-
-/// How the int8 weights of a bundle are computed with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Int8Path {
-    /// Our operators, int8 weights used in place, f32 activations ([`crate::quant::Scheme::Q8F32`]).
-    #[default]
-    Q8F32,
-    /// Our operators, activations quantized per block too ([`crate::quant::Scheme::Q8Q8`], llama.cpp's).
-    Q8Q8,
-    /// Our operators, activations quantized per block to int16 ([`crate::quant::Scheme::Q8Q16`]).
-    Q8Q16,
-    /// Dequantized to f32 at load and run by tract (the reference; ~4x the memory).
-    Fold,
 }
 
 /// A loaded, optimized decoder; immutable and shared by any number of [`State`]s.
@@ -63,8 +50,6 @@ pub struct Model {
     io: Arc<Bindings>,
     config: Config,
     threads: usize,
-    /// The kernel threads: the int8 products and decode attention.
-    pool: Arc<ThreadPool>,
     summary: LoadSummary,
 }
 
@@ -113,8 +98,9 @@ impl Model {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let pool = Arc::new(ThreadPool::new(threads).context("starting the kernel threads")?);
-        let Built { plan, io, summary } = prepass::build(dir, &config, opts, &pool)?;
+        let kernel = Kernel::select(opts.kernel)?;
+        let pool = Arc::new(ThreadPool::new(threads).context("starting the compute threads")?);
+        let Built { plan, io, summary } = prepass::build(dir, &config, opts.int8, kernel, &pool)?;
         let model_path = dir.join(MODEL_FILE);
         log::info!(
             "loaded {model_path:?} in {:.2?} ({} layers, {} blocked DequantizeLinear folded, {}, \
@@ -138,12 +124,11 @@ impl Model {
             io: Arc::new(io),
             config,
             threads,
-            pool,
             summary,
         })
     }
 
-    /// Threads the matrix products use.
+    /// Compute threads the model runs on, the caller's included.
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -193,7 +178,6 @@ impl Model {
         State::new(
             Arc::clone(&self.plan),
             Arc::clone(&self.io),
-            Arc::clone(&self.pool),
             self.config.vocab_size,
             self.config.max_position_embeddings,
             opts,

@@ -21,7 +21,6 @@ use tract_onnx::prelude::*;
 use crate::attention::RingState;
 use crate::kv_cache::{KvType, LayerKv, RingLayout, Shift};
 use crate::prepass::{Bindings, KvIo, Plan, Runner};
-use crate::quant::ThreadPool;
 
 /// The most KV-cache slots a conversation gets by default.
 pub const DEFAULT_CTX: usize = 2048;
@@ -112,8 +111,6 @@ struct Ring {
     next_pos: usize,
     /// Storage type of the keys and values.
     kv: KvType,
-    /// The kernel threads, which decode attention borrows.
-    pool: Arc<ThreadPool>,
     /// Shifts not yet taken by the caller.
     shifts: Vec<Shift>,
 }
@@ -137,7 +134,6 @@ impl State {
     pub(crate) fn new(
         plan: Arc<Plan>,
         io: Arc<Bindings>,
-        pool: Arc<ThreadPool>,
         vocab_size: usize,
         max_positions: usize,
         opts: CacheOptions,
@@ -150,7 +146,6 @@ impl State {
                 layout: RingLayout::clamped(ctx, opts.keep),
                 next_pos: 0,
                 kv: opts.kv,
-                pool,
                 shifts: Vec::new(),
             }),
             KvIo::Explicit { past, present } => Cache::Explicit(Explicit {
@@ -393,9 +388,7 @@ impl Ring {
             let mut runner = g.plan.spawn()?;
             let (kvh, hd, cap) = (g.io.kv_heads, g.io.head_dim, self.layout.capacity());
             for &node in &self.nodes {
-                let state = ring_state_mut(&mut runner, node)?;
-                state.kv = Some(LayerKv::new(kvh, cap, hd, self.kv));
-                state.pool = Some(Arc::clone(&self.pool));
+                ring_state_mut(&mut runner, node)?.kv = Some(LayerKv::new(kvh, cap, hd, self.kv));
             }
             g.runner = Some(runner);
         }

@@ -2,6 +2,7 @@
 //! that removes some of them, and the final binding of each to its role.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use tract_onnx::pb;
@@ -10,6 +11,7 @@ use tract_onnx::prelude::*;
 use super::rewrite::LOGIT_ROWS;
 use crate::attention;
 use crate::config::Config;
+use crate::quant::{Kernel, ThreadPool};
 
 /// Where each tensor the decoder exchanges sits among the plan's inputs and outputs.
 #[derive(Debug, Clone)]
@@ -64,7 +66,13 @@ impl IoNames {
 
     /// Folds the cache I/O into ring attention ops when the graph matches (dropping the
     /// names it removed); returns whether it did.
-    pub(super) fn fuse_cache(&mut self, model: &mut TypedModel, layers: usize) -> Result<bool> {
+    pub(super) fn fuse_cache(
+        &mut self,
+        model: &mut TypedModel,
+        layers: usize,
+        kernel: Kernel,
+        pool: &Arc<ThreadPool>,
+    ) -> Result<bool> {
         // Checked first: everything below sizes tables by the config's layer count.
         let declared = self
             .inputs
@@ -75,7 +83,7 @@ impl IoNames {
             declared == layers,
             "config.json says {layers} layers but the graph has a KV cache for {declared}"
         );
-        let Some(fused) = attention::fuse(model, layers)? else {
+        let Some(fused) = attention::fuse(model, layers, kernel, pool)? else {
             log::info!(
                 "the attention does not match the ring-buffer rewrite; keeping the graph's \
                  past/present KV cache (bounded by the model's context, copied every step)"

@@ -45,7 +45,7 @@ use anyhow::{anyhow, Context, Result};
 use tract_onnx::pb;
 
 use crate::config::Config;
-use crate::model::{Int8Path, LoadOptions, LoadSummary, MODEL_FILE};
+use crate::model::{LoadSummary, MODEL_FILE};
 use crate::quant::op::{self as q8op, Q8Exec, Q8Gather, Q8MatMul};
 use crate::quant::{Kernel, Scheme, ThreadPool};
 
@@ -63,11 +63,12 @@ pub(crate) struct Built {
 }
 
 /// Runs the whole pipeline on the bundle in `dir` (its `config.json` read into `config`).
-/// Our int8 operators run on `pool`.
+/// Our operators run `kernel` on `pool`; int8 weights run as `int8` says.
 pub(crate) fn build(
     dir: &Path,
     config: &Config,
-    opts: &LoadOptions,
+    int8: Scheme,
+    kernel: Kernel,
     pool: &Arc<ThreadPool>,
 ) -> Result<Built> {
     let path = dir.join(MODEL_FILE);
@@ -78,26 +79,19 @@ pub(crate) fn build(
         q8,
         mut io_names,
         mut summary,
-    } = rewrite_protobuf(proto, dir, opts.int8)?; // 2–7
+    } = rewrite_protobuf(proto, dir, int8)?; // 2–7
     let mut typed =
         plan::to_typed(&proto, dir, external).with_context(|| format!("analysing {path:?}"))?; // 8
     drop(proto);
     let exec = Q8Exec {
-        scheme: match opts.int8 {
-            Int8Path::Q8Q8 => Scheme::Q8Q8,
-            Int8Path::Q8Q16 => Scheme::Q8Q16,
-            _ => Scheme::Q8F32,
-        },
-        kernel: match opts.kernel {
-            Some(k) => k.checked()?,
-            None => Kernel::select()?,
-        },
+        scheme: int8,
+        kernel,
         pool: Arc::clone(pool),
     };
     int8::bind_q8(&mut typed, &q8, &exec, &mut summary)
         .with_context(|| format!("binding the int8 weights of {path:?}"))?; // 9
     summary.ring_cache = io_names
-        .fuse_cache(&mut typed, config.num_hidden_layers)
+        .fuse_cache(&mut typed, config.num_hidden_layers, kernel, pool)
         .with_context(|| format!("fusing the KV cache of {path:?}"))?; // 10
     let optimized = typed
         .into_optimized()
@@ -113,8 +107,7 @@ pub(crate) fn build(
     let io = io_names
         .bind(&optimized, config, summary.ring_cache)
         .with_context(|| format!("binding the inputs and outputs of {path:?}"))?; // 12
-    let plan =
-        plan::make_plan(optimized, pool.threads()).with_context(|| format!("planning {path:?}"))?; // 13
+    let plan = plan::make_plan(optimized).with_context(|| format!("planning {path:?}"))?; // 13
     Ok(Built { plan, io, summary })
 }
 
@@ -128,7 +121,7 @@ struct Prepared {
 }
 
 /// Steps 2 to 7 on `proto`, whose external data lives in `dir`.
-fn rewrite_protobuf(mut proto: pb::ModelProto, dir: &Path, int8: Int8Path) -> Result<Prepared> {
+fn rewrite_protobuf(mut proto: pb::ModelProto, dir: &Path, int8: Scheme) -> Result<Prepared> {
     let path = dir.join(MODEL_FILE);
     let graph = proto
         .graph
@@ -139,8 +132,8 @@ fn rewrite_protobuf(mut proto: pb::ModelProto, dir: &Path, int8: Int8Path) -> Re
     let mut summary = census(graph)?; // 3
     let q8 = match int8 {
         // 4
-        Int8Path::Fold => int8::Q8Table::new(),
-        Int8Path::Q8F32 | Int8Path::Q8Q8 | Int8Path::Q8Q16 => {
+        Scheme::Fold => int8::Q8Table::new(),
+        Scheme::Q8F32 | Scheme::Q8Q16 | Scheme::Q8Q8 => {
             let mut q8 =
                 int8::route_q8(graph, &external).with_context(|| format!("rewriting {path:?}"))?;
             let ort = int8::route_matmul_integer(graph, &external)
@@ -179,7 +172,7 @@ fn rewrite_protobuf(mut proto: pb::ModelProto, dir: &Path, int8: Int8Path) -> Re
 /// Runs the protobuf steps (1 to 7, everything before tract) on `model.onnx` bytes whose
 /// external data lives in `dir`, for fuzzing: the same code [`build`] runs.
 #[doc(hidden)]
-pub fn check_protobuf(bytes: &[u8], dir: &Path, int8: Int8Path) -> Result<()> {
+pub fn check_protobuf(bytes: &[u8], dir: &Path, int8: Scheme) -> Result<()> {
     let proto = external::decode_model_proto(bytes, &dir.join(MODEL_FILE))?;
     rewrite_protobuf(proto, dir, int8).map(drop)
 }

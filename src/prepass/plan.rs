@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
@@ -43,19 +43,13 @@ pub(super) fn to_typed(
     parsed.model.into_typed()
 }
 
-/// Builds the runnable plan with a thread pool of `threads` (at least 1).
-pub(super) fn make_plan(model: TypedModel, threads: usize) -> Result<Arc<Plan>> {
-    let executor = if threads > 1 {
-        // Built here rather than by tract, which panics when the pool cannot be created.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("edgelm-mm-{i}"))
-            .build()
-            .with_context(|| format!("starting {threads} threads"))?;
-        multithread::Executor::MultiThread(Arc::new(pool))
-    } else {
-        multithread::Executor::SingleThread
-    };
+/// Builds the runnable plan, on the calling thread alone.
+///
+/// tract runs single-threaded: the products that matter run in our operators, on our pool
+/// (`-t` bounds it), and an int8 bundle leaves tract only element-wise work and the small
+/// products of RoPE and norms. An f32 bundle (or `--int8 fold`) has tract multiply every
+/// weight itself, on this one thread.
+pub(super) fn make_plan(model: TypedModel) -> Result<Arc<Plan>> {
     let stale = per_step_constants(&model);
     if !stale.is_empty() {
         log::warn!(
@@ -64,7 +58,7 @@ pub(super) fn make_plan(model: TypedModel, threads: usize) -> Result<Arc<Plan>> 
         );
     }
     let options = RunOptions {
-        executor: Some(executor),
+        executor: Some(multithread::Executor::SingleThread),
         ..Default::default()
     };
     SimplePlan::new_with_options(model, &options)

@@ -15,9 +15,9 @@ use super::external::{tensor_floats, ExternalData};
 use super::int8::requantize_matmul_integer;
 use super::plan::{make_plan, per_step_constants, to_typed};
 use super::rewrite::fold_weight_transposes;
+use crate::attention::RingAttention;
 use crate::config::Config;
-use crate::model::LoadOptions;
-use crate::quant::ThreadPool;
+use crate::quant::{Kernel, Scheme, ThreadPool};
 
 fn no_external() -> ExternalData {
     ExternalData {
@@ -178,7 +178,7 @@ fn run_linear(blocked: &Blocked) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(names, ["w"], "the int8 weights and scales are dropped");
 
     let model = to_typed(&proto, Path::new("."), no_external()).unwrap();
-    let plan = make_plan(model.into_optimized().unwrap(), 1).unwrap();
+    let plan = make_plan(model.into_optimized().unwrap()).unwrap();
     let x: Vec<f32> = (0..blocked.k).map(|i| (i % 9) as f32 - 4.0).collect(); // (1, k)
     let out = plan
         .run(tvec![Tensor::from_shape(&[1, blocked.k], &x)
@@ -327,7 +327,7 @@ fn tied_lm_head_is_folded_at_load() {
         let dir = fixture(bundle);
         let config = Config::load(&dir).unwrap();
         let pool = Arc::new(ThreadPool::new(1).unwrap());
-        let built = super::build(&dir, &config, &LoadOptions::default(), &pool).unwrap();
+        let built = super::build(&dir, &config, Scheme::Q8F32, Kernel::best(), &pool).unwrap();
         assert!(config.tie_word_embeddings);
         let stale = per_step_constants(built.plan.model());
         assert_eq!(stale, Vec::<String>::new(), "{bundle}");
@@ -387,4 +387,32 @@ fn transposed_weights_are_folded_into_initializers() {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     assert_eq!(v, [1., 4., 2., 5., 3., 6.]);
+}
+
+/// One kernel choice reaches every operator of ours: each layer's attention and the int8
+/// products run the kernel the model was loaded with, on the one pool.
+#[test]
+fn the_kernel_choice_reaches_the_attention_and_the_int8_products() {
+    let dir = fixture("tiny-llama/onnx-int8");
+    let config = Config::load(&dir).unwrap();
+    let pool = Arc::new(ThreadPool::new(2).unwrap());
+    for kernel in Kernel::available() {
+        let built = super::build(&dir, &config, Scheme::Q8F32, kernel, &pool).unwrap();
+        let ring: Vec<&RingAttention> = built
+            .plan
+            .model()
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<RingAttention>())
+            .collect();
+        assert_eq!(ring.len(), config.num_hidden_layers);
+        for op in ring {
+            assert_eq!(op.kernel, kernel, "layer {}", op.layer);
+            assert!(Arc::ptr_eq(&op.pool, &pool), "layer {}", op.layer);
+        }
+        assert_eq!(
+            built.summary.int8_exec,
+            Some(format!("Q8F32/{kernel}/2 threads"))
+        );
+    }
 }

@@ -7,7 +7,8 @@ use common::{fixture, reference};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use edgelm::model::{ForwardError, Int8Path, LoadOptions, Model, State};
+use edgelm::model::{ForwardError, LoadOptions, Model, State};
+use edgelm::quant::Scheme;
 use prost::Message;
 use tract_onnx::pb;
 
@@ -146,7 +147,7 @@ fn gpt2_f32_greedy_matches_reference() {
 /// the reference ids and on every greedy prompt + continuation, run by `int8` (our operator
 /// after the rewrite, or tract's integer path with `Fold`); also reports the largest logit
 /// difference and the greedy tokens.
-fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> f64 {
+fn int8_top1_agreement_with(model_name: &str, int8: Scheme) -> f64 {
     let f32_model = load(&format!("{model_name}/onnx-f32"));
     let int8_model = Model::load(
         &fixture(&format!("{model_name}/onnx-int8")),
@@ -196,9 +197,9 @@ fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> f64 {
 /// The lower agreement of our two faithful schemes (f32 and int16 activations).
 fn int8_top1_agreement(model_name: &str) -> f64 {
     // tract's own integer path, for comparison in the log (it follows ORT's numerics).
-    int8_top1_agreement_with(model_name, Int8Path::Fold);
-    let f32_acts = int8_top1_agreement_with(model_name, Int8Path::Q8F32);
-    let i16_acts = int8_top1_agreement_with(model_name, Int8Path::Q8Q16);
+    int8_top1_agreement_with(model_name, Scheme::Fold);
+    let f32_acts = int8_top1_agreement_with(model_name, Scheme::Q8F32);
+    let i16_acts = int8_top1_agreement_with(model_name, Scheme::Q8Q16);
     f32_acts.min(i16_acts)
 }
 
@@ -236,7 +237,7 @@ fn ort_matmul_integer_runs_on_the_q8_operator() {
             &fixture(bundle),
             &LoadOptions {
                 threads: 1,
-                int8: Int8Path::Fold,
+                int8: Scheme::Fold,
                 ..Default::default()
             },
         )
