@@ -78,23 +78,24 @@ pub(super) fn attend(
     let units = kvh * s;
     match pool.filter(|p| p.threads() > 1 && s * used >= PARALLEL_WORK) {
         Some(pool) => {
-            // Units are independent: each part computes a contiguous range of them with
-            // buffers of its own, so the result does not depend on the number of parts.
+            // Units are independent: each part computes every `parts`-th one (later query
+            // positions see more slots, so this spreads the work evenly) with buffers of its
+            // own, so the result does not depend on the number of parts.
             let parts = pool.threads().min(units);
             let width = group * hd;
-            let range = |p: usize| p * units / parts..(p + 1) * units / parts;
+            let mine = |p: usize| (p..units).step_by(parts);
             let results: Vec<Mutex<Vec<f32>>> = (0..parts).map(|_| Mutex::default()).collect();
             pool.run(parts, |p| {
                 let mut scratch = Scratch::default();
                 let mut o = results[p].lock().unwrap_or_else(PoisonError::into_inner);
-                o.resize(range(p).len() * width, 0.0); // (units of the part, group, head_dim)
-                for (j, u) in range(p).enumerate() {
+                o.resize(mine(p).len() * width, 0.0); // (units of the part, group, head_dim)
+                for (j, u) in mine(p).enumerate() {
                     unit(u / s, u % s, &mut o[j * width..][..width], &mut scratch);
                 }
             });
             for (p, o) in results.iter().enumerate() {
                 let o = o.lock().unwrap_or_else(PoisonError::into_inner);
-                for (j, u) in range(p).enumerate() {
+                for (j, u) in mine(p).enumerate() {
                     scatter(
                         &mut out,
                         &o[j * width..][..width],
