@@ -8,8 +8,10 @@ use std::sync::OnceLock;
 
 use edgelm::convert::gguf::Gguf;
 use edgelm::convert::open_checkpoint;
-use edgelm::model::{prepass, Int8Path, LoadOptions, Model};
+use edgelm::model::{LoadOptions, Model};
+use edgelm::prepass::check_protobuf;
 use edgelm::protocol::{self, Frame, LineParser, Request};
+use edgelm::quant::Scheme;
 use edgelm::session;
 
 /// A per-process scratch path under the temp dir.
@@ -76,11 +78,11 @@ pub fn onnx_prepass(data: &[u8]) {
 pub fn onnx_prepass_result(data: &[u8]) -> Option<Result<(), String>> {
     let (&mode, bytes) = data.split_first()?;
     let int8 = if mode & 1 == 0 {
-        Int8Path::Q8F32
+        Scheme::Q8F32
     } else {
-        Int8Path::Fold
+        Scheme::Fold
     };
-    Some(prepass(bytes, onnx_bundle(), int8).map_err(|e| format!("{e:#}")))
+    Some(check_protobuf(bytes, onnx_bundle(), int8).map_err(|e| format!("{e:#}")))
 }
 
 /// The serve line framer and request parser. The first byte picks the line limit; every

@@ -2,14 +2,13 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::convert::{ConvertOptions, Quant};
 use crate::kv_cache::KvType;
-use crate::model::{CacheOptions, DEFAULT_KEEP};
-use crate::model::{Int8Path, LoadOptions};
+use crate::model::{CacheOptions, LoadOptions, DEFAULT_KEEP};
 use crate::protocol::{StreamMode, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_LIMIT};
-use crate::quant::Kernel;
+use crate::quant::{Kernel, Scheme};
 use crate::sampler::SamplerConfig;
 use crate::serve::{ServeOptions, Settings};
 use crate::transport::{FlowControl, SerialConfig};
@@ -85,48 +84,28 @@ pub struct ModelArgs {
     /// Model bundle directory.
     #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
-    /// Worker threads for the matrix kernels (0 = one per core).
+    /// Compute threads, the main one included (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
-    /// How int8 weights run: f32 activations (q8f32), int8 activations as llama.cpp (q8q8),
-    /// int16 activations (q8q16), or dequantized to f32 by tract at load (fold).
-    #[arg(long, value_enum, default_value_t = Int8Arg::Q8f32)]
-    pub int8: Int8Arg,
-    /// Force a kernel variant (scalar, avx2, avx512, neon, dotprod); default: the best this CPU
-    /// has.
-    #[arg(long, env = "EDGELM_KERNEL")]
-    pub kernel: Option<String>,
-}
-
-/// `--int8` values.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Int8Arg {
-    /// int8 weights in place, f32 activations.
-    Q8f32,
-    /// int8 weights and per-block int8 activations (llama.cpp's Q8_0 path).
-    Q8q8,
-    /// int8 weights and per-block int16 activations.
-    Q8q16,
-    /// Dequantize to f32 at load and let tract run them.
-    Fold,
+    /// How int8 weights run: f32 activations (q8f32), int16 activations (q8q16), int8
+    /// activations as llama.cpp (q8q8), or dequantized to f32 by tract at load (fold).
+    #[arg(long, value_name = "q8f32|q8q16|q8q8|fold", default_value_t = Scheme::Q8F32,
+          value_parser = clap::value_parser!(Scheme))]
+    pub int8: Scheme,
+    /// Force a kernel variant for the int8 products and the attention (scalar, avx2, avx512,
+    /// neon, dotprod); default: $EDGELM_KERNEL, else the best this CPU has.
+    #[arg(long, value_name = "scalar|avx2|avx512|neon|dotprod",
+          value_parser = clap::value_parser!(Kernel))]
+    pub kernel: Option<Kernel>,
 }
 
 impl ModelArgs {
     /// The library's load options for these flags.
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
-        let kernel = match self.kernel.as_deref() {
-            None | Some("") => None,
-            Some(name) => Some(name.parse::<Kernel>()?.checked()?),
-        };
         Ok(LoadOptions {
             threads: self.threads,
-            int8: match self.int8 {
-                Int8Arg::Q8f32 => Int8Path::Q8F32,
-                Int8Arg::Q8q8 => Int8Path::Q8Q8,
-                Int8Arg::Q8q16 => Int8Path::Q8Q16,
-                Int8Arg::Fold => Int8Path::Fold,
-            },
-            kernel,
+            int8: self.int8,
+            kernel: self.kernel,
         })
     }
 }

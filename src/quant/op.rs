@@ -3,7 +3,7 @@
 //! (or, for weights requantized from another format at load, held on the heap).
 //!
 //! tract's own int8 matmul is far too slow for decode and its constant folding would copy
-//! every weight to the heap as f32, so the loader's pre-pass (in `model.rs`) replaces
+//! every weight to the heap as f32, so the loader's pipeline ([`crate::prepass`]) replaces
 //! `DequantizeLinear(block_size=32) -> Transpose -> MatMul` by a `Q8MatMul` node and
 //! `DequantizeLinear -> Gather` by a `Q8Gather` node (domain [`DOMAIN`]), each naming its
 //! weight. [`register`] teaches tract-onnx to parse them; once the model is typed, the loader

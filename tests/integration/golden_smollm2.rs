@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;
 use edgelm::generate::{generate, Flow, GenerateOptions};
-use edgelm::model::{Int8Path, LoadOptions};
+use edgelm::model::LoadOptions;
+use edgelm::quant::Scheme;
 use edgelm::sampler::SamplerConfig;
 
 fn engine(quant: Quant) -> &'static Engine {
@@ -28,7 +29,7 @@ fn engine_q8q16() -> &'static Engine {
     static Q8Q16: OnceLock<Engine> = OnceLock::new();
     Q8Q16.get_or_init(|| {
         let opts = LoadOptions {
-            int8: Int8Path::Q8Q16,
+            int8: Scheme::Q8Q16,
             ..Default::default()
         };
         Engine::load(&common::default_bundle(Quant::Int8), &opts).unwrap()

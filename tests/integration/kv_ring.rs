@@ -59,7 +59,7 @@ fn generating_four_times_the_ring_is_constant_memory_and_reports_every_shift() {
         .filter(|s| !s.repositioned)
         .all(|s| s.dropped == 1 && s.kept == 64));
     // Sinks survive every wrap.
-    assert_eq!(state.ring().kept_tokens()[..4], prompt[..4]);
+    assert_eq!(state.ring().unwrap().kept_tokens()[..4], prompt[..4]);
 }
 
 /// A ring that never wraps is the plain KV cache: token-by-token logits equal one pass.
@@ -108,7 +108,7 @@ fn a_prompt_longer_than_the_ring_wraps_in_chunks() {
     assert_eq!(dropped, 50 - 16);
     let mut want = vec![ids[0], ids[1]];
     want.extend_from_slice(&ids[36..]);
-    assert_eq!(state.ring().kept_tokens(), want);
+    assert_eq!(state.ring().unwrap().kept_tokens(), want);
 }
 
 #[test]

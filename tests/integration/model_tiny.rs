@@ -7,7 +7,8 @@ use common::{argmax, fixture, greedy, load_fixture as load, max_abs_diff, refere
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use edgelm::model::{ForwardError, Int8Path, LoadOptions, Model};
+use edgelm::model::{ForwardError, LoadOptions, Model};
+use edgelm::quant::Scheme;
 use prost::Message;
 use tract_onnx::pb;
 
@@ -100,7 +101,7 @@ fn gpt2_f32_greedy_matches_reference() {
 /// the reference ids and on every greedy prompt + continuation, run by `int8` (our operator
 /// after the rewrite, or tract's integer path with `Fold`); also reports the largest logit
 /// difference and the greedy tokens. Returns (positions that agree, positions).
-fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> (usize, usize) {
+fn int8_top1_agreement_with(model_name: &str, int8: Scheme) -> (usize, usize) {
     let f32_model = load(&format!("{model_name}/onnx-f32"));
     let int8_model = Model::load(
         &fixture(&format!("{model_name}/onnx-int8")),
@@ -148,7 +149,7 @@ fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> (usize, usize) 
 }
 
 /// Asserts each int8 path agrees with f32 on at least `least` of the 83 positions.
-fn assert_int8_top1_agreement(model_name: &str, least: [(Int8Path, usize); 3]) {
+fn assert_int8_top1_agreement(model_name: &str, least: [(Scheme, usize); 3]) {
     for (int8, least) in least {
         let (agree, total) = int8_top1_agreement_with(model_name, int8);
         assert_eq!(total, 83);
@@ -168,9 +169,9 @@ fn llama_int8_agrees_with_f32_on_78_of_83_positions() {
     assert_int8_top1_agreement(
         "tiny-llama",
         [
-            (Int8Path::Q8F32, 78),
-            (Int8Path::Q8Q16, 78),
-            (Int8Path::Fold, 76),
+            (Scheme::Q8F32, 78),
+            (Scheme::Q8Q16, 78),
+            (Scheme::Fold, 76),
         ],
     );
 }
@@ -181,9 +182,9 @@ fn gpt2_int8_agrees_with_f32_on_81_of_83_positions() {
     assert_int8_top1_agreement(
         "tiny-gpt2",
         [
-            (Int8Path::Q8F32, 81),
-            (Int8Path::Q8Q16, 81),
-            (Int8Path::Fold, 81),
+            (Scheme::Q8F32, 81),
+            (Scheme::Q8Q16, 81),
+            (Scheme::Fold, 81),
         ],
     );
 }
@@ -212,7 +213,7 @@ fn ort_matmul_integer_runs_on_the_q8_operator() {
             &fixture(bundle),
             &LoadOptions {
                 threads: 1,
-                int8: Int8Path::Fold,
+                int8: Scheme::Fold,
                 ..Default::default()
             },
         )
