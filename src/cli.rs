@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::chat::ChatOptions;
 use crate::convert::{ConvertOptions, Quant};
 use crate::kv_cache::KvType;
 use crate::model::{CacheOptions, DEFAULT_KEEP};
@@ -259,6 +260,21 @@ pub struct ChatArgs {
     /// Stop a reply before this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+}
+
+impl ChatArgs {
+    /// The chat options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<ChatOptions> {
+        Ok(ChatOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            sampler: self.sampling.to_config(),
+            max_tokens: self.max_tokens,
+            system: self.system.clone(),
+            stop: self.stop.clone(),
+        })
+    }
 }
 
 /// `edgelm convert`.

@@ -16,11 +16,13 @@ fn main() -> ExitCode {
     }
     let result = match &cli.command {
         Command::Run(args) => edgelm::run::run(args, &mut std::io::stdout().lock()),
-        Command::Chat(args) => edgelm::chat::chat(
-            args,
-            &mut std::io::stdin().lock(),
-            &mut std::io::stdout().lock(),
-        ),
+        Command::Chat(args) => args.to_options().and_then(|o| {
+            edgelm::chat::chat(
+                &o,
+                &mut std::io::stdin().lock(),
+                &mut std::io::stdout().lock(),
+            )
+        }),
         Command::Convert(args) => edgelm::convert::convert(&args.to_options()).map(|_| ()),
         Command::Info(args) => edgelm::info::run(args, &mut std::io::stdout().lock()),
         Command::Bench(args) => edgelm::bench::run(args, &mut std::io::stdout().lock()),

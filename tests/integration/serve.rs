@@ -27,7 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The tiny Llama int8 bundle plus SmolLM2's chat template (the fixture has none), so
 /// `CHAT` works.
-fn chat_bundle() -> PathBuf {
+pub(crate) fn chat_bundle() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("edgelm-serve-tiny-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     for entry in fs::read_dir(fixture("tiny-llama/onnx-int8")).unwrap() {
