@@ -147,8 +147,8 @@ impl StreamMode {
 }
 
 /// A settable key and its parsed value.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Setting<'a> {
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setting {
     /// Sampling temperature, 0 = greedy.
     Temp(f32),
     /// Top-k, 0 = off.
@@ -163,8 +163,9 @@ pub enum Setting<'a> {
     Seed(u64),
     /// Cap on generated tokens.
     MaxTokens(usize),
-    /// Stop strings, space-separated, each escaped like `TOK` text; `None` clears them.
-    Stop(Option<&'a str>),
+    /// Stop strings, decoded (on the wire: space-separated, each escaped like `TOK` text);
+    /// empty clears them.
+    Stop(Vec<String>),
     /// Output mode.
     Stream(StreamMode),
     /// Gather `TOK` text for this many milliseconds per line (0 = one line per token).
@@ -189,7 +190,7 @@ pub const KEYS: [&str; 11] = [
 ];
 
 /// One parsed request line; text arguments borrow the line.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Request<'a> {
     /// A blank line: no response (a new prompt when echoing).
     Empty,
@@ -200,7 +201,7 @@ pub enum Request<'a> {
     /// `HELP` → one `OK` line listing verbs and keys.
     Help,
     /// `SET <key> <value>`.
-    Set(Setting<'a>),
+    Set(Setting),
     /// `GET [<key>]`; `None` lists every key.
     Get(Option<&'static str>),
     /// `GEN <text>`: raw completion.
@@ -410,7 +411,7 @@ fn key_name(key: &str) -> Result<&'static str, ProtocolError> {
         .ok_or(ProtocolError::BadKey)
 }
 
-fn parse_setting<'a>(key: &'static str, value: &'a str) -> Result<Setting<'a>, ProtocolError> {
+fn parse_setting(key: &'static str, value: &str) -> Result<Setting, ProtocolError> {
     let bad = |expected: &'static str| ProtocolError::BadValue { key, expected };
     let float = |lo: f32, hi: f32, expected: &'static str| {
         value
@@ -440,16 +441,16 @@ fn parse_setting<'a>(key: &'static str, value: &'a str) -> Result<Setting<'a>, P
             }
             Setting::MaxTokens(usize::try_from(n).unwrap_or(usize::MAX))
         }
+        "stop" if value.eq_ignore_ascii_case("off") => Setting::Stop(vec![]),
         "stop" => {
-            if value.eq_ignore_ascii_case("off") {
-                Setting::Stop(None)
-            } else {
-                let expected = "off, or space-separated strings escaped like TOK text";
-                for s in value.split([' ', '\t']).filter(|s| !s.is_empty()) {
-                    unescape_into(s, &mut Discard).map_err(|_| bad(expected))?;
-                }
-                Setting::Stop(Some(value))
+            let expected = "off, or space-separated strings escaped like TOK text";
+            let mut stops = vec![];
+            for word in value.split([' ', '\t']).filter(|w| !w.is_empty()) {
+                let mut stop = String::new();
+                unescape_into(word, &mut stop).map_err(|_| bad(expected))?;
+                stops.push(stop);
             }
+            Setting::Stop(stops)
         }
         "stream" => Setting::Stream(if value.eq_ignore_ascii_case("raw") {
             StreamMode::Raw
@@ -483,24 +484,43 @@ fn parse_bool(value: &str) -> Option<bool> {
         })
 }
 
-/// A `fmt::Write` that keeps nothing (validation without allocating).
-struct Discard;
-
-impl fmt::Write for Discard {
-    fn write_str(&mut self, _: &str) -> fmt::Result {
-        Ok(())
-    }
-}
-
 /// Writes `text` so it fits on one line: `\` → `\\`, LF → `\n`, CR → `\r`, other control
 /// bytes (C0 and DEL) → `\xHH`; everything else, non-ASCII included, as is.
 pub fn escape_into(text: &str, out: &mut impl fmt::Write) -> fmt::Result {
+    escape(text, false, out)
+}
+
+/// The value of `stop` as `GET` shows it: `off`, or each stop string escaped with its spaces
+/// as `\x20`, so that `SET stop` with it gives the same strings back.
+pub fn write_stop_list(out: &mut impl fmt::Write, stops: &[String]) -> fmt::Result {
+    if stops.is_empty() {
+        return out.write_str("off");
+    }
+    for (i, stop) in stops.iter().enumerate() {
+        if i > 0 {
+            out.write_char(' ')?;
+        }
+        match stop.chars().next() {
+            // A lone `off` would read back as "no stop strings".
+            Some(first) if stops.len() == 1 && stop.eq_ignore_ascii_case("off") => {
+                write!(out, "\\x{:02X}", first as u32)?;
+                escape(&stop[first.len_utf8()..], true, out)?;
+            }
+            _ => escape(stop, true, out)?,
+        }
+    }
+    Ok(())
+}
+
+/// [`escape_into`], also writing spaces as `\x20` when `space` is set.
+fn escape(text: &str, space: bool, out: &mut impl fmt::Write) -> fmt::Result {
     let mut start = 0;
     for (at, c) in text.char_indices() {
         let esc: Option<&str> = match c {
             '\\' => Some("\\\\"),
             '\n' => Some("\\n"),
             '\r' => Some("\\r"),
+            ' ' if space => None,
             c if (c as u32) < 0x20 || c as u32 == 0x7f => None,
             _ => continue,
         };
@@ -723,7 +743,7 @@ mod tests {
 
     #[test]
     fn every_setting_parses() {
-        fn set(s: &str) -> Setting<'_> {
+        fn set(s: &str) -> Setting {
             match parse(s) {
                 Ok(Request::Set(v)) => v,
                 other => panic!("{s:?} gave {other:?}"),
@@ -736,10 +756,10 @@ mod tests {
         assert_eq!(set("SET repeat_penalty 1.1"), Setting::RepeatPenalty(1.1));
         assert_eq!(set("SET seed 7"), Setting::Seed(7));
         assert_eq!(set("SET max_tokens 32"), Setting::MaxTokens(32));
-        assert_eq!(set("SET stop off"), Setting::Stop(None));
+        assert_eq!(set("SET stop off"), Setting::Stop(vec![]));
         assert_eq!(
-            set("SET stop \\n\\n User:"),
-            Setting::Stop(Some("\\n\\n User:"))
+            set("SET stop \\n\\n User:\\x20"),
+            Setting::Stop(vec!["\n\n".into(), "User: ".into()])
         );
         assert_eq!(set("SET stream raw"), Setting::Stream(StreamMode::Raw));
         assert_eq!(
@@ -877,6 +897,39 @@ mod tests {
         );
     }
 
+    /// `GET stop` writes each stop string so that `SET stop` reads it back unchanged: spaces
+    /// and backslashes escaped, and a literal `\x20` (four characters) kept as text.
+    #[test]
+    fn stop_list_round_trips_through_set_and_get() {
+        fn shown(stops: &[&str]) -> String {
+            let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+            let mut out = String::new();
+            write_stop_list(&mut out, &stops).unwrap();
+            out
+        }
+        assert_eq!(shown(&[]), "off");
+        assert_eq!(shown(&["\\x20"]), "\\\\x20");
+        assert_eq!(shown(&["User: ", "\n\n"]), "User:\\x20 \\n\\n");
+        assert_eq!(shown(&["a\tb"]), "a\\x09b");
+        assert_eq!(shown(&["off"]), "\\x6Fff");
+        assert_eq!(shown(&["OFF", "off"]), "OFF off");
+        for stops in [
+            &["\\x20"][..],
+            &["User: ", "\n\n"],
+            &["a\tb", "\\", "\\\\x20 "],
+            &["off"],
+            &["Off", "x"],
+        ] {
+            let wire = format!("SET stop {}", shown(stops));
+            let back: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+            assert_eq!(
+                parse(&wire),
+                Ok(Request::Set(Setting::Stop(back))),
+                "{wire}"
+            );
+        }
+    }
+
     #[test]
     fn response_lines() {
         let mut s = String::new();
@@ -923,6 +976,14 @@ mod tests {
             let tail = frames_with(&mut p, b"\nPING\n");
             prop_assert_eq!(tail.last(), Some(&line("PING")));
             prop_assert!(tail.len() <= 2);
+        }
+
+        /// Any list of stop strings reads back from what `GET stop` shows.
+        #[test]
+        fn stop_list_round_trip(stops in proptest::collection::vec(".+", 1..4)) {
+            let mut wire = String::from("SET stop ");
+            write_stop_list(&mut wire, &stops).unwrap();
+            prop_assert_eq!(parse(&wire), Ok(Request::Set(Setting::Stop(stops))));
         }
 
         /// Escaped text never contains a line end or control byte and unescapes to itself.

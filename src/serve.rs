@@ -5,11 +5,10 @@
 //! every token, so `STOP` or a lone 0x03 ends it within one token, and any other request is
 //! answered `ERR busy`.
 //!
-//! The chat conversation is kept as messages; each `CHAT` renders the whole conversation
-//! and feeds the model only what the KV cache does not already hold (the cache is reused
-//! when its tokens are an exact prefix of the new prompt, otherwise it is re-prefilled).
-//! When the conversation outgrows the context, the oldest turns are dropped (`EVT
-//! context_shift`).
+//! `CHAT` turns go to the session's [`Conversation`] (history, trimming, cache reuse; `EVT
+//! context_shift` when it drops exchanges); `GEN` is a raw completion on the conversation's
+//! cache, outside its history. The session itself keeps only transport and protocol
+//! concerns: settings, framing, streaming, cancellation.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -18,16 +17,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use crate::conversation::{Conversation, TooLong};
 use crate::engine::Engine;
-use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::generate::{generate_events, Event, Flow, GenerateOptions, Generation};
+use crate::model::ForwardError;
 use crate::model::{CacheOptions, LoadOptions};
-use crate::model::{ForwardError, State};
 use crate::protocol::{
     self, End, EndReason, ErrorCode, Frame, LineParser, ProtocolError, Request, Setting, StreamMode,
 };
 use crate::sampler::SamplerConfig;
 use crate::signal;
-use crate::template::Message;
 use crate::transport::{self, Received, SerialConfig, TransportError, Writer};
 
 /// Everything `serve` needs, from the command line.
@@ -111,8 +110,9 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         || opts.model.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
+    let state = engine.model.new_state_with(opts.cache)?;
     let mut session = Session {
-        state: engine.model.new_state_with(opts.cache)?,
+        conversation: Conversation::new(&engine, state, None),
         engine: &engine,
         model_name,
         writer,
@@ -120,9 +120,6 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         echo: opts.echo,
         defaults: opts.settings.clone(),
         settings: opts.settings.clone(),
-        system: None,
-        messages: vec![],
-        cached: vec![],
         line: String::new(),
     };
     session.run(&rx)
@@ -210,7 +207,7 @@ struct Deferred {
     failed: Option<TransportError>,
 }
 
-/// One session's state: settings, the conversation and its KV cache.
+/// One session: its settings and conversation, and where its lines go.
 struct Session<'e> {
     engine: &'e Engine,
     model_name: String,
@@ -219,21 +216,15 @@ struct Session<'e> {
     echo: bool,
     defaults: Settings,
     settings: Settings,
-    /// `SYSTEM` text; `None` leaves the template's default.
-    system: Option<String>,
-    /// The conversation so far, user and assistant turns alternating.
-    messages: Vec<Message>,
-    /// The KV cache of the conversation.
-    state: State,
-    /// Token ids the cache holds, (state.len(),).
-    cached: Vec<u32>,
+    /// The `CHAT` history and the KV cache (`GEN` borrows the cache).
+    conversation: Conversation<'e>,
     /// Output line being built.
     line: String,
 }
 
 impl Session<'_> {
     fn run(&mut self, rx: &Receiver<Incoming>) -> Result<()> {
-        let ctx = self.state.capacity();
+        let ctx = self.conversation.state().capacity();
         self.emit(|l| protocol::write_evt(l, "ready", &format!("context={ctx}")))?;
         self.prompt()?;
         loop {
@@ -287,7 +278,7 @@ impl Session<'_> {
                 let info = format!(
                     "model={} context={} quant={} vocab={} layers={} chat={} version={}",
                     self.model_name.replace(' ', "_"),
-                    self.state.capacity(),
+                    self.conversation.state().capacity(),
                     quant,
                     cfg.vocab_size,
                     cfg.num_hidden_layers,
@@ -322,12 +313,12 @@ impl Session<'_> {
                 self.ok(&all.join(" "))?;
             }
             Request::Reset => {
-                self.messages.clear();
-                self.forget_cache();
+                self.conversation.reset();
                 self.ok("")?;
             }
             Request::System(text) => {
-                self.system = (!text.trim().is_empty()).then(|| text.to_string());
+                let system = (!text.trim().is_empty()).then(|| text.to_string());
+                self.conversation.set_system(system);
                 self.ok("")?;
             }
             Request::Stop => self.error(ErrorCode::Idle, "nothing is being generated")?,
@@ -343,17 +334,16 @@ impl Session<'_> {
     fn quit(&mut self) -> Result<Next> {
         self.ok("bye")?;
         if self.writer.is_serial() {
-            self.messages.clear();
-            self.system = None;
+            self.conversation.set_system(None);
+            self.conversation.reset();
             self.settings = self.defaults.clone();
-            self.forget_cache();
             Ok(Next::Continue)
         } else {
             Ok(Next::Quit)
         }
     }
 
-    fn set(&mut self, setting: Setting<'_>) -> &'static str {
+    fn set(&mut self, setting: Setting) -> &'static str {
         let s = &mut self.settings;
         match setting {
             Setting::Temp(v) => {
@@ -385,19 +375,7 @@ impl Session<'_> {
                 "max_tokens"
             }
             Setting::Stop(list) => {
-                s.stop = list
-                    .map(|l| {
-                        l.split([' ', '\t'])
-                            .filter(|w| !w.is_empty())
-                            .map(|w| {
-                                let mut out = String::new();
-                                // Validated by the parser; an error cannot occur here.
-                                let _ = protocol::unescape_into(w, &mut out);
-                                out
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                s.stop = list;
                 "stop"
             }
             Setting::Stream(m) => {
@@ -426,17 +404,10 @@ impl Session<'_> {
             "repeat_penalty" => s.sampler.repeat_penalty.to_string(),
             "seed" => s.sampler.seed.to_string(),
             "max_tokens" => s.max_tokens.to_string(),
-            "stop" if s.stop.is_empty() => "off".to_string(),
             "stop" => {
                 let mut out = String::new();
-                for (i, stop) in s.stop.iter().enumerate() {
-                    if i > 0 {
-                        out.push(' ');
-                    }
-                    let _ = protocol::escape_into(&stop.replace(' ', "\\x20"), &mut out);
-                }
-                // `escape_into` doubled the backslash of `\x20`; undo just that.
-                out.replace("\\\\x20", "\\x20")
+                let _ = protocol::write_stop_list(&mut out, &s.stop);
+                out
             }
             "stream" => s.stream.as_str().to_string(),
             "coalesce_ms" => s.coalesce_ms.to_string(),
@@ -446,12 +417,18 @@ impl Session<'_> {
         format!("{key}={value}")
     }
 
-    fn forget_cache(&mut self) {
-        self.state.reset();
-        self.cached.clear();
+    /// The generation settings of this session.
+    fn generate_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.settings.max_tokens,
+            sampler: self.settings.sampler.clone(),
+            stop: self.settings.stop.clone(),
+            eos_ids: self.engine.eos_ids(),
+            ignore_eos: self.settings.ignore_eos,
+        }
     }
 
-    /// `GEN`: a raw completion, independent of the conversation.
+    /// `GEN`: a raw completion on the conversation's cache, outside its history.
     fn gen(&mut self, text: &str, rx: &Receiver<Incoming>) -> Result<Next> {
         let started = Instant::now();
         let ids = match self.engine.encode_raw(text) {
@@ -461,223 +438,66 @@ impl Session<'_> {
                 return Ok(Next::Continue);
             }
         };
-        // A completion shares nothing with the conversation's cache.
-        self.forget_cache();
-        let out = self.run_generation(&ids, started, rx)?;
-        Ok(out.next)
+        let ctx = self.conversation.state().capacity();
+        if ids.len() >= ctx {
+            let msg = format!(
+                "the prompt has {} tokens; the context holds {ctx}",
+                ids.len()
+            );
+            self.error(ErrorCode::ContextFull, &msg)?;
+            return Ok(Next::Continue);
+        }
+        let opts = self.generate_options();
+        let mut live = Live::new(&self.writer, self.eol, &self.settings, rx);
+        let result = generate_events(
+            self.conversation.lend_cache(),
+            &self.engine.tokenizer,
+            &ids,
+            &opts,
+            |event| live.on_event(event),
+        );
+        let ended = live.end(result, ids.len(), started);
+        self.finish(ended)
     }
 
-    /// `CHAT`: one user turn; the reply becomes part of the conversation.
+    /// `CHAT`: one user turn of the conversation.
     fn chat(&mut self, text: &str, rx: &Receiver<Incoming>) -> Result<Next> {
         let started = Instant::now();
-        self.messages.push(Message::new("user", text));
-        // The ring holds `ctx` tokens; a longer history would be cut by ring shifts
-        // instead of whole exchanges.
-        let ctx = self.state.capacity();
-        let reserve = self.settings.max_tokens.min(ctx / 4).max(1);
-        let mut dropped = 0;
-        let ids = loop {
-            let mut all = vec![];
-            if let Some(system) = &self.system {
-                all.push(Message::new("system", system.clone()));
-            }
-            all.extend(self.messages.iter().cloned());
-            let ids = match self.engine.encode_chat(&all) {
-                Ok(ids) => ids,
-                Err(e) => {
-                    self.messages.pop();
-                    self.error(ErrorCode::Model, &format!("{e:#}"))?;
-                    return Ok(Next::Continue);
-                }
-            };
-            if ids.len() + reserve <= ctx {
-                break ids;
-            }
-            if self.messages.len() <= 1 {
-                self.messages.pop();
-                let msg = format!(
-                    "the message needs {} tokens; the context holds {ctx} with {reserve} kept for the reply",
-                    ids.len()
-                );
-                self.error(ErrorCode::ContextFull, &msg)?;
+        let turn = match self.conversation.prepare(text, self.settings.max_tokens) {
+            Ok(turn) => turn,
+            Err(e) => {
+                let code = if e.is::<TooLong>() {
+                    ErrorCode::ContextFull
+                } else {
+                    ErrorCode::Model
+                };
+                self.error(code, &format!("{e:#}"))?;
                 return Ok(Next::Continue);
             }
-            // Drop the oldest exchange (user + assistant).
-            let n = self.messages.len().min(2).min(self.messages.len() - 1);
-            self.messages.drain(..n);
-            dropped += 1;
         };
+        let dropped = turn.dropped_exchanges();
         if dropped > 0 {
-            self.forget_cache();
             self.emit(|l| protocol::write_evt(l, "context_shift", &format!("dropped={dropped}")))?;
         }
-        let out = self.run_generation(&ids, started, rx)?;
-        match out.reply {
-            Some(reply) => self.messages.push(Message::new("assistant", reply)),
-            None => {
-                self.messages.pop();
-            }
-        }
-        Ok(out.next)
+        let prefill = turn.prefill_tokens();
+        log::debug!(
+            "turn of {prefill} tokens to prefill, {} cached",
+            self.conversation.state().len()
+        );
+        let opts = self.generate_options();
+        let mut live = Live::new(&self.writer, self.eol, &self.settings, rx);
+        let result = self
+            .conversation
+            .reply(turn, &opts, |event| live.on_event(event));
+        let ended = live.end(result, prefill, started);
+        self.finish(ended)
     }
 
-    /// Feeds `ids` (a whole prompt; only the part the cache lacks is prefilled), streams
-    /// the reply and writes `END` (or `ERR` if nothing was streamed).
-    fn run_generation(
+    /// After a generation's `END`: acts on an output failure and on what arrived meanwhile.
+    fn finish(
         &mut self,
-        ids: &[u32],
-        started: Instant,
-        rx: &Receiver<Incoming>,
-    ) -> Result<Outcome> {
-        let reuse = !self.cached.is_empty()
-            && self.cached.len() < ids.len()
-            && ids.starts_with(&self.cached);
-        if !reuse {
-            self.forget_cache();
-        }
-        let feed = &ids[self.cached.len()..];
-        let ctx = self.state.capacity();
-        if self.state.len() + feed.len() >= ctx {
-            self.error(
-                ErrorCode::ContextFull,
-                &format!(
-                    "the prompt has {} tokens; the context holds {ctx}",
-                    ids.len()
-                ),
-            )?;
-            return Ok(Outcome {
-                next: Next::Continue,
-                reply: None,
-            });
-        }
-        // A reply longer than the room left wraps the ring (reported as `EVT shift`).
-        let opts = GenerateOptions {
-            max_tokens: self.settings.max_tokens,
-            sampler: self.settings.sampler.clone(),
-            stop: self.settings.stop.clone(),
-            eos_ids: self.engine.eos_ids(),
-            ignore_eos: self.settings.ignore_eos,
-        };
-        log::debug!(
-            "prompt of {} tokens, {} cached, {} to prefill",
-            ids.len(),
-            self.cached.len(),
-            feed.len()
-        );
-
-        let mut stream = Streamer {
-            writer: &self.writer,
-            eol: self.eol,
-            mode: self.settings.stream,
-            coalesce_ms: self.settings.coalesce_ms,
-            pending: String::new(),
-            line: String::new(),
-            last_flush: Instant::now(),
-            streamed: 0,
-            reply: String::new(),
-            write_error: None,
-        };
-        let mut deferred = Deferred::default();
-        let mut busy = vec![];
-        let mut shifted = false;
-        let result = generate_events(
-            &mut self.state,
-            &self.engine.tokenizer,
-            feed,
-            &opts,
-            |event| {
-                let text = match event {
-                    Event::Token(_, text) | Event::Tail(text) => text,
-                    Event::Shift(shift) => {
-                        shifted = true;
-                        stream.event(
-                            "shift",
-                            &format!("dropped={} kept={}", shift.dropped, shift.kept),
-                        );
-                        return Flow::Continue;
-                    }
-                };
-                let mut flow = stream.push(text);
-                if poll_input(rx, &mut deferred, &mut busy) {
-                    flow = Flow::Stop;
-                }
-                for (code, msg) in busy.drain(..) {
-                    stream.error(code, &msg);
-                }
-                if deferred.quit || deferred.reconnected || deferred.failed.is_some() {
-                    flow = Flow::Stop;
-                }
-                flow
-            },
-        );
-        stream.flush();
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        let (end, reply) = match result {
-            Ok(gen) => {
-                // The cache now holds the whole prompt and every sampled id but the last
-                // (`generate` never feeds the token it stops on).
-                self.cached = [ids, &gen.ids[..gen.ids.len().saturating_sub(1)]].concat();
-                if shifted {
-                    // The ring dropped tokens from the middle: it no longer holds a prefix
-                    // of the conversation, so the next turn is prefilled afresh.
-                    self.state.reset();
-                    self.cached.clear();
-                }
-                debug_assert_eq!(self.cached.len(), self.state.len());
-                let mut reason = EndReason::from(gen.reason);
-                if gen.generated_tokens == 0 {
-                    reason = EndReason::Length;
-                }
-                (
-                    Some(End {
-                        reason,
-                        prompt: gen.prompt_tokens,
-                        gen: gen.generated_tokens,
-                        ms: elapsed_ms,
-                        tps: gen.decode_tok_s(),
-                    }),
-                    Some(std::mem::take(&mut stream.reply)),
-                )
-            }
-            Err(e) => {
-                log::warn!("generation failed: {e:#}");
-                let streamed = stream.streamed;
-                self.state.reset();
-                self.cached.clear();
-                if streamed == 0 {
-                    let code = if e
-                        .downcast_ref::<ForwardError>()
-                        .is_some_and(|f| matches!(f, ForwardError::ContextFull { .. }))
-                    {
-                        ErrorCode::ContextFull
-                    } else {
-                        ErrorCode::Model
-                    };
-                    stream.error(code, &format!("{e:#}"));
-                    (None, None)
-                } else {
-                    (
-                        Some(End {
-                            reason: EndReason::Error,
-                            prompt: feed.len(),
-                            gen: streamed,
-                            ms: elapsed_ms,
-                            tps: 0.0,
-                        }),
-                        Some(std::mem::take(&mut stream.reply)),
-                    )
-                }
-            }
-        };
-        if let Some(end) = end {
-            if self.settings.stream == StreamMode::Raw {
-                stream.raw_line_end();
-            }
-            stream.line.clear();
-            let _ = protocol::write_end(&mut stream.line, &end);
-            stream.send_line();
-        }
-        let write_error = stream.write_error.take();
+        (write_error, deferred): (Option<TransportError>, Deferred),
+    ) -> Result<Next> {
         if let Some(e) = write_error {
             if !self.writer.is_serial() {
                 return Err(e.into());
@@ -688,23 +508,19 @@ impl Session<'_> {
         }
         if deferred.terminate {
             log::info!("stopping on signal {}", signal::received().unwrap_or(0));
-            return Ok(Outcome {
-                next: Next::Quit,
-                reply,
-            });
+            return Ok(Next::Quit);
         }
         if deferred.reconnected {
             self.writer.resume();
             self.emit(|l| protocol::write_evt(l, "reconnect", ""))?;
         }
-        let next = if deferred.eof {
-            Next::Quit
+        if deferred.eof {
+            Ok(Next::Quit)
         } else if deferred.quit {
-            self.quit()?
+            self.quit()
         } else {
-            Next::Continue
-        };
-        Ok(Outcome { next, reply })
+            Ok(Next::Continue)
+        }
     }
 
     /// Writes one line built by `f`, plus the line end.
@@ -738,11 +554,124 @@ impl Session<'_> {
     }
 }
 
-/// What a generation left behind.
-struct Outcome {
-    next: Next,
-    /// The streamed text (`None` if the request failed before streaming).
-    reply: Option<String>,
+/// A running generation: its output, and the requests that arrive meanwhile.
+struct Live<'a> {
+    stream: Streamer<'a>,
+    rx: &'a Receiver<Incoming>,
+    deferred: Deferred,
+    /// Requests answered `ERR` once the current token is written.
+    busy: Vec<(ErrorCode, String)>,
+}
+
+impl<'a> Live<'a> {
+    fn new(
+        writer: &'a Writer,
+        eol: &'static str,
+        settings: &Settings,
+        rx: &'a Receiver<Incoming>,
+    ) -> Live<'a> {
+        Live {
+            stream: Streamer {
+                writer,
+                eol,
+                mode: settings.stream,
+                coalesce_ms: settings.coalesce_ms,
+                pending: String::new(),
+                line: String::new(),
+                last_flush: Instant::now(),
+                streamed: 0,
+                write_error: None,
+            },
+            rx,
+            deferred: Deferred::default(),
+            busy: vec![],
+        }
+    }
+
+    /// Writes `END` (or `ERR` if the generation failed before streaming anything);
+    /// `prefill` is the prompt tokens it was given. Returns the output's failure, if any, and
+    /// what arrived during the generation.
+    fn end(
+        mut self,
+        result: Result<Generation>,
+        prefill: usize,
+        started: Instant,
+    ) -> (Option<TransportError>, Deferred) {
+        let stream = &mut self.stream;
+        stream.flush();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let end = match result {
+            Ok(gen) => {
+                let mut reason = EndReason::from(gen.reason);
+                if gen.generated_tokens == 0 {
+                    reason = EndReason::Length;
+                }
+                Some(End {
+                    reason,
+                    prompt: gen.prompt_tokens,
+                    gen: gen.generated_tokens,
+                    ms: elapsed_ms,
+                    tps: gen.decode_tok_s(),
+                })
+            }
+            Err(e) => {
+                log::warn!("generation failed: {e:#}");
+                if stream.streamed == 0 {
+                    let code = if e
+                        .downcast_ref::<ForwardError>()
+                        .is_some_and(|f| matches!(f, ForwardError::ContextFull { .. }))
+                    {
+                        ErrorCode::ContextFull
+                    } else {
+                        ErrorCode::Model
+                    };
+                    stream.error(code, &format!("{e:#}"));
+                    None
+                } else {
+                    Some(End {
+                        reason: EndReason::Error,
+                        prompt: prefill,
+                        gen: stream.streamed,
+                        ms: elapsed_ms,
+                        tps: 0.0,
+                    })
+                }
+            }
+        };
+        if let Some(end) = end {
+            if stream.mode == StreamMode::Raw {
+                stream.raw_line_end();
+            }
+            stream.line.clear();
+            let _ = protocol::write_end(&mut stream.line, &end);
+            stream.send_line();
+        }
+        (stream.write_error.take(), self.deferred)
+    }
+
+    /// Streams one event, then reads what arrived meanwhile; `Flow::Stop` cancels.
+    fn on_event(&mut self, event: Event) -> Flow {
+        let text = match event {
+            Event::Token(_, text) | Event::Tail(text) => text,
+            Event::Shift(shift) => {
+                let detail = format!("dropped={} kept={}", shift.dropped, shift.kept);
+                self.stream.event("shift", &detail);
+                return Flow::Continue;
+            }
+        };
+        let mut flow = self.stream.push(text);
+        if poll_input(self.rx, &mut self.deferred, &mut self.busy) {
+            flow = Flow::Stop;
+        }
+        for (code, msg) in self.busy.drain(..) {
+            self.stream.error(code, &msg);
+        }
+        let d = &self.deferred;
+        if d.quit || d.reconnected || d.failed.is_some() {
+            flow = Flow::Stop;
+        }
+        flow
+    }
 }
 
 /// Sends `text`; a lost serial device is not an error of the session (the reader will
@@ -810,8 +739,6 @@ struct Streamer<'w> {
     last_flush: Instant,
     /// Tokens that produced output so far.
     streamed: usize,
-    /// Everything streamed, for the conversation.
-    reply: String,
     write_error: Option<TransportError>,
 }
 
@@ -819,7 +746,6 @@ impl Streamer<'_> {
     /// Takes one token's text; `Flow::Stop` if the output is gone.
     fn push(&mut self, text: &str) -> Flow {
         self.streamed += 1;
-        self.reply.push_str(text);
         self.pending.push_str(text);
         if self.coalesce_ms == 0
             || self.last_flush.elapsed().as_millis() >= u128::from(self.coalesce_ms)
@@ -867,6 +793,7 @@ impl Streamer<'_> {
     fn event(&mut self, name: &str, text: &str) {
         self.flush();
         if self.mode == StreamMode::Raw {
+            // Raw text has no line end of its own; the event gets a line of its own.
             self.raw_line_end();
         }
         self.line.clear();
