@@ -10,7 +10,7 @@ use std::process::Stdio;
 use edgelm::conversation::{Conversation, TooLong};
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;
-use edgelm::generate::{generate, Flow, GenerateOptions, Generation, StopReason};
+use edgelm::generate::{generate, Event, Flow, GenerateOptions, Generation, StopReason};
 use edgelm::kv_cache::KvType;
 use edgelm::model::{CacheOptions, LoadOptions};
 use edgelm::sampler::SamplerConfig;
@@ -84,24 +84,50 @@ fn second_turn_prefills_only_its_tokens_and_equals_a_full_prefill() {
     assert!(!second.ids.is_empty());
 }
 
-/// The tiny Llama (with SmolLM2's chat template) and a cache of its whole context (256
-/// slots); used with replies of at most 8 tokens and a short system prompt, a turn takes
-/// about 85 slots, so the third does not fit with the first two.
-fn tiny() -> (Engine, CacheOptions) {
+/// The tiny Llama, with SmolLM2's chat template.
+fn tiny() -> Engine {
     let opts = LoadOptions {
         threads: 1,
         ..Default::default()
     };
-    let engine = Engine::load(&crate::serve::chat_bundle(), &opts).unwrap();
+    Engine::load(&crate::serve::chat_bundle(), &opts).unwrap()
+}
+
+/// A conversation on the tiny Llama with a cache of its whole context (256 slots) and
+/// [`SYSTEM`]. With replies of at most 8 tokens a turn takes about 85 slots, so the third
+/// does not fit with the first two.
+fn tiny_chat(engine: &Engine) -> Conversation<'_> {
     let cache = CacheOptions {
         ctx: 256,
         kv: KvType::F32,
         keep: 4,
     };
-    (engine, cache)
+    let state = engine.model.new_state_with(cache).unwrap();
+    Conversation::new(engine, state, Some(SYSTEM.into()))
 }
 
-const SYSTEM: &str = "Be brief.";
+/// The replies of [`tiny_chat`] to `questions`, greedy, at most `max_tokens` each.
+pub(crate) fn tiny_replies(questions: &[&str], max_tokens: usize) -> Vec<String> {
+    let engine = tiny();
+    let opts = greedy(&engine, max_tokens);
+    let mut chat = tiny_chat(&engine);
+    let mut replies = vec![];
+    for user in questions {
+        let prepared = chat.prepare(user, max_tokens).unwrap();
+        let mut reply = String::new();
+        chat.reply(prepared, &opts, |event| {
+            if let Event::Token(_, text) | Event::Tail(text) = event {
+                reply.push_str(text);
+            }
+            Flow::Continue
+        })
+        .unwrap();
+        replies.push(reply);
+    }
+    replies
+}
+
+pub(crate) const SYSTEM: &str = "Be brief.";
 const QUESTIONS: [&str; 3] = ["Hi!", "What now?", "Why?"];
 
 fn with_system(messages: &[Message]) -> Vec<Message> {
@@ -112,10 +138,9 @@ fn with_system(messages: &[Message]) -> Vec<Message> {
 
 #[test]
 fn a_conversation_outgrowing_the_cache_drops_its_oldest_exchanges_whole() {
-    let (engine, cache) = tiny();
+    let engine = tiny();
     let opts = greedy(&engine, 8);
-    let state = engine.model.new_state_with(cache).unwrap();
-    let mut chat = Conversation::new(&engine, state, Some(SYSTEM.into()));
+    let mut chat = tiny_chat(&engine);
     // Each turn until the last fits with every earlier one, and replies as a full prefill.
     for user in &QUESTIONS[..2] {
         let before = chat.messages().to_vec();
@@ -159,10 +184,9 @@ fn a_conversation_outgrowing_the_cache_drops_its_oldest_exchanges_whole() {
 
 #[test]
 fn a_refused_turn_leaves_the_conversation_and_its_cache_as_they_were() {
-    let (engine, cache) = tiny();
+    let engine = tiny();
     let opts = greedy(&engine, 8);
-    let state = engine.model.new_state_with(cache).unwrap();
-    let mut chat = Conversation::new(&engine, state, Some(SYSTEM.into()));
+    let mut chat = tiny_chat(&engine);
     turn(&mut chat, QUESTIONS[0], &opts);
     let (messages, cached) = (chat.messages().to_vec(), chat.state().len());
 
@@ -213,23 +237,10 @@ fn a_refused_turn_leaves_the_conversation_and_its_cache_as_they_were() {
 /// when it drops an exchange.
 #[test]
 fn chat_command_trims_like_the_library() {
-    let (engine, cache) = tiny();
-    let opts = greedy(&engine, 8);
-    let state = engine.model.new_state_with(cache).unwrap();
-    let mut chat = Conversation::new(&engine, state, Some(SYSTEM.into()));
-    let mut expected = String::new();
-    for user in QUESTIONS {
-        let mut reply = String::new();
-        let prepared = chat.prepare(user, opts.max_tokens).unwrap();
-        chat.reply(prepared, &opts, |e| {
-            if let edgelm::generate::Event::Token(_, t) | edgelm::generate::Event::Tail(t) = e {
-                reply.push_str(t);
-            }
-            Flow::Continue
-        })
-        .unwrap();
-        expected.push_str(&format!("> {reply}\n"));
-    }
+    let mut expected: String = tiny_replies(&QUESTIONS, 8)
+        .iter()
+        .map(|reply| format!("> {reply}\n"))
+        .collect();
     expected.push_str("> \n");
 
     let mut child = common::edgelm_command()

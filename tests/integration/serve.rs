@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use edgelm::conversation::Conversation;
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;
-use edgelm::generate::{generate, Event, Flow, GenerateOptions};
-use edgelm::model::{CacheOptions, LoadOptions};
+use edgelm::generate::{generate, Flow, GenerateOptions};
 use edgelm::sampler::SamplerConfig;
 use edgelm::template::Message;
+
+use crate::chat::{tiny_replies, SYSTEM};
 
 /// Generous: a debug build loading a model on a busy 2-core machine.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -400,43 +400,6 @@ fn pipes_full_session_then_quit() {
     assert!(status.success(), "{status}");
 }
 
-/// The replies the library's conversation gives to `questions` on the tiny chat bundle with
-/// a 256-slot cache, greedy, at most `max_tokens` per reply, with `system`.
-fn library_replies(system: &str, questions: &[&str], max_tokens: usize) -> Vec<String> {
-    let load = LoadOptions {
-        threads: 1,
-        ..Default::default()
-    };
-    let engine = Engine::load(&chat_bundle(), &load).unwrap();
-    let opts = GenerateOptions {
-        max_tokens,
-        sampler: SamplerConfig::default(),
-        stop: vec![],
-        eos_ids: engine.eos_ids(),
-        ignore_eos: false,
-    };
-    let cache = CacheOptions {
-        ctx: 256,
-        ..Default::default()
-    };
-    let state = engine.model.new_state_with(cache).unwrap();
-    let mut chat = Conversation::new(&engine, state, Some(system.to_string()));
-    let mut replies = vec![];
-    for user in questions {
-        let turn = chat.prepare(user, max_tokens).unwrap();
-        let mut reply = String::new();
-        chat.reply(turn, &opts, |event| {
-            if let Event::Token(_, text) | Event::Tail(text) = event {
-                reply.push_str(text);
-            }
-            Flow::Continue
-        })
-        .unwrap();
-        replies.push(reply);
-    }
-    replies
-}
-
 /// `CHAT` runs the library's conversation: the same replies; when a turn does not fit with
 /// the whole history the oldest exchange is dropped (`EVT context_shift` before any `TOK`,
 /// and `END prompt=` counts the whole re-prefilled prompt); a message too long for the
@@ -446,9 +409,9 @@ fn pipes_chat_trims_whole_exchanges_and_a_refused_message_changes_nothing() {
     let model = chat_bundle();
     let (_server, mut c) = over_pipes_with(&model, &["-n", "8"]);
     c.ready();
-    assert_eq!(c.request("SYSTEM Be brief."), "OK");
+    assert_eq!(c.request(&format!("SYSTEM {SYSTEM}")), "OK");
     let questions = ["Hi!", "What now?", "Why?"];
-    let expected = library_replies("Be brief.", &questions, 8);
+    let expected = tiny_replies(&questions, 8);
     for (i, (user, reply)) in questions.iter().zip(&expected).enumerate() {
         if i == 1 {
             let long = "blah ".repeat(60);
@@ -470,7 +433,7 @@ fn pipes_chat_trims_whole_exchanges_and_a_refused_message_changes_nothing() {
             let engine_ids = Engine::load(&model, &Default::default())
                 .unwrap()
                 .encode_chat(&[
-                    Message::new("system", "Be brief."),
+                    Message::new("system", SYSTEM),
                     Message::new("user", questions[1]),
                     Message::new("assistant", expected[1].as_str()),
                     Message::new("user", questions[2]),
