@@ -45,7 +45,7 @@ pub struct Conversation<'e> {
 
 /// A user turn fitted to the cache by [`Conversation::prepare`], ready for
 /// [`Conversation::reply`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Turn {
     user: String,
     /// The whole prompt: system, the kept history, this turn and the generation prompt.
@@ -108,11 +108,6 @@ impl<'e> Conversation<'e> {
     /// User and assistant turns so far, oldest first.
     pub fn messages(&self) -> &[Message] {
         &self.messages
-    }
-
-    /// The system prompt (`None`: the template's own).
-    pub fn system(&self) -> Option<&str> {
-        self.system.as_deref()
     }
 
     /// Replaces the system prompt; the next turn re-prefills from the start.

@@ -284,8 +284,8 @@ impl Session<'_> {
             &opts,
             |event| live.on_event(event),
         );
-        let ended = live.end(result, ids.len(), started);
-        self.finish(ended)
+        let (write_error, deferred) = live.end(result, ids.len(), started);
+        self.finish(write_error, deferred)
     }
 
     /// `CHAT`: one user turn of the conversation.
@@ -317,15 +317,12 @@ impl Session<'_> {
         let result = self
             .conversation
             .reply(turn, &opts, |event| live.on_event(event));
-        let ended = live.end(result, prefill, started);
-        self.finish(ended)
+        let (write_error, deferred) = live.end(result, prefill, started);
+        self.finish(write_error, deferred)
     }
 
     /// After a generation's `END`: acts on an output failure and on what arrived meanwhile.
-    fn finish(
-        &mut self,
-        (write_error, deferred): (Option<TransportError>, Deferred),
-    ) -> Result<Next> {
+    fn finish(&mut self, write_error: Option<TransportError>, deferred: Deferred) -> Result<Next> {
         if let Some(e) = write_error {
             if !self.writer.is_serial() {
                 return Err(e.into());
