@@ -2,13 +2,18 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::BenchOptions;
+use crate::chat::ChatOptions;
 use crate::convert::{ConvertOptions, Quant};
+use crate::info::InfoOptions;
 use crate::kv_cache::KvType;
 use crate::model::{CacheOptions, LoadOptions, DEFAULT_KEEP};
 use crate::protocol::{StreamMode, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_LIMIT};
 use crate::quant::{Kernel, Scheme};
+use crate::run::RunOptions;
 use crate::sampler::SamplerConfig;
 use crate::serve::{ServeOptions, Settings};
 use crate::transport::{FlowControl, SerialConfig};
@@ -58,6 +63,16 @@ pub struct InfoArgs {
     pub model: ModelArgs,
 }
 
+impl InfoArgs {
+    /// The info options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<InfoOptions> {
+        Ok(InfoOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+        })
+    }
+}
+
 /// `edgelm bench` flags.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -76,6 +91,20 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+impl BenchArgs {
+    /// The bench options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<BenchOptions> {
+        Ok(BenchOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            prompt_tokens: self.prompt_tokens,
+            gen_tokens: self.gen_tokens,
+            json: self.json,
+        })
+    }
 }
 
 /// Where the model bundle is and how to run it.
@@ -118,11 +147,34 @@ pub struct CacheArgs {
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
     /// KV cache storage: f16 halves its memory.
-    #[arg(long, value_enum, default_value_t = KvType::F32)]
+    #[arg(long, value_parser = kv_type(), default_value_t = KvType::F32)]
     pub kv: KvType,
     /// First tokens never dropped when the cache is full.
     #[arg(long, default_value_t = DEFAULT_KEEP)]
     pub keep: usize,
+}
+
+/// `--kv` values, listed in `--help` and checked by clap.
+fn kv_type() -> impl TypedValueParser<Value = KvType> {
+    PossibleValuesParser::new(KvType::ALL.map(|t| {
+        PossibleValue::new(t.name()).help(match t {
+            KvType::F32 => "4 bytes per value (exact)",
+            KvType::F16 => "2 bytes per value: half the memory, values rounded to half precision",
+        })
+    }))
+    .try_map(|name| name.parse::<KvType>())
+}
+
+/// `--flow` values, listed in `--help` and checked by clap.
+fn flow_control() -> impl TypedValueParser<Value = FlowControl> {
+    PossibleValuesParser::new(FlowControl::ALL.map(|f| {
+        PossibleValue::new(f.name()).help(match f {
+            FlowControl::None => "None (the default: three-wire TX/RX/GND)",
+            FlowControl::XonXoff => "Software flow control: XON/XOFF bytes, handled by the kernel",
+            FlowControl::RtsCts => "Hardware flow control on the RTS/CTS lines",
+        })
+    }))
+    .try_map(|name| name.parse::<FlowControl>())
 }
 
 impl CacheArgs {
@@ -221,6 +273,27 @@ pub struct RunArgs {
     pub prompt: String,
 }
 
+impl RunArgs {
+    /// The run options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<RunOptions> {
+        Ok(RunOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            sampler: self.sampling.to_config(),
+            max_tokens: self.max_tokens,
+            chat: self.chat,
+            system: self.system.clone(),
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            json: self.json,
+            load_session: self.load_session.clone(),
+            save_session: self.save_session.clone(),
+            prompt: self.prompt.clone(),
+        })
+    }
+}
+
 /// `edgelm chat`.
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -242,6 +315,21 @@ pub struct ChatArgs {
     /// Stop a reply before this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+}
+
+impl ChatArgs {
+    /// The chat options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<ChatOptions> {
+        Ok(ChatOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            sampler: self.sampling.to_config(),
+            max_tokens: self.max_tokens,
+            system: self.system.clone(),
+            stop: self.stop.clone(),
+        })
+    }
 }
 
 /// `edgelm convert`.
@@ -291,7 +379,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 115200)]
     pub baud: u32,
     /// Serial flow control.
-    #[arg(long, value_enum, default_value_t = FlowControl::None)]
+    #[arg(long, value_parser = flow_control(), default_value_t = FlowControl::None)]
     pub flow: FlowControl,
     /// Echo input and show a `> ` prompt, with CRLF line ends (for terminals that do not echo).
     #[arg(long)]

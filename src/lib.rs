@@ -7,6 +7,7 @@ pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod conversation;
 pub mod convert;
 pub mod engine;
 pub mod generate;
