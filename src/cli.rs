@@ -45,6 +45,8 @@ pub enum Command {
     /// Describe a bundle: architecture, sizes, quantization, context, special tokens, and
     /// which fast paths (int8 operators, ring-buffer KV cache) it gets.
     Info(InfoArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
 }
 
 /// `edgelm info` flags.
@@ -345,6 +347,32 @@ impl ServeArgs {
                 ignore_eos: false,
             },
             cache: self.cache.to_options(),
+        })
+    }
+}
+
+/// `edgelm perplexity`.
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text file (UTF-8).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = crate::perplexity::DEFAULT_CTX)]
+    pub ctx: usize,
+}
+
+impl PerplexityArgs {
+    /// The perplexity options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<crate::perplexity::PerplexityOptions> {
+        Ok(crate::perplexity::PerplexityOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            file: self.file.clone(),
+            ctx: self.ctx,
         })
     }
 }

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Command::Info(args) => edgelm::info::run(args, &mut std::io::stdout().lock()),
         Command::Bench(args) => edgelm::bench::run(args, &mut std::io::stdout().lock()),
         Command::Serve(args) => args.to_options().and_then(|o| edgelm::serve::serve(&o)),
+        Command::Perplexity(args) => args
+            .to_options()
+            .and_then(|o| edgelm::perplexity::run(&o, &mut std::io::stdout().lock())),
     };
     match result {
         // A `run` cut short by a signal still finished cleanly, but did not do all it was

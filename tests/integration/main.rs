@@ -19,6 +19,7 @@ mod info;
 mod kv_ring;
 mod malformed_model;
 mod model_tiny;
+mod perplexity;
 mod serve;
 mod session;
 mod smollm2_text;
