@@ -23,4 +23,5 @@ mod perplexity;
 mod serve;
 mod session;
 mod smollm2_text;
+mod structured;
 mod tokenizer_gguf;
