@@ -3,9 +3,9 @@
 //! passes a check of the format's constraints written here, independently of llguidance.
 //! The same prompts without the constraint are measured for comparison (printed).
 //!
-//! CI runs a few seeds per format; `full_200_seeds_with_unconstrained_rates` is the full
-//! run (ignored: about half an hour on one core), run by hand with
-//! `cargo test --test integration structured:: -- --ignored --nocapture`.
+//! CI runs a few seeds per format; the `full_*` tests are the full run (ignored: 200 seeds
+//! per format, constrained and not, one engine thread each), run by hand with
+//! `cargo test --test integration structured::full_ -- --ignored --nocapture --test-threads 4`.
 
 use crate::common;
 
@@ -396,28 +396,69 @@ fn constrained_outputs_parse_and_validate() {
     }
 }
 
+/// The full run for one format: all seeds valid under the constraint.
+fn full_constrained(case: &Case) {
+    let constraint = compiler().compile(&load_format(case.file)).unwrap();
+    let t = run_seeds(case, Some(&constraint), 0..FULL_SEEDS);
+    report(case, "constrained", &t);
+    assert_all_valid(case, &t);
+}
+
+/// The same prompts without the constraint: the invalid rate is measured, not asserted.
+fn full_unconstrained(case: &Case) {
+    let t = run_seeds(case, None, 0..FULL_SEEDS);
+    report(case, "unconstrained", &t);
+    for (seed, text, why) in t.failures.iter().take(2) {
+        eprintln!("    e.g. seed {seed}: {why}: {text:?}");
+    }
+}
+
 #[test]
-#[ignore = "the full 200-seed run: about half an hour on one core"]
-fn full_200_seeds_with_unconstrained_rates() {
-    let t0 = Instant::now();
-    let mut constrained = vec![];
-    for case in &CASES {
-        let constraint = compiler().compile(&load_format(case.file)).unwrap();
-        let t = run_seeds(case, Some(&constraint), 0..FULL_SEEDS);
-        report(case, "constrained", &t);
-        constrained.push(t);
-    }
-    for case in &CASES {
-        let t = run_seeds(case, None, 0..FULL_SEEDS);
-        report(case, "unconstrained", &t);
-        for (seed, text, why) in t.failures.iter().take(2) {
-            eprintln!("    e.g. seed {seed}: {why}: {text:?}");
-        }
-    }
-    eprintln!("full run: {:.0} s", t0.elapsed().as_secs_f64());
-    for (case, t) in CASES.iter().zip(&constrained) {
-        assert_all_valid(case, t);
-    }
+#[ignore = "the full 200-seed run"]
+fn full_constrained_flat_object_with_enums() {
+    full_constrained(&CASES[0]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_constrained_nested_object_with_an_array() {
+    full_constrained(&CASES[1]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_constrained_numbers_with_ranges() {
+    full_constrained(&CASES[2]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_constrained_grammar() {
+    full_constrained(&CASES[3]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_unconstrained_flat_object_with_enums() {
+    full_unconstrained(&CASES[0]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_unconstrained_nested_object_with_an_array() {
+    full_unconstrained(&CASES[1]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_unconstrained_numbers_with_ranges() {
+    full_unconstrained(&CASES[2]);
+}
+
+#[test]
+#[ignore = "the full 200-seed run"]
+fn full_unconstrained_grammar() {
+    full_unconstrained(&CASES[3]);
 }
 
 #[test]
