@@ -43,7 +43,7 @@ fn root() -> &'static Path {
 /// 0.8) has real work: a spread of values over the whole vocabulary.
 fn logits(step: usize) -> Vec<f32> {
     (0..VOCAB)
-        .map(|i| ((i * 2654435761 + step * 40503) % 1000) as f32 / 100.0)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(step * 40503) % 1000) as f32 / 100.0)
         .collect()
 }
 
