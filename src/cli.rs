@@ -53,6 +53,8 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Print the prompt the chat template makes of one user turn, exactly.
     Template(TemplateArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
 }
 
 /// `edgelm info` flags.
@@ -488,6 +490,32 @@ impl TemplateArgs {
             system: self.system.clone(),
             text: self.text.clone(),
             now: self.date.as_deref().map(parse_time).transpose()?,
+        })
+    }
+}
+
+/// `edgelm perplexity`.
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text file (UTF-8).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = crate::perplexity::DEFAULT_CTX)]
+    pub ctx: usize,
+}
+
+impl PerplexityArgs {
+    /// The perplexity options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<crate::perplexity::PerplexityOptions> {
+        Ok(crate::perplexity::PerplexityOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            file: self.file.clone(),
+            ctx: self.ctx,
         })
     }
 }

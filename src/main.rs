@@ -39,6 +39,9 @@ fn main() -> ExitCode {
         Command::Template(args) => args
             .to_options()
             .and_then(|o| edgelm::template::prompt::template(&o, &mut std::io::stdout().lock())),
+        Command::Perplexity(args) => args
+            .to_options()
+            .and_then(|o| edgelm::perplexity::run(&o, &mut std::io::stdout().lock())),
     };
     match result {
         // A `run` cut short by a signal still finished cleanly, but did not do all it was

@@ -16,6 +16,8 @@ pub enum EndReason {
     Stop,
     /// `STOP` or 0x03.
     Cancelled,
+    /// The output completes its format (grammar, JSON schema).
+    Grammar,
     /// The model failed after streaming began.
     Error,
 }
@@ -28,6 +30,7 @@ impl EndReason {
             EndReason::Length => "length",
             EndReason::Stop => "stop",
             EndReason::Cancelled => "cancelled",
+            EndReason::Grammar => "grammar",
             EndReason::Error => "error",
         }
     }
@@ -41,6 +44,7 @@ impl From<crate::generate::StopReason> for EndReason {
             S::Length => EndReason::Length,
             S::Stop => EndReason::Stop,
             S::Cancelled => EndReason::Cancelled,
+            S::Grammar => EndReason::Grammar,
         }
     }
 }

@@ -168,11 +168,7 @@ fn llama_int8_agrees_with_f32_on_78_of_83_positions() {
     // Measured 79/83 (0.952) with f32 and int16 activations, 77/83 with tract's integers.
     assert_int8_top1_agreement(
         "tiny-llama",
-        [
-            (Scheme::Q8F32, 78),
-            (Scheme::Q8Q16, 78),
-            (Scheme::Fold, 76),
-        ],
+        [(Scheme::Q8F32, 78), (Scheme::Q8Q16, 78), (Scheme::Fold, 76)],
     );
 }
 
@@ -181,11 +177,7 @@ fn gpt2_int8_agrees_with_f32_on_81_of_83_positions() {
     // Measured 82/83 (0.988) on every path.
     assert_int8_top1_agreement(
         "tiny-gpt2",
-        [
-            (Scheme::Q8F32, 81),
-            (Scheme::Q8Q16, 81),
-            (Scheme::Fold, 81),
-        ],
+        [(Scheme::Q8F32, 81), (Scheme::Q8Q16, 81), (Scheme::Fold, 81)],
     );
 }
 
