@@ -128,7 +128,7 @@ pub(crate) fn tiny_replies(questions: &[&str], max_tokens: usize) -> Vec<String>
 }
 
 pub(crate) const SYSTEM: &str = "Be brief.";
-const QUESTIONS: [&str; 3] = ["Hi!", "What now?", "Why?"];
+pub(crate) const QUESTIONS: [&str; 3] = ["Hi!", "What now?", "Why?"];
 
 fn with_system(messages: &[Message]) -> Vec<Message> {
     let mut all = vec![Message::new("system", SYSTEM)];
