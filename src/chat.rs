@@ -8,12 +8,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::conversation::{Conversation, TooLong, Transcript};
+use crate::conversation::{Conversation, TooLong, Transcript, Turn};
 use crate::engine::Engine;
 use crate::generate::{Event, Flow, GenerateOptions};
 use crate::model::{CacheOptions, LoadOptions};
 use crate::sampler::SamplerConfig;
-use crate::session::{self, Saved};
+use crate::session;
 
 /// What `edgelm chat` runs with.
 #[derive(Clone, Debug)]
@@ -55,16 +55,7 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
         ignore_eos: false,
     };
     let (state, transcript) = match &opts.load_session {
-        Some(path) => match session::load(&engine.model, path)? {
-            Saved {
-                state,
-                chat: Some(t),
-            } => (state, t),
-            Saved { chat: None, .. } => bail!(
-                "session {path:?} holds a raw completion, not a conversation: continue it with \
-                 edgelm run --load-session"
-            ),
-        },
+        Some(path) => session::load(&engine.model, path)?.into_conversation(path)?,
         None => (
             engine.model.new_state_with(opts.cache)?,
             Transcript::default(),
@@ -114,12 +105,7 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
             }
             Err(e) => return Err(e),
         };
-        if turn.dropped_exchanges() > 0 {
-            eprintln!(
-                "[conversation too long: dropped the oldest {} exchange(s)]",
-                turn.dropped_exchanges()
-            );
-        }
+        note_dropped(&turn);
         let mut write_err = None;
         let gen = conversation.reply(turn, &gen_opts, |event| {
             let r = match event {
@@ -159,6 +145,16 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
             gen.generated_tokens,
             gen.decode_tok_s(),
             conversation.state().len()
+        );
+    }
+}
+
+/// Tells the terminal (stderr) that `turn` drops the oldest exchanges to fit the cache.
+pub(crate) fn note_dropped(turn: &Turn) {
+    if turn.dropped_exchanges() > 0 {
+        eprintln!(
+            "[conversation too long: dropped the oldest {} exchange(s)]",
+            turn.dropped_exchanges()
         );
     }
 }

@@ -158,11 +158,6 @@ impl<'e> Conversation<'e> {
         }
     }
 
-    /// The system prompt (`None`: the template's own).
-    pub fn system(&self) -> Option<&str> {
-        self.system.as_deref()
-    }
-
     /// The model state: cache contents, position, capacity.
     pub fn state(&self) -> &State {
         &self.state

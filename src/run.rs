@@ -10,12 +10,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::chat::note_dropped;
 use crate::conversation::{Conversation, Transcript};
 use crate::engine::Engine;
 use crate::generate::{generate_events, Event, Flow, GenerateOptions, Generation};
 use crate::model::{CacheOptions, LoadOptions};
 use crate::sampler::SamplerConfig;
-use crate::session::{self, Saved};
+use crate::session;
 use crate::signal;
 
 /// What `edgelm run` runs with.
@@ -66,28 +67,14 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
         eos_ids: engine.eos_ids(),
         ignore_eos: args.ignore_eos,
     };
-    let saved = match &args.load_session {
-        Some(path) => Some((path, session::load(&engine.model, path)?)),
-        None => None,
-    };
     let mut printer = Printer {
         out,
         json: args.json,
         write_err: None,
     };
     let gen = if args.chat {
-        let (state, transcript) = match saved {
-            Some((
-                _,
-                Saved {
-                    state,
-                    chat: Some(t),
-                },
-            )) => (state, t),
-            Some((path, Saved { chat: None, .. })) => bail!(
-                "session {path:?} holds a raw completion, not a conversation: continue it \
-                 without --chat"
-            ),
+        let (state, transcript) = match &args.load_session {
+            Some(path) => session::load(&engine.model, path)?.into_conversation(path)?,
             None => (
                 engine.model.new_state_with(args.cache)?,
                 Transcript::default(),
@@ -98,12 +85,7 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
             conversation.set_system(args.system.clone());
         }
         let turn = conversation.prepare(&args.prompt, args.max_tokens)?;
-        if turn.dropped_exchanges() > 0 {
-            eprintln!(
-                "[conversation too long: dropped the oldest {} exchange(s)]",
-                turn.dropped_exchanges()
-            );
-        }
+        note_dropped(&turn);
         let gen = conversation.reply(turn, &opts, |event| printer.on_event(event))?;
         printer.check()?;
         if let Some(path) = &args.save_session {
@@ -112,11 +94,8 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
         }
         gen
     } else {
-        let mut state = match saved {
-            Some((_, Saved { state, chat: None })) => state,
-            Some((path, Saved { chat: Some(_), .. })) => bail!(
-                "session {path:?} holds a conversation: continue it with --chat (or edgelm chat)"
-            ),
+        let mut state = match &args.load_session {
+            Some(path) => session::load(&engine.model, path)?.into_raw(path)?,
             None => engine.model.new_state_with(args.cache)?,
         };
         let prompt = engine.encode_raw(&args.prompt)?;

@@ -41,6 +41,31 @@ pub struct Saved {
     pub chat: Option<Transcript>,
 }
 
+impl Saved {
+    /// The conversation this session (read from `path`) holds, and its state; a raw
+    /// completion is an error that says what continues it.
+    pub fn into_conversation(self, path: &Path) -> Result<(State, Transcript)> {
+        match self.chat {
+            Some(chat) => Ok((self.state, chat)),
+            None => bail!(
+                "session {path:?} holds a raw completion, not a conversation: continue it with \
+                 edgelm run without --chat"
+            ),
+        }
+    }
+
+    /// The state of this session (read from `path`) as a raw completion; a conversation is
+    /// an error that says what continues it.
+    pub fn into_raw(self, path: &Path) -> Result<State> {
+        match self.chat {
+            None => Ok(self.state),
+            Some(_) => bail!(
+                "session {path:?} holds a conversation: continue it with edgelm chat or run --chat"
+            ),
+        }
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for &b in bytes {

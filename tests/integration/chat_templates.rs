@@ -241,23 +241,15 @@ fn a_template_that_raises_is_a_one_line_error_with_its_message() {
 fn a_missing_or_broken_template_file_is_a_one_line_error_naming_it() {
     let model = common::fixture("vocab/tiny-qwen2.gguf");
     let scratch = common::scratch("chat_templates", "broken");
-    let broken = scratch.join("broken.jinja");
-    std::fs::write(&broken, "{% for m in messages %}{{ m.content }}").unwrap();
-    let missing = scratch.join("missing.jinja");
-    for (file, what) in [(&broken, "syntax error"), (&missing, "No such file")] {
-        let out = edgelm_template(&[
+    assert_bad_template_files_are_named(&scratch, |file| {
+        edgelm_template(&[
             "-m",
             model.to_str().unwrap(),
             "--chat-template-file",
-            file.to_str().unwrap(),
+            file,
             "hi",
-        ]);
-        assert!(!out.status.success());
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(file.to_str().unwrap()), "{err}");
-        assert!(err.contains(what), "{err}");
-    }
+        ])
+    });
     let out = edgelm_template(&["-m", model.to_str().unwrap(), "--date", "yesterday", "hi"]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
@@ -318,20 +310,28 @@ fn run_chat_uses_a_chat_template_file() {
     assert!(err.contains("has no chat template"), "{err}");
 
     let scratch = common::scratch("chat_templates", "run-broken");
+    assert_bad_template_files_are_named(&scratch, |file| {
+        run_tiny(&["--chat", "--chat-template-file", file, "hi"])
+    });
+}
+
+/// A template file with a syntax error and one that does not exist, written or named in
+/// `scratch`, each given to `command` (which passes the path it gets as
+/// `--chat-template-file`): each is a one-line error naming the file and what is wrong.
+fn assert_bad_template_files_are_named(
+    scratch: &std::path::Path,
+    command: impl Fn(&str) -> std::process::Output,
+) {
     let broken = scratch.join("broken.jinja");
     std::fs::write(&broken, "{% for m in messages %}{{ m.content }}").unwrap();
     let missing = scratch.join("missing.jinja");
     for (file, what) in [(&broken, "syntax error"), (&missing, "No such file")] {
-        let out = run_tiny(&[
-            "--chat",
-            "--chat-template-file",
-            file.to_str().unwrap(),
-            "hi",
-        ]);
+        let file = file.to_str().unwrap();
+        let out = command(file);
         assert!(!out.status.success());
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(file.to_str().unwrap()), "{err}");
+        assert!(err.contains(file), "{err}");
         assert!(err.contains(what), "{err}");
     }
 }

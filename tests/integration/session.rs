@@ -6,15 +6,13 @@ use crate::common;
 
 use common::{argmax, load_fixture as load};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
 
 use edgelm::kv_cache::KvType;
 use edgelm::model::{CacheOptions, Model, State};
 use edgelm::session;
 
-use crate::chat::{tiny_replies, QUESTIONS, SYSTEM};
+use crate::chat::{chat_command, tiny_replies, QUESTIONS, SYSTEM};
 
 /// A session file path under this module's scratch directory.
 fn scratch(name: &str) -> PathBuf {
@@ -186,26 +184,6 @@ fn a_version_1_session_is_read_as_a_raw_completion() {
     assert_eq!(ids_fresh, ids_restored);
 }
 
-/// `edgelm chat` with `args`, the lines of `input` typed in.
-fn chat_command(args: &[&str], input: &[&str]) -> Output {
-    let mut child = common::edgelm_command()
-        .args(["chat", "-m"])
-        .arg(crate::serve::chat_bundle())
-        .args(["-t", "1", "-n", "8"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for line in input {
-        writeln!(stdin, "{line}").unwrap();
-    }
-    drop(stdin);
-    child.wait_with_output().unwrap()
-}
-
 /// A conversation saved by `edgelm chat`, continued by another `edgelm chat` and then by
 /// `edgelm run --chat`, each loading and saving the same file, replies word for word as one
 /// conversation in one process (greedy), trimming included: the third turn drops the first
@@ -322,7 +300,7 @@ fn a_raw_session_and_a_chat_session_each_name_the_command_that_continues_them() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains("holds a conversation: continue it with --chat"),
+        err.contains("holds a conversation: continue it with edgelm chat or run --chat"),
         "{err}"
     );
 }
