@@ -174,7 +174,7 @@ pub fn session_file(data: &[u8]) {
     let mut file = data.to_vec();
     file.extend(fnv1a(data).to_le_bytes());
     std::fs::write(path, &file).unwrap();
-    if let Ok(mut state) = session::load(tiny_model(), path) {
-        let _ = state.forward(&[1]);
+    if let Ok(mut saved) = session::load(tiny_model(), path) {
+        let _ = saved.state.forward(&[1]);
     }
 }

@@ -1,16 +1,19 @@
 //! `edgelm chat`: an interactive [`Conversation`] in the terminal. Each line is a user turn;
-//! the KV cache is kept between turns, so each turn prefills only its own tokens.
+//! the KV cache is kept between turns, so each turn prefills only its own tokens. With
+//! `--save-session` the conversation is saved after every reply and `/reset`, so a later
+//! `--load-session` (of `chat` or `run --chat`) goes on from the last one.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::conversation::{Conversation, TooLong};
+use crate::conversation::{Conversation, TooLong, Transcript, Turn};
 use crate::engine::Engine;
 use crate::generate::{Event, Flow, GenerateOptions};
 use crate::model::{CacheOptions, LoadOptions};
 use crate::sampler::SamplerConfig;
+use crate::session;
 
 /// What `edgelm chat` runs with.
 #[derive(Clone, Debug)]
@@ -19,21 +22,28 @@ pub struct ChatOptions {
     pub model: PathBuf,
     /// Threads, int8 path and kernel.
     pub load: LoadOptions,
-    /// The KV cache (`--ctx`, `--kv`, `--keep`).
+    /// The KV cache (`--ctx`, `--kv`, `--keep`); a loaded session brings its own.
     pub cache: CacheOptions,
     /// Sampling.
     pub sampler: SamplerConfig,
     /// Cap on new tokens per reply.
     pub max_tokens: usize,
-    /// System prompt (`None`: the template's own).
+    /// The chat template to use instead of the bundle's.
+    pub chat_template_file: Option<PathBuf>,
+    /// System prompt (`None`: the loaded conversation's, else the template's own).
     pub system: Option<String>,
     /// A reply stops before any of these strings.
     pub stop: Vec<String>,
+    /// Continue the conversation saved in this file.
+    pub load_session: Option<PathBuf>,
+    /// Save the conversation to this file after every reply and `/reset`.
+    pub save_session: Option<PathBuf>,
 }
 
 /// Runs the interactive `chat` command over `input` / `out`; notices go to stderr.
 pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
-    let engine = Engine::load(&opts.model, &opts.load)?;
+    let engine =
+        Engine::load_with_template(&opts.model, &opts.load, opts.chat_template_file.as_deref())?;
     if engine.template.is_none() {
         bail!("this model has no chat template (tokenizer_config.json has no chat_template)");
     }
@@ -44,8 +54,26 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
         eos_ids: engine.eos_ids(),
         ignore_eos: false,
     };
-    let state = engine.model.new_state_with(opts.cache)?;
-    let mut conversation = Conversation::new(&engine, state, opts.system.clone());
+    let (state, transcript) = match &opts.load_session {
+        Some(path) => session::load(&engine.model, path)?.into_conversation(path)?,
+        None => (
+            engine.model.new_state_with(opts.cache)?,
+            Transcript::default(),
+        ),
+    };
+    let mut conversation = Conversation::resume(&engine, state, transcript)?;
+    if opts.system.is_some() {
+        conversation.set_system(opts.system.clone());
+    }
+    let save = |conversation: &Conversation| match &opts.save_session {
+        Some(path) => session::save(
+            &engine.model,
+            conversation.state(),
+            Some(&conversation.transcript()),
+            path,
+        ),
+        None => Ok(()),
+    };
     let mut line = String::new();
     loop {
         write!(out, "> ")
@@ -62,6 +90,7 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
             "/quit" | "/exit" => return Ok(()),
             "/reset" => {
                 conversation.reset();
+                save(&conversation)?;
                 writeln!(out, "(conversation reset)").context("writing to stdout")?;
                 continue;
             }
@@ -76,12 +105,7 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
             }
             Err(e) => return Err(e),
         };
-        if turn.dropped_exchanges() > 0 {
-            eprintln!(
-                "[conversation too long: dropped the oldest {} exchange(s)]",
-                turn.dropped_exchanges()
-            );
-        }
+        note_dropped(&turn);
         let mut write_err = None;
         let gen = conversation.reply(turn, &gen_opts, |event| {
             let r = match event {
@@ -113,6 +137,7 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
         if let Some(e) = write_err {
             return Err(e).context("writing to stdout");
         }
+        save(&conversation)?;
         writeln!(out).context("writing to stdout")?;
         log::info!(
             "turn: {} tokens prefilled, {} generated at {:.1} tok/s, {} in the cache",
@@ -120,6 +145,16 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
             gen.generated_tokens,
             gen.decode_tok_s(),
             conversation.state().len()
+        );
+    }
+}
+
+/// Tells the terminal (stderr) that `turn` drops the oldest exchanges to fit the cache.
+pub(crate) fn note_dropped(turn: &Turn) {
+    if turn.dropped_exchanges() > 0 {
+        eprintln!(
+            "[conversation too long: dropped the oldest {} exchange(s)]",
+            turn.dropped_exchanges()
         );
     }
 }

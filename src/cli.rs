@@ -250,10 +250,14 @@ pub struct RunArgs {
     /// Maximum number of new tokens.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
     pub max_tokens: usize,
-    /// Wrap the prompt in the model's chat template as one user turn.
+    /// The prompt is a user turn: rendered with the chat template after the conversation of
+    /// --load-session, if given.
     #[arg(long)]
     pub chat: bool,
-    /// System prompt for --chat (default: the template's own).
+    /// Use the Jinja chat template in FILE instead of the model's.
+    #[arg(long, value_name = "FILE", requires = "chat")]
+    pub chat_template_file: Option<PathBuf>,
+    /// System prompt for --chat (default: the loaded conversation's, else the template's own).
     #[arg(long)]
     pub system: Option<String>,
     /// Stop before this string (repeatable).
@@ -265,10 +269,12 @@ pub struct RunArgs {
     /// Print one JSON object per token and a final summary line instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Continue the conversation saved in FILE (its cache settings replace --ctx/--kv/--keep).
+    /// Continue the session saved in FILE: a conversation with --chat, else a raw completion
+    /// (its cache settings replace --ctx/--kv/--keep).
     #[arg(long, value_name = "FILE")]
     pub load_session: Option<PathBuf>,
-    /// Save the conversation (tokens and KV cache) to FILE at the end.
+    /// Save the session (the conversation with --chat, the KV cache and its tokens) to FILE
+    /// at the end.
     #[arg(long, value_name = "FILE")]
     pub save_session: Option<PathBuf>,
     /// The prompt.
@@ -285,6 +291,7 @@ impl RunArgs {
             sampler: self.sampling.to_config(),
             max_tokens: self.max_tokens,
             chat: self.chat,
+            chat_template_file: self.chat_template_file.clone(),
             system: self.system.clone(),
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
@@ -311,12 +318,21 @@ pub struct ChatArgs {
     /// Maximum number of new tokens per reply.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 512)]
     pub max_tokens: usize,
-    /// System prompt (default: the template's own).
+    /// Use the Jinja chat template in FILE instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// System prompt (default: the loaded conversation's, else the template's own).
     #[arg(long)]
     pub system: Option<String>,
     /// Stop a reply before this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Continue the conversation saved in FILE (its cache settings replace --ctx/--kv/--keep).
+    #[arg(long, value_name = "FILE")]
+    pub load_session: Option<PathBuf>,
+    /// Save the conversation to FILE after every reply and /reset.
+    #[arg(long, value_name = "FILE")]
+    pub save_session: Option<PathBuf>,
 }
 
 impl ChatArgs {
@@ -328,8 +344,11 @@ impl ChatArgs {
             cache: self.cache.to_options(),
             sampler: self.sampling.to_config(),
             max_tokens: self.max_tokens,
+            chat_template_file: self.chat_template_file.clone(),
             system: self.system.clone(),
             stop: self.stop.clone(),
+            load_session: self.load_session.clone(),
+            save_session: self.save_session.clone(),
         })
     }
 }
@@ -374,6 +393,9 @@ pub struct ServeArgs {
     /// Default cap on new tokens per request.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
     pub max_tokens: usize,
+    /// Use the Jinja chat template in FILE for CHAT instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
     /// Serial device to serve on (default: stdin/stdout).
     #[arg(long, value_name = "DEV")]
     pub serial: Option<PathBuf>,
@@ -401,6 +423,7 @@ impl ServeArgs {
         Ok(ServeOptions {
             model: self.model.model.clone(),
             load: self.model.load_options()?,
+            chat_template_file: self.chat_template_file.clone(),
             serial: self.serial.as_ref().map(|path| SerialConfig {
                 path: path.clone(),
                 baud: self.baud,

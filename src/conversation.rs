@@ -19,10 +19,14 @@
 //!   ([`Event::Shift`]); the cache then no longer holds a prefix of the history, and the next
 //!   turn is prefilled afresh (trimmed to fit).
 //!
+//! - **Sessions.** [`Conversation::transcript`] is what a session file keeps beside the
+//!   cache; [`Conversation::resume`] continues from it in another process, as if the turns
+//!   had been taken there.
+//!
 //! Raw completions (`GEN`, `edgelm run`) are no part of a conversation; [`Conversation::lend_cache`]
 //! lets one use the conversation's KV storage, so a session allocates one cache, not two.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 use crate::engine::Engine;
 use crate::generate::{generate_events, Event, Flow, GenerateOptions, Generation};
@@ -41,6 +45,17 @@ pub struct Conversation<'e> {
     cached: Vec<u32>,
     /// Bumped by every change, so a [`Turn`] prepared before one is refused.
     revision: u64,
+}
+
+/// A conversation apart from its cache storage: what a session file keeps of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transcript {
+    /// The system prompt; `None` leaves the template's own.
+    pub system: Option<String>,
+    /// User and assistant turns, alternating, oldest first.
+    pub messages: Vec<Message>,
+    /// The ids the cache holds, in order.
+    pub cached: Vec<u32>,
 }
 
 /// A user turn fitted to the cache by [`Conversation::prepare`], ready for
@@ -97,6 +112,49 @@ impl<'e> Conversation<'e> {
             messages: vec![],
             cached: vec![],
             revision: 0,
+        }
+    }
+
+    /// Continues a conversation saved as `transcript` with `state`, the cache it was saved
+    /// with: the ids `transcript.cached` must be what `state` holds, from position 0.
+    pub fn resume(
+        engine: &'e Engine,
+        state: State,
+        transcript: Transcript,
+    ) -> Result<Conversation<'e>> {
+        let Transcript {
+            system,
+            messages,
+            cached,
+        } = transcript;
+        let alternating = messages.len() % 2 == 0
+            && messages
+                .iter()
+                .enumerate()
+                .all(|(i, m)| m.role == if i % 2 == 0 { "user" } else { "assistant" });
+        if !alternating {
+            bail!("the saved conversation does not alternate user and assistant turns");
+        }
+        let held = state.ring().map(|r| r.kept_tokens()).unwrap_or_default();
+        if held != cached || state.position() != cached.len() {
+            bail!("the saved conversation does not match the cache saved with it");
+        }
+        Ok(Conversation {
+            engine,
+            state,
+            system,
+            messages,
+            cached,
+            revision: 0,
+        })
+    }
+
+    /// The conversation without its cache storage, for a session file.
+    pub fn transcript(&self) -> Transcript {
+        Transcript {
+            system: self.system.clone(),
+            messages: self.messages.clone(),
+            cached: self.cached.clone(),
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 
 use crate::model::{LoadOptions, Model};
+use crate::template::prompt::load_template;
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
 
@@ -24,6 +25,16 @@ pub struct Engine {
 impl Engine {
     /// Loads the bundle in `dir`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Engine> {
+        Engine::load_with_template(dir, opts, None)
+    }
+
+    /// Loads the bundle in `dir`, with the chat template in `template_file` (rendered with
+    /// the bundle's special tokens) instead of the bundle's own when one is given.
+    pub fn load_with_template(
+        dir: &Path,
+        opts: &LoadOptions,
+        template_file: Option<&Path>,
+    ) -> Result<Engine> {
         let t0 = Instant::now();
         if !dir.is_dir() {
             bail!(
@@ -50,10 +61,10 @@ impl Engine {
             );
         }
         let config_path = dir.join("tokenizer_config.json");
-        let template = if config_path.exists() {
-            ChatTemplate::from_tokenizer_config(&config_path)?
-        } else {
-            None
+        let template = match template_file {
+            Some(file) => Some(load_template(dir, Some(file))?),
+            None if config_path.exists() => ChatTemplate::from_tokenizer_config(&config_path)?,
+            None => None,
         };
         release_load_garbage();
         let load_time = t0.elapsed();

@@ -1,4 +1,8 @@
 //! `edgelm run`: one prompt in, streamed text (or JSON lines) out.
+//!
+//! A raw prompt continues whatever a loaded session's cache holds; with `--chat` the prompt
+//! is the next user turn of the [`Conversation`] a loaded session holds (or of a new one), so
+//! `run --chat --load-session F --save-session F` carries a conversation across processes.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,13 +10,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::chat::note_dropped;
+use crate::conversation::{Conversation, Transcript};
 use crate::engine::Engine;
-use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::generate::{generate_events, Event, Flow, GenerateOptions, Generation};
 use crate::model::{CacheOptions, LoadOptions};
 use crate::sampler::SamplerConfig;
 use crate::session;
 use crate::signal;
-use crate::template::Message;
 
 /// What `edgelm run` runs with.
 #[derive(Clone, Debug)]
@@ -27,9 +32,11 @@ pub struct RunOptions {
     pub sampler: SamplerConfig,
     /// Cap on new tokens.
     pub max_tokens: usize,
-    /// Render the prompt as one user turn with the chat template.
+    /// The prompt is a user turn of a conversation, rendered with the chat template.
     pub chat: bool,
-    /// System prompt for `chat` (`None`: the template's own).
+    /// The chat template to use instead of the bundle's.
+    pub chat_template_file: Option<PathBuf>,
+    /// System prompt for `chat` (`None`: the loaded conversation's, else the template's own).
     pub system: Option<String>,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
@@ -37,7 +44,8 @@ pub struct RunOptions {
     pub ignore_eos: bool,
     /// One JSON object per token and a summary line instead of text.
     pub json: bool,
-    /// Continue the session saved in this file.
+    /// Continue the session saved in this file (a conversation with `chat`, else a raw
+    /// completion).
     pub load_session: Option<PathBuf>,
     /// Save the session to this file at the end.
     pub save_session: Option<PathBuf>,
@@ -50,23 +58,8 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let engine = Engine::load(&args.model, &args.load)?;
-    let prompt = if args.chat {
-        let mut messages = vec![];
-        if let Some(system) = &args.system {
-            messages.push(Message {
-                role: "system".into(),
-                content: system.clone(),
-            });
-        }
-        messages.push(Message {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        });
-        engine.encode_chat(&messages)?
-    } else {
-        engine.encode_raw(&args.prompt)?
-    };
+    let engine =
+        Engine::load_with_template(&args.model, &args.load, args.chat_template_file.as_deref())?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampler: args.sampler.clone(),
@@ -74,13 +67,62 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
         eos_ids: engine.eos_ids(),
         ignore_eos: args.ignore_eos,
     };
-    let mut state = match &args.load_session {
-        Some(path) => session::load(&engine.model, path)?,
-        None => engine.model.new_state_with(args.cache)?,
+    let mut printer = Printer {
+        out,
+        json: args.json,
+        write_err: None,
     };
-    let mut write_err = None;
-    let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {
-        let r = match (event, args.json) {
+    let gen = if args.chat {
+        let (state, transcript) = match &args.load_session {
+            Some(path) => session::load(&engine.model, path)?.into_conversation(path)?,
+            None => (
+                engine.model.new_state_with(args.cache)?,
+                Transcript::default(),
+            ),
+        };
+        let mut conversation = Conversation::resume(&engine, state, transcript)?;
+        if args.system.is_some() {
+            conversation.set_system(args.system.clone());
+        }
+        let turn = conversation.prepare(&args.prompt, args.max_tokens)?;
+        note_dropped(&turn);
+        let gen = conversation.reply(turn, &opts, |event| printer.on_event(event))?;
+        printer.check()?;
+        if let Some(path) = &args.save_session {
+            let transcript = conversation.transcript();
+            session::save(&engine.model, conversation.state(), Some(&transcript), path)?;
+        }
+        gen
+    } else {
+        let mut state = match &args.load_session {
+            Some(path) => session::load(&engine.model, path)?.into_raw(path)?,
+            None => engine.model.new_state_with(args.cache)?,
+        };
+        let prompt = engine.encode_raw(&args.prompt)?;
+        let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {
+            printer.on_event(event)
+        })?;
+        printer.check()?;
+        if let Some(path) = &args.save_session {
+            session::save(&engine.model, &state, None, path)?;
+        }
+        gen
+    };
+    finish(&engine, &gen, args.json, printer.out)
+}
+
+/// Writes each event as text or a JSON line, stopping the generation at a signal or a
+/// failed write.
+struct Printer<'o> {
+    out: &'o mut dyn Write,
+    json: bool,
+    write_err: Option<std::io::Error>,
+}
+
+impl Printer<'_> {
+    fn on_event(&mut self, event: Event) -> Flow {
+        let out = &mut *self.out;
+        let r = match (event, self.json) {
             (Event::Token(id, text), true) => {
                 writeln!(out, "{}", json!({ "id": id, "text": text }))
             }
@@ -100,22 +142,28 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
             (Event::Shift(_), false) => Ok(()),
         };
         match r.and_then(|_| out.flush()) {
-            // SIGTERM/SIGINT: stop at this token; the session below is still saved.
+            // SIGTERM/SIGINT: stop at this token; the session is still saved.
             Ok(()) if signal::received().is_some() => Flow::Stop,
             Ok(()) => Flow::Continue,
             Err(e) => {
-                write_err = Some(e);
+                self.write_err = Some(e);
                 Flow::Stop
             }
         }
-    })?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing to stdout");
     }
-    if let Some(path) = &args.save_session {
-        session::save(&engine.model, &state, path)?;
+
+    /// The write error that stopped the generation, if one did.
+    fn check(&mut self) -> Result<()> {
+        match self.write_err.take() {
+            Some(e) => Err(e).context("writing to stdout"),
+            None => Ok(()),
+        }
     }
-    if args.json {
+}
+
+/// The last line (a line end, or the JSON summary) and the log line.
+fn finish(engine: &Engine, gen: &Generation, json: bool, out: &mut dyn Write) -> Result<()> {
+    if json {
         let summary = json!({
             "done": true,
             "reason": gen.reason.as_str(),

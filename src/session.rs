@@ -1,11 +1,18 @@
-//! Session files: a conversation's KV ring (tokens, slots, keys, values) and position, so a
-//! board can resume after a reboot without re-prefilling.
+//! Session files: a KV ring (tokens, slots, keys, values), its position and, for a
+//! conversation, its transcript, so a board can resume after a reboot without re-prefilling.
 //!
 //! Layout, little-endian: magic `EDGELMS\0`, version `u32`, twelve `u64`s (layers, kv_heads,
 //! head_dim, vocab_size, max_positions, capacity, n_keep, kv type 0=f32/1=f16, used slots,
 //! oldest slot, tokens written, next position), the token of each slot (capacity × `u32`), the
 //! stamp of each slot (capacity × `u64`), per layer a `u64` byte count and the keys then values
-//! of the used slots, and last an FNV-1a 64 checksum of everything before it.
+//! of the used slots; then what the cache holds, a `u64`: 0 for a raw completion (nothing
+//! follows), 1 for a conversation, followed by its system prompt (`u64` 0 for the template's
+//! own, or 1 and a string), a `u64` message count and each message's role and content
+//! (strings), and a `u64` count and the ids the cache holds (`u32` each, in order); last an
+//! FNV-1a 64 checksum of everything before it. A string is a `u64` byte count and UTF-8.
+//!
+//! Version 1 files (all of them raw completions: nothing after the layers) are read as raw
+//! completions.
 
 use std::fs;
 use std::io::Write;
@@ -13,13 +20,51 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::conversation::Transcript;
 use crate::kv_cache::{KvType, LayoutParts, RingLayout};
 use crate::model::{CacheOptions, Model, State};
+use crate::template::Message;
 
 /// First bytes of a session file.
 pub const MAGIC: &[u8; 8] = b"EDGELMS\0";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes.
+pub const VERSION: u32 = 2;
+/// The oldest version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
+
+/// What a session file restores.
+#[derive(Debug)]
+pub struct Saved {
+    /// The model state: cache contents and position.
+    pub state: State,
+    /// The conversation the cache holds; `None` for a raw completion.
+    pub chat: Option<Transcript>,
+}
+
+impl Saved {
+    /// The conversation this session (read from `path`) holds, and its state; a raw
+    /// completion is an error that says what continues it.
+    pub fn into_conversation(self, path: &Path) -> Result<(State, Transcript)> {
+        match self.chat {
+            Some(chat) => Ok((self.state, chat)),
+            None => bail!(
+                "session {path:?} holds a raw completion, not a conversation: continue it with \
+                 edgelm run without --chat"
+            ),
+        }
+    }
+
+    /// The state of this session (read from `path`) as a raw completion; a conversation is
+    /// an error that says what continues it.
+    pub fn into_raw(self, path: &Path) -> Result<State> {
+        match self.chat {
+            None => Ok(self.state),
+            Some(_) => bail!(
+                "session {path:?} holds a conversation: continue it with edgelm chat or run --chat"
+            ),
+        }
+    }
+}
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -30,16 +75,20 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Writes `state` (of `model`) to `path`, replacing it atomically.
-pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
-    let layers = state
-        .layer_kv()
-        .context("nothing to save: the conversation is empty or has no ring cache")?;
+/// Writes `state` (of `model`) and `chat`, the conversation it holds (`None` for a raw
+/// completion), to `path`, replacing it atomically.
+pub fn save(model: &Model, state: &State, chat: Option<&Transcript>, path: &Path) -> Result<()> {
     let config = model.config();
     let parts = state
         .ring()
-        .context("nothing to save: no ring cache")?
+        .context("cannot save a session: this model has no ring KV cache")?
         .to_parts();
+    // Storage exists from the first forward on; before it the ring is empty.
+    let layers = match state.layer_kv() {
+        Some(layers) => layers.iter().map(|kv| kv.export(parts.used)).collect(),
+        None if parts.used == 0 => vec![Vec::new(); config.num_hidden_layers],
+        None => bail!("cannot save a session: the cache has no storage"),
+    };
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend(VERSION.to_le_bytes());
@@ -71,10 +120,29 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         .stamps
         .iter()
         .for_each(|s| out.extend(s.to_le_bytes()));
-    for kv in layers {
-        let bytes = kv.export(parts.used);
+    for bytes in layers {
         out.extend((bytes.len() as u64).to_le_bytes());
         out.extend(bytes);
+    }
+    match chat {
+        None => out.extend(0u64.to_le_bytes()),
+        Some(t) => {
+            out.extend(1u64.to_le_bytes());
+            match &t.system {
+                None => out.extend(0u64.to_le_bytes()),
+                Some(system) => {
+                    out.extend(1u64.to_le_bytes());
+                    put_str(&mut out, system);
+                }
+            }
+            out.extend((t.messages.len() as u64).to_le_bytes());
+            for m in &t.messages {
+                put_str(&mut out, &m.role);
+                put_str(&mut out, &m.content);
+            }
+            out.extend((t.cached.len() as u64).to_le_bytes());
+            t.cached.iter().for_each(|id| out.extend(id.to_le_bytes()));
+        }
     }
     out.extend(fnv1a(&out).to_le_bytes());
     write_atomically(path, &out)?;
@@ -84,6 +152,11 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         out.len()
     );
     Ok(())
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
 }
 
 /// Replaces `path` by `bytes` so that a full disk, a signal or a power cut leaves either the
@@ -122,7 +195,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads a session saved by [`save`] for `model` into a fresh state.
-pub fn load(model: &Model, path: &Path) -> Result<State> {
+pub fn load(model: &Model, path: &Path) -> Result<Saved> {
     let bytes = fs::read(path).with_context(|| format!("reading session {path:?}"))?;
     parse(model, &bytes).with_context(|| format!("session file {path:?}"))
 }
@@ -159,9 +232,41 @@ impl<'a> Reader<'a> {
     fn usize(&mut self) -> Result<usize> {
         usize::try_from(self.u64()?).context("a count does not fit in memory")
     }
+
+    fn string(&mut self) -> Result<String> {
+        let n = self.usize()?;
+        let bytes = self.take(n)?;
+        String::from_utf8(bytes.to_vec()).context("a text is not UTF-8")
+    }
+
+    /// A conversation's transcript (after its tag).
+    fn transcript(&mut self) -> Result<Transcript> {
+        let system = match self.u64()? {
+            0 => None,
+            1 => Some(self.string()?),
+            other => bail!("unknown system prompt tag {other}"),
+        };
+        // Counts are checked by reading, not trusted for allocation.
+        let mut messages = Vec::new();
+        for _ in 0..self.u64()? {
+            let role = self.string()?;
+            messages.push(Message::new(role, self.string()?));
+        }
+        let n = self.usize()?;
+        let ids = self.take(n.checked_mul(4).context("truncated")?)?;
+        let cached = ids
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Transcript {
+            system,
+            messages,
+            cached,
+        })
+    }
 }
 
-fn parse(model: &Model, bytes: &[u8]) -> Result<State> {
+fn parse(model: &Model, bytes: &[u8]) -> Result<Saved> {
     ensure!(
         bytes.len() >= MAGIC.len() + 4 && &bytes[..MAGIC.len()] == MAGIC,
         "not an edgelm session file"
@@ -169,8 +274,8 @@ fn parse(model: &Model, bytes: &[u8]) -> Result<State> {
     let mut r = Reader { bytes, at: 8 };
     let version = r.u32()?;
     ensure!(
-        version == VERSION,
-        "format version {version}; this edgelm reads version {VERSION}"
+        (OLDEST_VERSION..=VERSION).contains(&version),
+        "format version {version}; this edgelm reads versions {OLDEST_VERSION} to {VERSION}"
     );
     ensure!(bytes.len() >= 12 + 8, "truncated");
     let (body, sum) = bytes.split_at(bytes.len() - 8);
@@ -236,6 +341,14 @@ fn parse(model: &Model, bytes: &[u8]) -> Result<State> {
         let n = r.usize()?;
         layers.push(r.take(n)?.to_vec());
     }
+    let chat = match version {
+        1 => None,
+        _ => match r.u64()? {
+            0 => None,
+            1 => Some(r.transcript()?),
+            other => bail!("unknown contents tag {other}"),
+        },
+    };
     ensure!(
         r.at == body.len(),
         "{} unexpected trailing bytes",
@@ -247,5 +360,5 @@ fn parse(model: &Model, bytes: &[u8]) -> Result<State> {
         keep: n_keep,
     })?;
     state.restore(layout, next_pos, &layers)?;
-    Ok(state)
+    Ok(Saved { state, chat })
 }

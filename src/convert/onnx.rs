@@ -272,7 +272,8 @@ fn tensor(name: &str, elem: Elem, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto
     }
 }
 
-fn value_info(name: &str, elem: Elem, dims: &[Dim]) -> pb::ValueInfoProto {
+/// A graph input or output of `elem` values shaped `dims`.
+pub(crate) fn value_info(name: &str, elem: Elem, dims: &[Dim]) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
     let dim = dims
         .iter()

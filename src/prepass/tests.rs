@@ -17,34 +17,13 @@ use super::plan::{make_plan, per_step_constants, to_typed};
 use super::rewrite::fold_weight_transposes;
 use crate::attention::RingAttention;
 use crate::config::Config;
+use crate::convert::onnx::{value_info, Dim, Elem};
 use crate::quant::{Kernel, Scheme, ThreadPool};
 
 fn no_external() -> ExternalData {
     ExternalData {
         root: None,
         files: HashMap::new(),
-    }
-}
-
-fn value_info(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    let dim = dims
-        .iter()
-        .map(|&d| Dimension {
-            value: Some(Value::DimValue(d)),
-            ..Default::default()
-        })
-        .collect();
-    pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
 
@@ -160,8 +139,16 @@ impl Blocked {
                     node("MatMul", vec!["x".into(), "w_t".into()], "y", vec![]),
                 ],
                 initializer: initializers,
-                input: vec![value_info("x", &[1, self.k as i64])],
-                output: vec![value_info("y", &[1, self.n as i64])],
+                input: vec![value_info(
+                    "x",
+                    Elem::F32,
+                    &[Dim::Fixed(1), Dim::Fixed(self.k as i64)],
+                )],
+                output: vec![value_info(
+                    "y",
+                    Elem::F32,
+                    &[Dim::Fixed(1), Dim::Fixed(self.n as i64)],
+                )],
                 ..Default::default()
             }),
             ..Default::default()

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub model: PathBuf,
     /// Threads, int8 path and kernel.
     pub load: LoadOptions,
+    /// The chat template to use for `CHAT` instead of the bundle's.
+    pub chat_template_file: Option<PathBuf>,
     /// The serial device, or `None` for stdin/stdout.
     pub serial: Option<SerialConfig>,
     /// Echo input and show a `> ` prompt; lines end in CRLF (for terminals).
@@ -54,7 +56,8 @@ pub struct ServeOptions {
 
 /// Serves the protocol until `QUIT`/Ctrl-D/end of input (stdio) or forever (serial).
 pub fn serve(opts: &ServeOptions) -> Result<()> {
-    let engine = Engine::load(&opts.model, &opts.load)?;
+    let engine =
+        Engine::load_with_template(&opts.model, &opts.load, opts.chat_template_file.as_deref())?;
     let (reader, writer) = transport::open(opts.serial.as_ref())?;
     let (tx, rx) = sync_channel(64);
     let echo = opts.echo.then(|| writer.clone());

@@ -26,9 +26,10 @@ pub struct TemplateOptions {
 }
 
 /// The chat template for `model` (a bundle directory or a `.gguf` file), or the one in
-/// `template_file` rendered with the model's special tokens.
+/// `template_file` rendered with the model's special tokens (the model's own template is
+/// then not read, so a broken one can be replaced).
 pub fn load_template(model: &Path, template_file: Option<&Path>) -> Result<ChatTemplate> {
-    let (source, specials) = model_template(model)?;
+    let (source, specials) = model_template(model, template_file.is_none())?;
     if let Some(file) = template_file {
         return ChatTemplate::from_file(file, specials);
     }
@@ -49,7 +50,8 @@ enum Source {
     Text(String),
 }
 
-fn model_template(model: &Path) -> Result<(Option<Source>, SpecialTokens)> {
+/// A model's special tokens, and its own template when `with_template`.
+fn model_template(model: &Path, with_template: bool) -> Result<(Option<Source>, SpecialTokens)> {
     if model.is_dir() {
         let config = model.join("tokenizer_config.json");
         if !config.is_file() {
@@ -59,6 +61,9 @@ fn model_template(model: &Path) -> Result<(Option<Source>, SpecialTokens)> {
             );
         }
         let specials = special_tokens_of(&config)?;
+        if !with_template {
+            return Ok((None, specials));
+        }
         let template = ChatTemplate::from_tokenizer_config(&config)?;
         return Ok((template.map(|t| Source::Compiled(Box::new(t))), specials));
     }

@@ -5,7 +5,7 @@
 use crate::common;
 
 use std::io::Write;
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 
 use edgelm::conversation::{Conversation, TooLong};
 use edgelm::convert::Quant;
@@ -128,7 +128,7 @@ pub(crate) fn tiny_replies(questions: &[&str], max_tokens: usize) -> Vec<String>
 }
 
 pub(crate) const SYSTEM: &str = "Be brief.";
-const QUESTIONS: [&str; 3] = ["Hi!", "What now?", "Why?"];
+pub(crate) const QUESTIONS: [&str; 3] = ["Hi!", "What now?", "Why?"];
 
 fn with_system(messages: &[Message]) -> Vec<Message> {
     let mut all = vec![Message::new("system", SYSTEM)];
@@ -243,22 +243,10 @@ fn chat_command_trims_like_the_library() {
         .collect();
     expected.push_str("> \n");
 
-    let mut child = common::edgelm_command()
-        .args(["chat", "-m"])
-        .arg(crate::serve::chat_bundle())
-        .args(["-t", "1", "--ctx", "256", "--keep", "4", "-n", "8"])
-        .args(["--system", SYSTEM])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for user in QUESTIONS {
-        writeln!(stdin, "{user}").unwrap();
-    }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = chat_command(
+        &["--ctx", "256", "--keep", "4", "--system", SYSTEM],
+        &QUESTIONS,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
@@ -266,4 +254,25 @@ fn chat_command_trims_like_the_library() {
         stderr.lines().collect::<Vec<_>>(),
         ["[conversation too long: dropped the oldest 1 exchange(s)]"]
     );
+}
+
+/// `edgelm chat` on the tiny Llama with SmolLM2's template, one thread, at most 8 tokens per
+/// reply, with `args`; the lines of `input` typed in, then end of input.
+pub(crate) fn chat_command(args: &[&str], input: &[&str]) -> Output {
+    let mut child = common::edgelm_command()
+        .args(["chat", "-m"])
+        .arg(crate::serve::chat_bundle())
+        .args(["-t", "1", "-n", "8"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in input {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
 }

@@ -241,25 +241,97 @@ fn a_template_that_raises_is_a_one_line_error_with_its_message() {
 fn a_missing_or_broken_template_file_is_a_one_line_error_naming_it() {
     let model = common::fixture("vocab/tiny-qwen2.gguf");
     let scratch = common::scratch("chat_templates", "broken");
-    let broken = scratch.join("broken.jinja");
-    std::fs::write(&broken, "{% for m in messages %}{{ m.content }}").unwrap();
-    let missing = scratch.join("missing.jinja");
-    for (file, what) in [(&broken, "syntax error"), (&missing, "No such file")] {
-        let out = edgelm_template(&[
+    assert_bad_template_files_are_named(&scratch, |file| {
+        edgelm_template(&[
             "-m",
             model.to_str().unwrap(),
             "--chat-template-file",
-            file.to_str().unwrap(),
+            file,
             "hi",
-        ]);
-        assert!(!out.status.success());
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(file.to_str().unwrap()), "{err}");
-        assert!(err.contains(what), "{err}");
-    }
+        ])
+    });
     let out = edgelm_template(&["-m", model.to_str().unwrap(), "--date", "yesterday", "hi"]);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("\"yesterday\" is not a date"), "{err}");
+}
+
+/// A template of our own for the tiny Llama (whose bundle has none): its prompt is plain
+/// text, so a raw prompt of that text must give the same reply.
+pub(crate) const QA_TEMPLATE: &str =
+    "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:";
+
+/// [`QA_TEMPLATE`] rendered for the user turn `Hello there` (the bundle's `bos_token` is
+/// `<|endoftext|>`).
+pub(crate) const QA_PROMPT: &str = "<|endoftext|>user: Hello there\nassistant:";
+
+/// [`QA_TEMPLATE`] written to a scratch file.
+pub(crate) fn qa_template_file(group: &str) -> PathBuf {
+    let file = common::scratch(group, "qa-template").join("qa.jinja");
+    std::fs::write(&file, QA_TEMPLATE).unwrap();
+    file
+}
+
+/// `edgelm run` on the tiny Llama, greedy, 12 tokens, with `args`.
+fn run_tiny(args: &[&str]) -> std::process::Output {
+    common::edgelm_command()
+        .args(["run", "-m"])
+        .arg(common::fixture("tiny-llama/onnx-f32"))
+        .args(["-t", "1", "-n", "12", "--ignore-eos"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `run --chat --chat-template-file` renders the turn with that file and the bundle's
+/// special tokens: the reply is the raw prompt's; without the file the bundle (which has no
+/// template) is refused; a missing or broken file is a one-line error naming it.
+#[test]
+fn run_chat_uses_a_chat_template_file() {
+    let file = qa_template_file("chat_templates");
+    let with_file = run_tiny(&[
+        "--chat",
+        "--chat-template-file",
+        file.to_str().unwrap(),
+        "Hello there",
+    ]);
+    common::assert_success(&with_file);
+    let raw = run_tiny(&[QA_PROMPT]);
+    common::assert_success(&raw);
+    assert!(with_file.stdout.len() > 1);
+    assert_eq!(
+        String::from_utf8_lossy(&with_file.stdout),
+        String::from_utf8_lossy(&raw.stdout)
+    );
+
+    let without = run_tiny(&["--chat", "Hello there"]);
+    assert!(!without.status.success());
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(err.contains("has no chat template"), "{err}");
+
+    let scratch = common::scratch("chat_templates", "run-broken");
+    assert_bad_template_files_are_named(&scratch, |file| {
+        run_tiny(&["--chat", "--chat-template-file", file, "hi"])
+    });
+}
+
+/// A template file with a syntax error and one that does not exist, written or named in
+/// `scratch`, each given to `command` (which passes the path it gets as
+/// `--chat-template-file`): each is a one-line error naming the file and what is wrong.
+fn assert_bad_template_files_are_named(
+    scratch: &std::path::Path,
+    command: impl Fn(&str) -> std::process::Output,
+) {
+    let broken = scratch.join("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}{{ m.content }}").unwrap();
+    let missing = scratch.join("missing.jinja");
+    for (file, what) in [(&broken, "syntax error"), (&missing, "No such file")] {
+        let file = file.to_str().unwrap();
+        let out = command(file);
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(file), "{err}");
+        assert!(err.contains(what), "{err}");
+    }
 }

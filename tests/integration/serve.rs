@@ -903,3 +903,24 @@ fn soak_random_requests_over_a_pty() {
         "RSS grew from {before} KiB to {after} KiB"
     );
 }
+
+/// `serve --chat-template-file`: `CHAT` renders with that file (the tiny Llama's bundle has
+/// no template), so its reply is `GEN`'s for the rendered text.
+#[test]
+fn pipes_chat_uses_a_chat_template_file() {
+    use crate::chat_templates::{qa_template_file, QA_PROMPT};
+    let file = qa_template_file("serve");
+    let model = fixture("tiny-llama/onnx-f32");
+    let (_server, mut c) =
+        over_pipes_with(&model, &["--chat-template-file", file.to_str().unwrap()]);
+    c.ready();
+    assert_eq!(c.request("SET max_tokens 12"), "OK max_tokens=12");
+    c.send(b"CHAT Hello there\n");
+    let (chat, end) = c.generation();
+    assert!(end.starts_with("END "), "{end}");
+    assert!(!chat.is_empty());
+    c.send(format!("GEN {}\n", QA_PROMPT.replace('\n', "\\n")).as_bytes());
+    let (raw, end) = c.generation();
+    assert!(end.starts_with("END "), "{end}");
+    assert_eq!(chat, raw);
+}

@@ -10,10 +10,8 @@
 
 use std::collections::HashMap;
 
-use serde_json::json;
-
 use super::pre::{byte_level, Pre};
-use super::{vocab_json, GgufVocab, Parts, TokenizerJsonError};
+use super::{bpe_model, GgufVocab, Parts, TokenizerJsonError};
 
 /// GPT-2's reversible byte → char map: printable Latin-1 bytes stand for themselves, the other
 /// 68 bytes take U+0100.. in byte order, so every token is a printable string.
@@ -49,24 +47,11 @@ pub(super) fn parts(
         }
     }
     let merges = parse_merges(v, ids)?; // (n_merges, 2)
-    let unk_token = v.unk_id.and_then(|id| v.tokens.get(id as usize));
     Ok(Parts {
         normalizer: pre.normalizer(),
         pre_tokenizer: pre.pre_tokenizer(),
         decoder: byte_level(false),
-        model: json!({
-            "type": "BPE",
-            "dropout": null,
-            // Only bytes without a token are unknown (see the module doc).
-            "unk_token": unk_token,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": true,
-            "byte_fallback": false,
-            "ignore_merges": pre.ignore_merges(),
-            "vocab": vocab_json(v),
-            "merges": merges,
-        }),
+        model: bpe_model(v, &merges, false, pre.ignore_merges()),
     })
 }
 

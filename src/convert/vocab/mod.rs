@@ -289,6 +289,30 @@ struct Parts {
     model: Value,
 }
 
+/// The `tokenizers` BPE model of `v` with `merges` (each a pair of sides, in rank order).
+/// Both kinds of vocabulary use it: byte-level BPE without byte fallback (a byte without a
+/// token is the only unknown), SentencePiece with it.
+fn bpe_model(
+    v: &GgufVocab,
+    merges: &[[&str; 2]],
+    byte_fallback: bool,
+    ignore_merges: bool,
+) -> Value {
+    let unk_token = v.unk_id.and_then(|id| v.tokens.get(id as usize));
+    json!({
+        "type": "BPE",
+        "dropout": null,
+        "unk_token": unk_token,
+        "continuing_subword_prefix": null,
+        "end_of_word_suffix": null,
+        "fuse_unk": true,
+        "byte_fallback": byte_fallback,
+        "ignore_merges": ignore_merges,
+        "vocab": vocab_json(v),
+        "merges": merges,
+    })
+}
+
 /// The vocabulary in id order, so the file is deterministic whatever map serde_json is built
 /// with.
 fn vocab_json(v: &GgufVocab) -> Map<String, Value> {

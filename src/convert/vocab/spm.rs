@@ -28,7 +28,7 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::{vocab_json, GgufVocab, Parts, TokenizerJsonError};
+use super::{bpe_model, GgufVocab, Parts, TokenizerJsonError};
 
 /// SentencePiece's visible space.
 const SPACE: &str = "\u{2581}";
@@ -75,23 +75,11 @@ pub(super) fn parts(v: &GgufVocab, ids: &HashMap<&str, u32>) -> Result<Parts, To
     if prefix {
         decoders.push(json!({ "type": "Strip", "content": " ", "start": 1, "stop": 0 }));
     }
-    let unk_token = v.unk_id.and_then(|id| v.tokens.get(id as usize));
     Ok(Parts {
         normalizer,
         pre_tokenizer: Value::Null,
         decoder: json!({ "type": "Sequence", "decoders": decoders }),
-        model: json!({
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": unk_token,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": true,
-            "byte_fallback": true,
-            "ignore_merges": false,
-            "vocab": vocab_json(v),
-            "merges": merges(v, ids),
-        }),
+        model: bpe_model(v, &merges(v, ids), true, false),
     })
 }
 
