@@ -26,6 +26,7 @@ fn converted_from(input: &str, quant: Quant) -> Model {
         input: fixture(input),
         output: out.clone(),
         quant,
+        threads: 0,
         progress: false,
     })
     .unwrap();
@@ -156,6 +157,7 @@ fn unsupported_architecture_is_named() {
         input: dir.clone(),
         output: dir.join("out"),
         quant: Quant::F32,
+        threads: 0,
         progress: false,
     })
     .unwrap_err();
@@ -216,6 +218,7 @@ fn qwen2_qkv_biases_are_read() {
         input: dir.clone(),
         output: out.clone(),
         quant: Quant::F32,
+        threads: 0,
         progress: false,
     })
     .unwrap();
@@ -230,6 +233,7 @@ fn qwen2_qkv_biases_are_read() {
         input: dir.clone(),
         output: dir.join("bundle-bad"),
         quant: Quant::F32,
+        threads: 0,
         progress: false,
     })
     .unwrap_err();
