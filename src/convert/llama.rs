@@ -430,23 +430,23 @@ pub fn config_json_as(
     edgelm: Value,
 ) -> Value {
     let rope_scaling = match p.rope_scaling {
-        RopeScaling::None => Value::Null,
+        RopeScaling::None => None,
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
             original_max_positions,
-        } => json!({
+        } => Some(json!({
             "rope_type": "llama3",
             "factor": factor,
             "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor,
             "original_max_position_embeddings": original_max_positions,
-        }),
+        })),
         // The divisors are in the graph's frequencies; transformers has no name for them.
-        RopeScaling::FreqFactors => json!({"rope_type": "rope_freqs (llama.cpp)"}),
+        RopeScaling::FreqFactors => Some(json!({"rope_type": "rope_freqs (llama.cpp)"})),
     };
-    json!({
+    let mut config = json!({
         "architectures": [architecture],
         "model_type": model_type,
         "vocab_size": p.vocab,
@@ -460,14 +460,20 @@ pub fn config_json_as(
         "max_position_embeddings": p.max_positions,
         "rms_norm_eps": p.norm_eps,
         "rope_theta": p.rope_theta(),
-        "rope_scaling": rope_scaling,
         "attention_bias": p.bias.qkv,
-        "mlp_bias": p.bias.mlp,
         "tie_word_embeddings": p.tied_embeddings,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "edgelm": edgelm,
-    })
+    });
+    // Written only when present, as transformers' own configs of plain Llamas omit them.
+    if let Some(scaling) = rope_scaling {
+        config["rope_scaling"] = scaling;
+    }
+    if p.bias.mlp {
+        config["mlp_bias"] = true.into();
+    }
+    config
 }
 
 #[cfg(test)]
