@@ -48,7 +48,7 @@ pub fn fill_rows<A: Send, B: Send>(
     (b, b_row): (&mut [B], usize),
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
 ) {
-    let rows = if a_row == 0 { 0 } else { a.len() / a_row };
+    let rows = a.len().checked_div(a_row).unwrap_or(0);
     debug_assert_eq!(a.len(), rows * a_row);
     debug_assert_eq!(b.len(), rows * b_row);
     let mut parts = Vec::new();
