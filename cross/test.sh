@@ -110,7 +110,7 @@ run() {
 # The integration tests of --ci. aarch64: all but the f32 bundle against transformers and
 # the 813-position f32/int8 teacher-forced comparison (golden_smollm2), about half an
 # hour of emulated f32 arithmetic; `cargo test` runs them natively, and a full run here.
-# armv7: the tiny fixture models (families:: too) and the malformed-model table.
+# armv7: the tiny fixture models and the malformed-model table.
 if [[ "$target" == aarch64-* ]]; then
   ci_integration=(--skip golden_smollm2::)
 else
