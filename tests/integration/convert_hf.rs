@@ -178,6 +178,10 @@ fn qwen2_from_tiny_llama(dir: &Path, q_len: usize) {
         serde_json::from_str(&fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
     config["model_type"] = "qwen2".into();
     config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    // Keys of Llama's config that Qwen2's has not (the converter refuses unknown keys).
+    for key in ["mlp_bias", "pretraining_tp"] {
+        config.as_object_mut().unwrap().remove(key);
+    }
     fs::write(dir.join("config.json"), config.to_string()).unwrap();
 
     let raw = fs::read(hf.join("model.safetensors")).unwrap();
