@@ -67,6 +67,7 @@ pub enum GgufChange {
 /// `config.json` keys of every transformers model that describe training, generation
 /// defaults, export or bookkeeping, never the forward pass.
 pub const HF_BOOKKEEPING_KEYS: &[&str] = &[
+    "_model_name_or_path",
     "_name_or_path",
     "_attn_implementation",
     "add_cross_attention",
@@ -119,12 +120,14 @@ pub const HF_BOOKKEEPING_KEYS: &[&str] = &[
     "tf_legacy_loss",
     "tie_encoder_decoder",
     "tokenizer_class",
+    "transformers.js_config",
     "top_k",
     "top_p",
     "torch_dtype",
     "torchscript",
     "transformers_version",
     "typical_p",
+    "unk_token_id",
     "use_bfloat16",
     "use_cache",
 ];

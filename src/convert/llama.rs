@@ -38,8 +38,9 @@ pub const LAYOUT: Layout = Layout {
     fused_qkv: false,
 };
 
-/// The `config.json` keys [`HfConfig`] reads, and `pretraining_tp` (a training-time
-/// slicing of the projections that leaves their results unchanged).
+/// The `config.json` keys [`HfConfig`] reads, and those transformers' Llama never reads:
+/// `pretraining_tp` (a training-time slicing of the projections that leaves their results
+/// unchanged), and nanotron's `is_llama_config` and `rope_interleaved` (SmolLM2's configs).
 pub const HF_KEYS: &[&str] = &[
     "vocab_size",
     "hidden_size",
@@ -58,6 +59,8 @@ pub const HF_KEYS: &[&str] = &[
     "mlp_bias",
     "sliding_window",
     "pretraining_tp",
+    "is_llama_config",
+    "rope_interleaved",
 ];
 
 /// The `{arch}.` GGUF keys [`rope_params_from_gguf`] reads.
@@ -579,6 +582,61 @@ mod tests {
         assert_eq!(
             err(json!({"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0})),
             "rope_scaling \"llama3\" needs a number \"low_freq_factor\""
+        );
+    }
+
+    /// SmolLM2-135M-Instruct's `config.json` as published: every key is known.
+    #[test]
+    fn smollm2_config_keys_are_all_understood() {
+        let keys = [
+            "architectures",
+            "attention_bias",
+            "attention_dropout",
+            "bos_token_id",
+            "eos_token_id",
+            "hidden_act",
+            "hidden_size",
+            "initializer_range",
+            "intermediate_size",
+            "is_llama_config",
+            "max_position_embeddings",
+            "mlp_bias",
+            "model_type",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "pad_token_id",
+            "pretraining_tp",
+            "rms_norm_eps",
+            "rope_interleaved",
+            "rope_scaling",
+            "rope_theta",
+            "tie_word_embeddings",
+            "torch_dtype",
+            "transformers_version",
+            "transformers.js_config",
+            "use_cache",
+            "vocab_size",
+        ];
+        assert_eq!(FAMILY.unknown_hf_key(keys), None);
+        assert_eq!(
+            FAMILY.unknown_hf_key(["hidden_size", "quantization_config"]),
+            Some("quantization_config")
+        );
+    }
+
+    #[test]
+    fn gguf_keys_outside_the_family_are_named() {
+        let keys = [
+            "general.name",
+            "tokenizer.ggml.model",
+            "llama.rope.freq_base",
+            "llama.expert_count",
+        ];
+        assert_eq!(FAMILY.unknown_gguf_key(keys), Some("llama.expert_count"));
+        assert_eq!(
+            FAMILY.unknown_gguf_key(["qwen2.block_count"]),
+            Some("qwen2.block_count")
         );
     }
 
