@@ -12,10 +12,9 @@ BPE vocabulary, its merges and chat template) is copied from the SmolLM2 GGUF, s
 engines tokenize prompts as they do for the real 135M model. The embedding is tied to the
 LM head (no `output.weight`), as in all three real models.
 
-Left out on purpose: Llama-3.2's RoPE frequency scaling (`rope_freqs.weight`). It rescales
-the rotation frequencies (a per-dimension factor, no extra work per token), and edgelm's
-converter does not read it; theta, the norm epsilon and the context length are the real
-model's.
+Llama-3.2's RoPE frequency scaling is written as llama.cpp's converter writes it: per-pair
+divisors of the frequencies in a `rope_freqs.weight` tensor (f32). Theta, the norm epsilon
+and the context length are the real model's.
 
 Needs numpy, pyyaml and tqdm, and llama.cpp's gguf-py (from the llama-cpp-python sdist:
 GGUF_PY=.../vendor/llama.cpp/gguf-py). benches/side_by_side.sh sets both up.
@@ -43,7 +42,9 @@ SHAPES = {
                          rope_theta=100000.0, eps=1e-5, ctx=8192),
     # meta-llama/Llama-3.2-1B-Instruct (its 128 256-token vocabulary replaced by SmolLM2's)
     "llama3.2-1b": dict(hidden=2048, ffn=8192, layers=16, heads=32, kv_heads=8,
-                        rope_theta=500000.0, eps=1e-5, ctx=131072),
+                        rope_theta=500000.0, eps=1e-5, ctx=131072,
+                        llama3_rope=dict(factor=32.0, low_freq_factor=1.0,
+                                         high_freq_factor=4.0, original_ctx=8192)),
 }
 
 WEIGHT_STD = 0.02
@@ -71,11 +72,35 @@ def copy_tokenizer(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> int:
     return vocab
 
 
+def rope_factors(shape: dict) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for `llama3` scaling: each frequency's divisor, as its
+    converter (conversion/llama.py) computes them."""
+    r, hd = shape["llama3_rope"], shape["hidden"] // shape["heads"]
+    freqs = 1.0 / (shape["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    low_wavelen = r["original_ctx"] / r["low_freq_factor"]
+    high_wavelen = r["original_ctx"] / r["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(r["factor"])
+        else:
+            smooth = (r["original_ctx"] / wavelen - r["low_freq_factor"]) / (
+                r["high_freq_factor"] - r["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / r["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def tensor_plan(shape: dict, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     """(name, numpy shape (rows, cols)) of every tensor, in llama.cpp's order and naming."""
     h, f, hd = shape["hidden"], shape["ffn"], shape["hidden"] // shape["heads"]
     q, kv = shape["heads"] * hd, shape["kv_heads"] * hd
-    plan = [("token_embd.weight", (vocab, h))]
+    plan = []
+    if "llama3_rope" in shape:
+        plan.append(("rope_freqs.weight", (hd // 2,)))
+    plan.append(("token_embd.weight", (vocab, h)))
     for i in range(shape["layers"]):
         plan += [
             (f"blk.{i}.attn_norm.weight", (h,)),
@@ -149,7 +174,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     params = 0
     for name, dims in plan:
-        data = tensor_data(rng, dims)
+        data = rope_factors(shape) if name == "rope_freqs.weight" else tensor_data(rng, dims)
         writer.write_tensor_data(data)
         params += int(np.prod(dims))
     writer.close()

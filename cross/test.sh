@@ -120,7 +120,7 @@ if [[ "$target" == aarch64-* ]]; then
     --skip llama_vocab:: --skip vocab_fixtures:: --skip chat_templates:: --skip smollm2_text::
     --skip tokenizer_gguf::)
 else
-  ci_integration=(model_tiny:: kv_ring:: serve:: malformed_model::)
+  ci_integration=(model_tiny:: families:: kv_ring:: serve:: malformed_model::)
 fi
 
 if [[ $build == 1 ]]; then

@@ -364,6 +364,9 @@ pub struct ConvertArgs {
     /// Weight storage in the bundle.
     #[arg(long, default_value_t = Quant::Int8)]
     pub quant: Quant,
+    /// Threads converting tensors, the main one included (0 = one per core).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 impl ConvertArgs {
@@ -373,6 +376,7 @@ impl ConvertArgs {
             input: self.input.clone(),
             output: self.output.clone(),
             quant: self.quant,
+            threads: self.threads,
             progress: true,
         }
     }

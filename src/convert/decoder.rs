@@ -15,8 +15,10 @@ use std::ops::Range;
 use anyhow::{anyhow, bail, ensure, Result};
 
 use super::onnx::{Attr, Dim, Elem, GraphBuilder};
-use super::{Quant, Weight, WeightSource};
-use crate::quant::{quantize_q8_fitted, BLOCK};
+use super::rope::{self, RopeScaling};
+use super::split::quantize_rows;
+use super::{Q8Blocks, Quant, Weight, WeightSource};
+use crate::quant::BLOCK;
 
 /// Hyper-parameters and block structure of a decoder, whatever family it comes from.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +41,10 @@ pub struct DecoderParams {
     pub max_positions: usize,
     /// How token positions enter the model.
     pub positions: Positions,
+    /// How RoPE's frequencies are rescaled (rotary models only).
+    pub rope_scaling: RopeScaling,
+    /// RMSNorm over each head's query and key before RoPE (Qwen3's `q_norm`/`k_norm`).
+    pub qk_norm: bool,
     /// The normalization before attention, before the MLP and after the last block.
     pub norm: Norm,
     /// The normalization's epsilon.
@@ -141,6 +147,9 @@ pub enum Tensor {
     FinalNorm,
     /// LM head (vocab, hidden), when not tied.
     LmHead,
+    /// Per-pair RoPE frequency divisors (head_dim / 2), with [`RopeScaling::FreqFactors`];
+    /// only llama.cpp's checkpoints have one.
+    RopeFreqs,
     /// Layer `l`'s norm before attention.
     AttnNorm(usize),
     /// Layer `l`'s query projection.
@@ -153,6 +162,10 @@ pub enum Tensor {
     Qkv(usize),
     /// Layer `l`'s attention output projection.
     O(usize),
+    /// Layer `l`'s RMSNorm weight (head_dim) over each query head.
+    QNorm(usize),
+    /// Layer `l`'s RMSNorm weight (head_dim) over each key head.
+    KNorm(usize),
     /// Layer `l`'s norm before the MLP.
     MlpNorm(usize),
     /// Layer `l`'s MLP gate projection.
@@ -175,13 +188,14 @@ pub struct Layout {
 }
 
 /// Writes the whole decoder graph into `g`, reading weights from `src` where `layout` says
-/// they are; `progress` is called after the embeddings, after each layer and after the
-/// head (`layers + 2` times).
+/// they are and quantizing on `threads` threads; `progress` is called after the embeddings,
+/// after each layer and after the head (`layers + 2` times).
 pub fn write_graph(
     mut g: GraphBuilder,
     p: &DecoderParams,
     layout: &Layout,
     quant: Quant,
+    threads: usize,
     src: &dyn WeightSource,
     progress: &mut dyn FnMut(),
 ) -> Result<GraphBuilder> {
@@ -205,6 +219,7 @@ pub fn write_graph(
         p,
         layout,
         quant,
+        threads: threads.max(1),
         src,
         progress,
     };
@@ -233,6 +248,7 @@ struct Writer<'a> {
     p: &'a DecoderParams,
     layout: &'a Layout,
     quant: Quant,
+    threads: usize,
     src: &'a dyn WeightSource,
     progress: &'a mut dyn FnMut(),
 }
@@ -248,7 +264,7 @@ impl Writer<'_> {
             vec![("axis", Attr::Int(0))],
         );
         let rope = match p.positions {
-            Positions::Rope { theta } => Some(self.rope_tables(theta)),
+            Positions::Rope { theta } => Some(self.rope_tables(theta)?),
             Positions::Learned => {
                 x = self.add_learned_positions(&x)?;
                 None
@@ -260,7 +276,11 @@ impl Writer<'_> {
         let scale = 1.0 / (p.head_dim as f32).sqrt();
         for l in 0..p.layers {
             let h = self.norm(&x, Tensor::AttnNorm(l))?;
-            let [q, k, v] = self.qkv(&h, l)?;
+            let [mut q, mut k, v] = self.qkv(&h, l)?;
+            if p.qk_norm {
+                q = self.head_norm(&q, Tensor::QNorm(l), p.heads)?;
+                k = self.head_norm(&k, Tensor::KNorm(l), p.kv_heads)?;
+            }
             let rope = rope.as_ref().map(|(cos, sin)| (cos.as_str(), sin.as_str()));
             let o = self.attention(l, [&q, &k, &v], rope, &mask, scale);
             let qn = p.heads * p.head_dim;
@@ -326,24 +346,44 @@ impl Writer<'_> {
 
     /// Stores an (n, k) weight as int8 blocks and returns its `DequantizeLinear` output.
     fn dequantized(&mut self, name: &str, w: &Weight) -> Result<String> {
-        let (n, k) = (w.shape[0], w.shape[1]);
-        let (q, scales) = quantize_q8_fitted(&w.data, n, k);
-        let q_bytes: Vec<u8> = q.iter().map(|v| *v as u8).collect();
-        let q_name = self.g.weight(
-            &format!("{name}.q8"),
-            Elem::I8,
-            &[n as i64, k as i64],
-            &q_bytes,
-        )?;
+        let blocks = quantize_rows(&w.data, w.shape[0], w.shape[1], self.threads);
+        self.store_q8(name, &blocks)
+    }
+
+    /// Stores int8 blocks as `{name}.q8` (n, k) and `{name}.scale` (n, k/32); returns their
+    /// `DequantizeLinear` output.
+    fn store_q8(&mut self, name: &str, b: &Q8Blocks) -> Result<String> {
+        let [n, k] = b.shape;
+        let q_name = self
+            .g
+            .weight(&format!("{name}.q8"), Elem::I8, &[n as i64, k as i64], &b.q)?;
         let nb = k.div_ceil(BLOCK) as i64;
         let s_name = self
             .g
-            .weight_f32(&format!("{name}.scale"), &[n as i64, nb], &scales)?;
+            .weight_f32(&format!("{name}.scale"), &[n as i64, nb], &b.scales)?;
         let attrs = vec![
             ("axis", Attr::Int(1)),
             ("block_size", Attr::Int(BLOCK as i64)),
         ];
         Ok(self.g.node("DequantizeLinear", &[&q_name, &s_name], attrs))
+    }
+
+    /// The (n, k) weight `name` as the checkpoint's own Q8_0 blocks, when an int8 bundle can
+    /// carry them over unchanged.
+    fn carried(&mut self, name: &str, n: usize, k: usize) -> Result<Option<Q8Blocks>> {
+        if self.quant != Quant::Int8 || self.layout.conv1d {
+            return Ok(None);
+        }
+        let Some(b) = self.src.q8_0(name, self.threads)? else {
+            return Ok(None);
+        };
+        ensure!(
+            b.shape == [n, k],
+            "tensor \"{name}\" has shape {:?}, expected {:?}",
+            b.shape,
+            [n, k]
+        );
+        Ok(Some(b))
     }
 
     /// `x · w^T` for an (out, in) weight `w` stored under `name`.
@@ -355,8 +395,18 @@ impl Writer<'_> {
     /// `x · W^T (+ b)` for the (n out, k in) linear layer `t`.
     fn linear(&mut self, x: &str, t: Tensor, n: usize, k: usize, bias: bool) -> Result<String> {
         let prefix = self.prefix(t)?;
-        let w = self.load_linear(&prefix, n, k)?;
-        let y = self.project(x, &format!("{prefix}.weight"), &w)?;
+        let name = format!("{prefix}.weight");
+        let y = match self.carried(&name, n, k)? {
+            Some(blocks) => {
+                let deq = self.store_q8(&name, &blocks)?;
+                let rhs = self.g.node("Transpose", &[&deq], perm(&[1, 0]));
+                self.g.node("MatMul", &[x, &rhs], vec![])
+            }
+            None => {
+                let w = self.load_linear(&prefix, n, k)?;
+                self.project(x, &name, &w)?
+            }
+        };
         if !bias {
             return Ok(y);
         }
@@ -470,22 +520,7 @@ impl Writer<'_> {
         let eps = self.p.norm_eps;
         let w = self.load(&format!("{prefix}.weight"), &[n])?;
         match self.p.norm {
-            Norm::Rms => {
-                let weight = self.g.const_f32("norm_w", &[n as i64], &w.data);
-                let eps = self.g.const_f32("eps", &[], &[eps]);
-                let axes = self.ints("axes", &[-1]);
-                let sq = self.g.node("Mul", &[x, x], vec![]);
-                let mean = self.g.node(
-                    "ReduceMean",
-                    &[&sq, &axes],
-                    vec![("keepdims", Attr::Int(1))],
-                );
-                let var = self.g.node("Add", &[&mean, &eps], vec![]);
-                let std = self.g.node("Sqrt", &[&var], vec![]);
-                let inv = self.g.node("Reciprocal", &[&std], vec![]);
-                let normed = self.g.node("Mul", &[x, &inv], vec![]);
-                Ok(self.g.node("Mul", &[&weight, &normed], vec![]))
-            }
+            Norm::Rms => Ok(self.rms_norm(x, &w.data)),
             Norm::Layer => {
                 let b = self.load(&format!("{prefix}.bias"), &[n])?;
                 let w = self.g.const_f32("ln_w", &[n as i64], &w.data);
@@ -496,19 +531,52 @@ impl Writer<'_> {
         }
     }
 
-    /// The token embedding (vocab, hidden) and the graph value holding it (f32 or int8).
-    fn embedding(&mut self) -> Result<(Weight, String)> {
+    /// `x / sqrt(mean(x^2) + eps) * weight` over the last axis, `weight` as wide as it.
+    fn rms_norm(&mut self, x: &str, weight: &[f32]) -> String {
+        let weight = self.g.const_f32("norm_w", &[weight.len() as i64], weight);
+        let eps = self.g.const_f32("eps", &[], &[self.p.norm_eps]);
+        let axes = self.ints("axes", &[-1]);
+        let sq = self.g.node("Mul", &[x, x], vec![]);
+        let mean = self.g.node(
+            "ReduceMean",
+            &[&sq, &axes],
+            vec![("keepdims", Attr::Int(1))],
+        );
+        let var = self.g.node("Add", &[&mean, &eps], vec![]);
+        let std = self.g.node("Sqrt", &[&var], vec![]);
+        let inv = self.g.node("Reciprocal", &[&std], vec![]);
+        let normed = self.g.node("Mul", &[x, &inv], vec![]);
+        self.g.node("Mul", &[&weight, &normed], vec![])
+    }
+
+    /// The RMSNorm `t` over each of the `heads` heads of `x` (b, s, heads*hd).
+    fn head_norm(&mut self, x: &str, t: Tensor, heads: usize) -> Result<String> {
+        let hd = self.p.head_dim;
+        let w = self.load(&format!("{}.weight", self.prefix(t)?), &[hd])?;
+        let split = self.ints("shape", &[0, 0, heads as i64, hd as i64]);
+        let flat = self.ints("shape", &[0, 0, (heads * hd) as i64]);
+        let x = self.g.node("Reshape", &[x, &split], vec![]);
+        let x = self.rms_norm(&x, &w.data);
+        Ok(self.g.node("Reshape", &[&x, &flat], vec![]))
+    }
+
+    /// The graph value holding the token embedding (vocab, hidden), f32 or int8, and the
+    /// f32 embedding itself in f32 bundles (a tied LM head is its transposed copy).
+    fn embedding(&mut self) -> Result<(Option<Weight>, String)> {
         let p = self.p;
         let name = format!("{}.weight", self.prefix(Tensor::Embedding)?);
+        if let Some(blocks) = self.carried(&name, p.vocab, p.hidden)? {
+            return Ok((None, self.store_q8(&name, &blocks)?));
+        }
         let emb = self.load(&name, &[p.vocab, p.hidden])?;
-        let table = match self.quant {
+        Ok(match self.quant {
             Quant::F32 => {
-                self.g
-                    .weight_f32(&name, &[p.vocab as i64, p.hidden as i64], &emb.data)?
+                let dims = [p.vocab as i64, p.hidden as i64];
+                let table = self.g.weight_f32(&name, &dims, &emb.data)?;
+                (Some(emb), table)
             }
-            Quant::Int8 => self.dequantized(&name, &emb)?,
-        };
-        Ok((emb, table))
+            Quant::Int8 => (None, self.dequantized(&name, &emb)?),
+        })
     }
 
     /// `x` plus the learned position table at `position_ids`. The table stays f32 in every
@@ -529,11 +597,29 @@ impl Writer<'_> {
 
     /// RoPE's (cos, sin), each (b, 1, s, head_dim), from `position_ids`, computed in f32 as
     /// transformers does.
-    fn rope_tables(&mut self, theta: f32) -> (String, String) {
+    fn rope_tables(&mut self, theta: f32) -> Result<(String, String)> {
         let hd = self.p.head_dim;
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
-            .collect();
+        let base = rope::default_inv_freq(theta, hd);
+        let inv_freq = match self.p.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => rope::llama3_inv_freq(
+                &base,
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            ),
+            RopeScaling::FreqFactors => {
+                let name = format!("{}.weight", self.prefix(Tensor::RopeFreqs)?);
+                let factors = self.load(&name, &[hd / 2])?;
+                rope::divided_inv_freq(&base, &factors.data)
+            }
+        };
         let inv_freq = self.g.const_f32("inv_freq", &[hd as i64 / 2], &inv_freq);
         let pos = self
             .g
@@ -549,7 +635,7 @@ impl Writer<'_> {
         let cos = self.g.node("Unsqueeze", &[&cos, &ax1], vec![]);
         let sin = self.g.node("Sin", &[&angles], vec![]);
         let sin = self.g.node("Unsqueeze", &[&sin, &ax1], vec![]);
-        (cos, sin)
+        Ok((cos, sin))
     }
 
     /// `x * cos + rotate_half(x) * sin` on (batch, heads, seq, head_dim).
@@ -667,14 +753,18 @@ impl Writer<'_> {
 
     /// The `logits` output from the final hidden state `x`: the embedding `emb` (graph value
     /// `table`) when tied, else the LM head's own weight.
-    fn lm_head(&mut self, x: &str, emb: Weight, table: &str) -> Result<()> {
+    fn lm_head(&mut self, x: &str, emb: Option<Weight>, table: &str) -> Result<()> {
         let p = self.p;
         let name = format!("{}.weight", self.prefix(Tensor::LmHead)?);
         let head = if p.tied_embeddings {
-            match self.quant {
-                Quant::F32 => self.matmul_rhs(&name, &emb)?,
-                Quant::Int8 => self.g.node("Transpose", &[table], perm(&[1, 0])),
+            match emb {
+                Some(emb) => self.matmul_rhs(&name, &emb)?,
+                None => self.g.node("Transpose", &[table], perm(&[1, 0])),
             }
+        } else if let Some(blocks) = self.carried(&name, p.vocab, p.hidden)? {
+            drop(emb);
+            let deq = self.store_q8(&name, &blocks)?;
+            self.g.node("Transpose", &[&deq], perm(&[1, 0]))
         } else {
             drop(emb);
             let w = self.load(&name, &[p.vocab, p.hidden])?;

@@ -13,11 +13,47 @@ use super::decoder::{Activation, Biases, DecoderParams, Layout, Mlp, Norm, Posit
 use super::family::{Family, GgufChange, GgufTensor};
 use super::from_gguf::{embedding_rows, get_usize};
 use super::gguf::Gguf;
+use super::rope::RopeScaling;
 
 /// The GPT-2 family.
 pub const FAMILY: Family = Family {
     hf_model_types: &["gpt2"],
     gguf_architecture: "gpt2",
+    hf_keys: &[
+        "vocab_size",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_inner",
+        "n_positions",
+        "layer_norm_epsilon",
+        "activation_function",
+        "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx",
+        "tie_word_embeddings",
+        // The same as n_positions in every GPT-2 config.
+        "n_ctx",
+        // Upcasts the attention to f32 under mixed precision: the graph is f32 throughout.
+        "reorder_and_upcast_attn",
+        // Dropout, off at inference.
+        "attn_pdrop",
+        "embd_pdrop",
+        "resid_pdrop",
+        // The sequence-summary head of GPT2DoubleHeadsModel, not part of the LM.
+        "summary_activation",
+        "summary_first_dropout",
+        "summary_proj_to_labels",
+        "summary_type",
+        "summary_use_proj",
+    ],
+    gguf_keys: &[
+        "block_count",
+        "context_length",
+        "embedding_length",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.layer_norm_epsilon",
+    ],
     graph_name: "edgelm-gpt2",
     layout: Layout {
         prefix,
@@ -46,6 +82,8 @@ fn block(hidden: usize, heads: usize, norm_eps: f32) -> Result<DecoderParams> {
         ffn: 0,
         max_positions: 0,
         positions: Positions::Learned,
+        rope_scaling: RopeScaling::None,
+        qk_norm: false,
         norm: Norm::Layer,
         norm_eps,
         mlp: Mlp {
@@ -74,7 +112,13 @@ fn prefix(t: Tensor) -> Option<String> {
         Tensor::MlpNorm(l) => layer(l, "ln_2"),
         Tensor::Up(l) => layer(l, "mlp.c_fc"),
         Tensor::Down(l) => layer(l, "mlp.c_proj"),
-        Tensor::Q(_) | Tensor::K(_) | Tensor::V(_) | Tensor::Gate(_) => return None,
+        Tensor::Q(_)
+        | Tensor::K(_)
+        | Tensor::V(_)
+        | Tensor::Gate(_)
+        | Tensor::QNorm(_)
+        | Tensor::KNorm(_)
+        | Tensor::RopeFreqs => return None,
     })
 }
 

@@ -6,8 +6,13 @@
 
 //!
 //! Reading a checkpoint (`from_gguf.rs` over `gguf/`, `safetensors.rs`) and writing the graph
-//! (`decoder.rs` over `onnx.rs`) are shared; a model family (`llama.rs`, `gpt2.rs`) only maps
-//! its checkpoints' keys and tensor names onto the decoder's parameters ([`family::Family`]).
+//! (`decoder.rs` over `onnx.rs`, `rope.rs`) are shared; a model family (`llama.rs`,
+//! `qwen.rs`, `gpt2.rs`) only maps its checkpoints' keys and tensor names onto the decoder's
+//! parameters ([`family::Family`]).
+//!
+//! Nothing that changes the model's maths is skipped: a configuration key or GGUF metadata
+//! key its family does not list, or a tensor the graph does not read, is a one-line error
+//! naming it.
 
 pub mod decoder;
 pub mod family;
@@ -16,11 +21,14 @@ pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod onnx;
+mod progress;
+pub mod qwen;
+pub mod rope;
 pub mod safetensors;
+mod split;
 pub mod vocab;
 
 use std::fmt;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -31,9 +39,10 @@ use crate::quant::BLOCK;
 use decoder::DecoderParams;
 use family::Family;
 use onnx::{ExternalData, GraphBuilder};
+use progress::Progress;
 
 /// The model families `edgelm convert` reads, in the order error messages list them.
-pub const FAMILIES: [&Family; 2] = [&llama::FAMILY, &gpt2::FAMILY];
+pub const FAMILIES: [&Family; 4] = [&llama::FAMILY, &qwen::QWEN2, &qwen::QWEN3, &gpt2::FAMILY];
 
 /// How the bundle stores linear-layer and embedding weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,10 +108,33 @@ impl Weight {
     }
 }
 
+/// An (n, k) weight as int8 blocks of 32 along k, each with an f32 scale (the Q8_0 scheme).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Q8Blocks {
+    /// (n, k).
+    pub shape: [usize; 2],
+    /// The int8 values as two's-complement bytes, (n, k).
+    pub q: Vec<u8>,
+    /// One scale per block, (n, k / 32).
+    pub scales: Vec<f32>,
+}
+
 /// A checkpoint's tensors by their Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
     /// The tensor dequantized to f32, or `None` if the checkpoint has no such tensor.
     fn tensor(&self, name: &str) -> Result<Option<Weight>>;
+
+    /// The 2-D tensor as the checkpoint's own Q8_0 blocks, bit for bit (rows may be
+    /// reordered, values never), copied on `threads` threads, or `None` when it is not
+    /// stored as Q8_0 or cannot be carried over so.
+    fn q8_0(&self, name: &str, threads: usize) -> Result<Option<Q8Blocks>> {
+        let _ = (name, threads);
+        Ok(None)
+    }
+
+    /// The checkpoint's tensors never read so far, by their names in the checkpoint, except
+    /// those known not to change the model.
+    fn unread(&self) -> Vec<String>;
 }
 
 /// Everything the bundle writer needs from a checkpoint.
@@ -132,7 +164,9 @@ pub struct ConvertOptions {
     pub output: PathBuf,
     /// Weight storage.
     pub quant: Quant,
-    /// Show a progress bar on stderr (only when it is a terminal).
+    /// Threads converting tensors, the caller's included; 0 = one per core.
+    pub threads: usize,
+    /// Report progress on stderr: a bar on a terminal, plain lines otherwise.
     pub progress: bool,
 }
 
@@ -153,21 +187,33 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .with_context(|| format!("creating output directory \"{}\"", out.display()))?;
     let data = ExternalData::create(out, "model.onnx_data")?;
     let p = &ckpt.params;
-    let mut bar = Progress::new(
-        p.layers + 2,
-        opts.progress && std::io::stderr().is_terminal(),
-    );
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut progress = Progress::new(p.layers + 2, opts.progress);
     let g = decoder::write_graph(
         GraphBuilder::new(data),
         p,
         &ckpt.family.layout,
         opts.quant,
+        threads,
         ckpt.weights.as_ref(),
-        &mut || bar.tick(),
+        &mut || progress.tick(),
     )?;
+    let unread = ckpt.weights.unread();
+    if let Some(name) = unread.first() {
+        let more = match unread.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        bail!(
+            "\"{}\": tensor \"{name}\"{more} is not understood (leaving it out would change the model)",
+            opts.input.display()
+        );
+    }
     let graph_name = ckpt.family.graph_name;
     let data_bytes = g.finish(&out.join("model.onnx"), graph_name)?;
-    bar.done();
     write_json(&out.join("config.json"), &config_json(&ckpt, opts.quant))?;
     let gen = json!({
         "bos_token_id": ckpt.bos_id,
@@ -176,13 +222,13 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     write_json(&out.join("generation_config.json"), &gen)?;
     write_json(&out.join("tokenizer.json"), &ckpt.tokenizer_json)?;
     write_json(&out.join("tokenizer_config.json"), &ckpt.tokenizer_config)?;
-    log::info!(
-        "wrote bundle \"{}\" ({} layers, {} MB of weights, {})",
+    progress.finish(&format!(
+        "wrote \"{}\": {} layers, {} MB of {} weights",
         out.display(),
         p.layers,
         data_bytes / 1_000_000,
         opts.quant.name()
-    );
+    ));
     Ok(ConvertReport {
         layers: p.layers,
         data_bytes,
@@ -212,44 +258,6 @@ fn config_json(ckpt: &Checkpoint, quant: Quant) -> serde_json::Value {
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)?;
     std::fs::write(path, text).with_context(|| format!("writing \"{}\"", path.display()))
-}
-
-/// A one-line progress bar on stderr.
-struct Progress {
-    done: usize,
-    total: usize,
-    enabled: bool,
-}
-
-impl Progress {
-    fn new(total: usize, enabled: bool) -> Progress {
-        Progress {
-            done: 0,
-            total: total.max(1),
-            enabled,
-        }
-    }
-
-    fn tick(&mut self) {
-        self.done += 1;
-        if self.enabled {
-            let width = 40;
-            let filled = (self.done.min(self.total) * width) / self.total;
-            eprint!(
-                "\rconverting [{}{}] {}/{}",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                self.done,
-                self.total
-            );
-        }
-    }
-
-    fn done(&mut self) {
-        if self.enabled {
-            eprintln!();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! A Hugging Face checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.json`)
 //! as a [`Checkpoint`], reading tensors straight from memory-mapped safetensors files.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -134,6 +135,18 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 /// All safetensors files of a checkpoint directory.
 struct HfWeights {
     files: Vec<SafetensorsFile>,
+    /// The embedding serves as LM head: a stored `lm_head.weight` is transformers' tied copy.
+    tied: bool,
+    /// Names of the tensors served so far.
+    read: RefCell<HashSet<String>>,
+}
+
+/// Whether the stored tensor `name` is a buffer transformers recomputes, never a weight:
+/// GPT-2's causal masks, old checkpoints' RoPE frequencies.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+        || name.ends_with(".rotary_emb.inv_freq")
 }
 
 impl WeightSource for HfWeights {
@@ -143,11 +156,23 @@ impl WeightSource for HfWeights {
         for f in &self.files {
             for n in std::iter::once(name).chain(bare) {
                 if let Some(w) = f.tensor_f32(n)? {
+                    self.read.borrow_mut().insert(n.to_string());
                     return Ok(Some(w));
                 }
             }
         }
         Ok(None)
+    }
+
+    fn unread(&self) -> Vec<String> {
+        let read = self.read.borrow();
+        self.files
+            .iter()
+            .flat_map(|f| f.names())
+            .filter(|n| !read.contains(*n) && !is_buffer(n))
+            .filter(|n| !(self.tied && *n == "lm_head.weight"))
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -182,6 +207,13 @@ pub fn open_hf_dir(dir: &Path, families: &[&'static Family]) -> Result<Checkpoin
             supported.join(", ")
         );
     };
+    let keys = cfg.as_object().into_iter().flat_map(|o| o.keys());
+    if let Some(key) = family.unknown_hf_key(keys.map(String::as_str)) {
+        bail!(
+            "\"{}\": key \"{key}\" is not understood (ignoring it could change the model)",
+            cfg_path.display()
+        );
+    }
     let params = (family.params_from_hf)(&cfg, model_type)
         .with_context(|| format!("\"{}\"", cfg_path.display()))?;
     let ids = HfIds::deserialize(&cfg)
@@ -218,6 +250,7 @@ pub fn open_hf_dir(dir: &Path, families: &[&'static Family]) -> Result<Checkpoin
             .collect(),
         _ => vec![],
     };
+    let tied = params.tied_embeddings;
     Ok(Checkpoint {
         params,
         family,
@@ -225,6 +258,10 @@ pub fn open_hf_dir(dir: &Path, families: &[&'static Family]) -> Result<Checkpoin
         tokenizer_config: read("tokenizer_config.json").unwrap_or_else(|_| serde_json::json!({})),
         bos_id: ids.bos_token_id,
         eos_ids,
-        weights: Box::new(HfWeights { files }),
+        weights: Box::new(HfWeights {
+            files,
+            tied,
+            read: RefCell::default(),
+        }),
     })
 }

@@ -211,6 +211,7 @@ pub fn convert_once(input: &Path, dir: &Path, quant: Quant) {
         input: input.to_path_buf(),
         output: dir.to_path_buf(),
         quant,
+        threads: 0,
         progress: false,
     })
     .unwrap_or_else(|e| panic!("converting {input:?}: {e:#}"));

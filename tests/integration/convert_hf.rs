@@ -26,6 +26,7 @@ fn converted_from(input: &str, quant: Quant) -> Model {
         input: fixture(input),
         output: out.clone(),
         quant,
+        threads: 0,
         progress: false,
     })
     .unwrap();
@@ -156,6 +157,7 @@ fn unsupported_architecture_is_named() {
         input: dir.clone(),
         output: dir.join("out"),
         quant: Quant::F32,
+        threads: 0,
         progress: false,
     })
     .unwrap_err();
@@ -176,6 +178,10 @@ fn qwen2_from_tiny_llama(dir: &Path, q_len: usize) {
         serde_json::from_str(&fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
     config["model_type"] = "qwen2".into();
     config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    // Keys of Llama's config that Qwen2's has not (the converter refuses unknown keys).
+    for key in ["mlp_bias", "pretraining_tp"] {
+        config.as_object_mut().unwrap().remove(key);
+    }
     fs::write(dir.join("config.json"), config.to_string()).unwrap();
 
     let raw = fs::read(hf.join("model.safetensors")).unwrap();
@@ -216,6 +222,7 @@ fn qwen2_qkv_biases_are_read() {
         input: dir.clone(),
         output: out.clone(),
         quant: Quant::F32,
+        threads: 0,
         progress: false,
     })
     .unwrap();
@@ -230,6 +237,7 @@ fn qwen2_qkv_biases_are_read() {
         input: dir.clone(),
         output: dir.join("bundle-bad"),
         quant: Quant::F32,
+        threads: 0,
         progress: false,
     })
     .unwrap_err();

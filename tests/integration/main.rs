@@ -11,6 +11,7 @@ mod chat;
 mod chat_templates;
 mod cli_errors;
 mod convert_hf;
+mod families;
 mod faults;
 mod fuzz_regressions;
 mod gguf;
