@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::constraint::FormatSource;
 use crate::engine::Engine;
-use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::generate::{generate_constrained, Event, Flow, GenerateOptions};
 use crate::model::{CacheOptions, LoadOptions};
 use crate::sampler::SamplerConfig;
 use crate::session;
@@ -35,6 +36,8 @@ pub struct RunOptions {
     pub stop: Vec<String>,
     /// Generate through end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The format the output must follow, if any.
+    pub format: Option<FormatSource>,
     /// One JSON object per token and a summary line instead of text.
     pub json: bool,
     /// Continue the session saved in this file.
@@ -50,7 +53,11 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
+    // The file is read before the model loads, so a mistake in it shows at once.
+    let format = args.format.as_ref().map(FormatSource::load).transpose()?;
     let engine = Engine::load(&args.model, &args.load)?;
+    let constraint = format.map(|f| engine.compile(&f)).transpose()?;
+    let mut matcher = constraint.as_ref().map(|c| c.matcher());
     let prompt = if args.chat {
         let mut messages = vec![];
         if let Some(system) = &args.system {
@@ -79,36 +86,45 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
         None => engine.model.new_state_with(args.cache)?,
     };
     let mut write_err = None;
-    let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {
-        let r = match (event, args.json) {
-            (Event::Token(id, text), true) => {
-                writeln!(out, "{}", json!({ "id": id, "text": text }))
+    let gen = generate_constrained(
+        &mut state,
+        &engine.tokenizer,
+        &prompt,
+        &opts,
+        matcher.as_mut(),
+        |event| {
+            let r = match (event, args.json) {
+                (Event::Token(id, text), true) => {
+                    writeln!(out, "{}", json!({ "id": id, "text": text }))
+                }
+                (Event::Tail(text), true) => writeln!(out, "{}", json!({ "text": text })),
+                (Event::Token(_, text) | Event::Tail(text), false) => {
+                    out.write_all(text.as_bytes())
+                }
+                (Event::Shift(s), true) if s.repositioned => writeln!(
+                    out,
+                    "{}",
+                    json!({ "event": "shift", "dropped": s.dropped, "kept": s.kept, "repositioned": true })
+                ),
+                (Event::Shift(s), true) => writeln!(
+                    out,
+                    "{}",
+                    json!({ "event": "shift", "dropped": s.dropped, "kept": s.kept })
+                ),
+                // Logged by the model state; plain text output stays the model's text only.
+                (Event::Shift(_), false) => Ok(()),
+            };
+            match r.and_then(|_| out.flush()) {
+                // SIGTERM/SIGINT: stop at this token; the session below is still saved.
+                Ok(()) if signal::received().is_some() => Flow::Stop,
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    write_err = Some(e);
+                    Flow::Stop
+                }
             }
-            (Event::Tail(text), true) => writeln!(out, "{}", json!({ "text": text })),
-            (Event::Token(_, text) | Event::Tail(text), false) => out.write_all(text.as_bytes()),
-            (Event::Shift(s), true) if s.repositioned => writeln!(
-                out,
-                "{}",
-                json!({ "event": "shift", "dropped": s.dropped, "kept": s.kept, "repositioned": true })
-            ),
-            (Event::Shift(s), true) => writeln!(
-                out,
-                "{}",
-                json!({ "event": "shift", "dropped": s.dropped, "kept": s.kept })
-            ),
-            // Logged by the model state; plain text output stays the model's text only.
-            (Event::Shift(_), false) => Ok(()),
-        };
-        match r.and_then(|_| out.flush()) {
-            // SIGTERM/SIGINT: stop at this token; the session below is still saved.
-            Ok(()) if signal::received().is_some() => Flow::Stop,
-            Ok(()) => Flow::Continue,
-            Err(e) => {
-                write_err = Some(e);
-                Flow::Stop
-            }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = write_err {
         return Err(e).context("writing to stdout");
     }
