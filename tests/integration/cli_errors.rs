@@ -182,7 +182,10 @@ fn run_with_an_empty_grammar() {
 fn run_with_a_grammar_naming_an_undefined_rule_gives_line_and_column() {
     let path = format_file("undefined.lark", "// commands\nstart: verb \" \" noun\n");
     let out = run_with(&["--grammar", &path]);
-    assert_one_line_error(&out, &format!("compiling grammar \"{path}\": line 2, column "));
+    assert_one_line_error(
+        &out,
+        &format!("compiling grammar \"{path}\": line 2, column "),
+    );
 }
 
 #[test]
@@ -232,10 +235,22 @@ fn serve_refuses_a_bad_format_argument_at_start() {
     let lamp = lamp.to_str().unwrap();
     for (flag, arg, needle) in [
         ("--json-schema", lamp.to_string(), "expected NAME=FILE"),
-        ("--grammar", "=x.lark".to_string(), "a name is 1 to 32 letters"),
-        ("--json-schema", format!("json={lamp}"), "\"json\" is a built-in"),
+        (
+            "--grammar",
+            "=x.lark".to_string(),
+            "a name is 1 to 32 letters",
+        ),
+        (
+            "--json-schema",
+            format!("json={lamp}"),
+            "\"json\" is a built-in",
+        ),
         ("--json-schema", "lamp=".to_string(), "no file after '='"),
-        ("--format", "lamp".to_string(), "--format lamp: no such format"),
+        (
+            "--format",
+            "lamp".to_string(),
+            "--format lamp: no such format",
+        ),
     ] {
         let out = serve_with(&[flag, &arg]);
         assert_one_line_error(&out, needle);
