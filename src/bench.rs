@@ -3,6 +3,11 @@
 //! Prompts are token ids cut from a fixed English text (repeated as needed), so every run
 //! feeds the same ids; decoding is greedy with EOS ignored. Decode speed is the median of the
 //! per-token times, which shrugs off a stray scheduler hiccup.
+//!
+//! With a format (`--format json`, `--json-schema FILE`, `--grammar FILE`) every decoded
+//! token is the greedy choice among those the format allows: each step's time then includes
+//! the mask and the masked pick, also reported alone (`mask_us`). When an output completes
+//! the format, the next one starts, so any number of tokens can be decoded.
 
 use std::fs;
 use std::io::Write;
@@ -12,9 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
+use crate::constraint::{Constraint, FormatSource, Matcher};
 use crate::engine::Engine;
 use crate::model::{CacheOptions, LoadOptions, State};
-use crate::sampler::argmax;
+use crate::sampler::{argmax, Sampler, SamplerConfig};
 
 /// What `edgelm bench` measures.
 #[derive(Clone, Debug)]
@@ -29,6 +35,8 @@ pub struct BenchOptions {
     pub prompt_tokens: usize,
     /// Tokens decoded for the decode figure.
     pub gen_tokens: usize,
+    /// Decode under this format.
+    pub format: Option<FormatSource>,
     /// One JSON object instead of a table.
     pub json: bool,
 }
@@ -54,20 +62,24 @@ pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
     ensure!(args.gen_tokens > 0, "--gen-tokens must be at least 1");
     let mut rss = RssWatch::default();
     let opts = &args.load;
+    let format = args.format.as_ref().map(FormatSource::load).transpose()?;
     let t0 = Instant::now();
     let engine = Engine::load(&args.model, opts)?;
     let load = t0.elapsed();
     rss.sample();
+    let constraint = format.map(|f| engine.compile(&f)).transpose()?;
+    let mut picker = Picker::new(constraint.as_ref());
 
     let prompt = prompt_ids(&engine, args.prompt_tokens)?;
     let mut state = engine.model.new_state_with(args.cache)?;
     let t0 = Instant::now();
     let logits = state.forward(&prompt).context("prefill")?;
-    let mut next = argmax(&logits);
+    let mut next = picker.pick(&logits)?;
     let ttft = t0.elapsed();
     rss.sample();
 
-    let decode = decode_times(&mut state, &mut next, args.gen_tokens)?;
+    let decode = decode_times(&mut state, &mut picker, &mut next, args.gen_tokens)?;
+    let mask = picker.take_mask_times();
     rss.sample();
     let kv_cache_bytes = state.cache_bytes();
     drop(state);
@@ -87,12 +99,18 @@ pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
     let long = if engine.model.config().max_position_embeddings >= LONG_CONTEXT + LONG_DECODE {
         let ids = prompt_ids(&engine, LONG_CONTEXT)?;
         let mut state = engine.model.new_state_with(args.cache)?;
+        let mut picker = Picker::new(constraint.as_ref());
         for chunk in ids.chunks(256) {
             let logits = state.forward(chunk).context("filling the cache")?;
-            next = argmax(&logits);
+            next = picker.pick(&logits)?;
         }
         rss.sample();
-        Some(decode_times(&mut state, &mut next, LONG_DECODE)?)
+        Some(decode_times(
+            &mut state,
+            &mut picker,
+            &mut next,
+            LONG_DECODE,
+        )?)
     } else {
         None
     };
@@ -105,6 +123,7 @@ pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
         "model": args.model.display().to_string(),
         "threads": engine.model.threads(),
         "int8": format!("{:?}", opts.int8),
+        "format": constraint.as_ref().map(|c| c.origin().to_string()),
         "load_ms": ms(load),
         "prompt_tokens": prompt.len(),
         "ttft_ms": ms(ttft),
@@ -112,6 +131,7 @@ pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
         "first_prefill_tok_s": prompt.len() as f64 / ttft.as_secs_f64(),
         "gen_tokens": decode.len(),
         "decode_tok_s": per_second(median(&decode)),
+        "mask_us": constraint.as_ref().map(|_| median(&mask).as_secs_f64() * 1e6),
         "decode_tok_s_at_1024": long.as_deref().map(|t| per_second(median(t))),
         "peak_rss_kb": rss.peak_kb,
         "anon_rss_kb": rss.peak_anon_kb,
@@ -137,16 +157,64 @@ fn prompt_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
     Ok(once.iter().copied().cycle().take(n).collect())
 }
 
-/// Decodes `n` tokens greedily from `next`, returning each step's time.
-fn decode_times(state: &mut State, next: &mut u32, n: usize) -> Result<Vec<Duration>> {
+/// Decodes `n` tokens from `next`, returning each step's time (forward and pick).
+fn decode_times(
+    state: &mut State,
+    picker: &mut Picker,
+    next: &mut u32,
+    n: usize,
+) -> Result<Vec<Duration>> {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let t0 = Instant::now();
         let logits = state.forward(&[*next]).context("decode")?;
-        *next = argmax(&logits);
+        *next = picker.pick(&logits)?;
         times.push(t0.elapsed());
     }
     Ok(times)
+}
+
+/// The greedy choice of the next token, among those a format allows when there is one.
+struct Picker<'c> {
+    constraint: Option<&'c Constraint>,
+    matcher: Option<Matcher>,
+    sampler: Sampler,
+    mask_times: Vec<Duration>, // (picks,) mask, masked pick and advance
+}
+
+impl<'c> Picker<'c> {
+    fn new(constraint: Option<&'c Constraint>) -> Picker<'c> {
+        Picker {
+            constraint,
+            matcher: constraint.map(Constraint::matcher),
+            sampler: Sampler::new(SamplerConfig::default()),
+            mask_times: vec![],
+        }
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> Result<u32> {
+        let (Some(constraint), Some(matcher)) = (self.constraint, self.matcher.as_mut()) else {
+            return Ok(argmax(logits));
+        };
+        let t0 = Instant::now();
+        if matcher.is_complete() {
+            *matcher = constraint.matcher();
+        }
+        let id = match matcher.allowed()? {
+            Some(allowed) => self.sampler.sample_masked(logits, &[], allowed),
+            None => None,
+        };
+        let Some(id) = id else {
+            anyhow::bail!("{} allows no token here", constraint.origin());
+        };
+        matcher.accept(id)?;
+        self.mask_times.push(t0.elapsed());
+        Ok(id)
+    }
+
+    fn take_mask_times(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.mask_times)
+    }
 }
 
 fn median(times: &[Duration]) -> Duration {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
+use crate::constraint::FormatSource;
 use crate::conversation::{Conversation, TooLong, Transcript, Turn};
 use crate::engine::Engine;
 use crate::generate::{Event, Flow, GenerateOptions};
@@ -38,15 +39,19 @@ pub struct ChatOptions {
     pub load_session: Option<PathBuf>,
     /// Save the conversation to this file after every reply and `/reset`.
     pub save_session: Option<PathBuf>,
+    /// The format every reply must follow, if any.
+    pub format: Option<FormatSource>,
 }
 
 /// Runs the interactive `chat` command over `input` / `out`; notices go to stderr.
 pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
+    let format = opts.format.as_ref().map(FormatSource::load).transpose()?;
     let engine =
         Engine::load_with_template(&opts.model, &opts.load, opts.chat_template_file.as_deref())?;
     if engine.template.is_none() {
         bail!("this model has no chat template (tokenizer_config.json has no chat_template)");
     }
+    let constraint = format.map(|f| engine.compile(&f)).transpose()?;
     let gen_opts = GenerateOptions {
         max_tokens: opts.max_tokens,
         sampler: opts.sampler.clone(),
@@ -107,7 +112,8 @@ pub fn chat(opts: &ChatOptions, input: &mut dyn BufRead, out: &mut dyn Write) ->
         };
         note_dropped(&turn);
         let mut write_err = None;
-        let gen = conversation.reply(turn, &gen_opts, |event| {
+        let mut matcher = constraint.as_ref().map(|c| c.matcher());
+        let gen = conversation.reply_constrained(turn, &gen_opts, matcher.as_mut(), |event| {
             let r = match event {
                 Event::Token(_, text) | Event::Tail(text) => {
                     out.write_all(text.as_bytes()).and_then(|_| out.flush())

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchOptions;
 use crate::chat::ChatOptions;
+use crate::constraint::FormatSource;
 use crate::convert::{ConvertOptions, Quant};
 use crate::info::InfoOptions;
 use crate::kv_cache::KvType;
@@ -15,7 +16,7 @@ use crate::protocol::{StreamMode, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_L
 use crate::quant::{Kernel, Scheme};
 use crate::run::RunOptions;
 use crate::sampler::SamplerConfig;
-use crate::serve::{ServeOptions, Settings};
+use crate::serve::{NamedFormat, ServeOptions, Settings};
 use crate::transport::{FlowControl, SerialConfig};
 
 /// Default bundle directory, relative to the working directory.
@@ -90,6 +91,9 @@ pub struct BenchArgs {
     /// Tokens decoded for the decode figure.
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
+    /// Decode under a format (the mask is computed and applied at every token).
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -104,6 +108,7 @@ impl BenchArgs {
             cache: self.cache.to_options(),
             prompt_tokens: self.prompt_tokens,
             gen_tokens: self.gen_tokens,
+            format: self.format.to_source(),
             json: self.json,
         })
     }
@@ -190,6 +195,35 @@ impl CacheArgs {
     }
 }
 
+/// Output format flags of `run`, `chat` and `bench`: at most one.
+#[derive(Args, Debug, Clone)]
+#[group(multiple = false)]
+pub struct FormatArgs {
+    /// Constrain the output to a JSON object (any keys; `-n` still caps its length).
+    #[arg(long, value_name = "json", value_parser = ["json"])]
+    pub format: Option<String>,
+    /// Constrain the output to the JSON schema in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// Constrain the output to the grammar in FILE (llguidance's Lark-like syntax, with a
+    /// `start` rule; llama.cpp's GBNF is not accepted).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+impl FormatArgs {
+    /// The format these flags name, if any.
+    pub fn to_source(&self) -> Option<FormatSource> {
+        if let Some(path) = &self.json_schema {
+            Some(FormatSource::JsonSchema(path.clone()))
+        } else if let Some(path) = &self.grammar {
+            Some(FormatSource::Grammar(path.clone()))
+        } else {
+            self.format.as_ref().map(|_| FormatSource::Json)
+        }
+    }
+}
+
 /// Sampling flags, shared by the commands that generate.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -266,6 +300,9 @@ pub struct RunArgs {
     /// Keep generating through end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Constrain the output to a format.
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// Print one JSON object per token and a final summary line instead of text.
     #[arg(long)]
     pub json: bool,
@@ -295,6 +332,7 @@ impl RunArgs {
             system: self.system.clone(),
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            format: self.format.to_source(),
             json: self.json,
             load_session: self.load_session.clone(),
             save_session: self.save_session.clone(),
@@ -333,6 +371,9 @@ pub struct ChatArgs {
     /// Save the conversation to FILE after every reply and /reset.
     #[arg(long, value_name = "FILE")]
     pub save_session: Option<PathBuf>,
+    /// Constrain every reply to a format.
+    #[command(flatten)]
+    pub format: FormatArgs,
 }
 
 impl ChatArgs {
@@ -349,6 +390,7 @@ impl ChatArgs {
             stop: self.stop.clone(),
             load_session: self.load_session.clone(),
             save_session: self.save_session.clone(),
+            format: self.format.to_source(),
         })
     }
 }
@@ -419,11 +461,34 @@ pub struct ServeArgs {
     /// First wait before reopening a lost serial device, in ms (doubles up to 5 s).
     #[arg(long, default_value_t = 250)]
     pub reconnect_ms: u64,
+    /// A grammar clients can select with `SET format NAME` (repeatable; llguidance's
+    /// Lark-like syntax). Compiled at start.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub grammar: Vec<String>,
+    /// A JSON schema clients can select with `SET format NAME` (repeatable). Compiled at
+    /// start.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub json_schema: Vec<String>,
+    /// The format every session starts with: off, json (any JSON object) or a NAME above.
+    #[arg(long, value_name = "off|json|NAME", default_value = "off")]
+    pub format: String,
 }
 
 impl ServeArgs {
     /// The serve options these flags describe.
     pub fn to_options(&self) -> anyhow::Result<ServeOptions> {
+        let mut formats = vec![];
+        for arg in &self.json_schema {
+            formats.push(NamedFormat::parse(
+                "--json-schema",
+                arg,
+                FormatSource::JsonSchema,
+            )?);
+        }
+        for arg in &self.grammar {
+            formats.push(NamedFormat::parse("--grammar", arg, FormatSource::Grammar)?);
+        }
+        let format = (!self.format.eq_ignore_ascii_case("off")).then(|| self.format.clone());
         Ok(ServeOptions {
             model: self.model.model.clone(),
             load: self.model.load_options()?,
@@ -443,8 +508,10 @@ impl ServeArgs {
                 stream: StreamMode::Escaped,
                 coalesce_ms: 0,
                 ignore_eos: false,
+                format,
             },
             cache: self.cache.to_options(),
+            formats,
         })
     }
 }

@@ -16,7 +16,7 @@
 //! it would inside a text, which SentencePiece-style vocabularies (a leading `▁`) do not.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -133,6 +133,29 @@ impl Format {
     /// How messages name this format.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+}
+
+/// Where a format comes from on the command line: `--format json`, `--json-schema FILE`
+/// or `--grammar FILE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FormatSource {
+    /// Any JSON object ([`Format::json`]).
+    Json,
+    /// A JSON schema file.
+    JsonSchema(PathBuf),
+    /// A grammar file in llguidance's Lark-like syntax.
+    Grammar(PathBuf),
+}
+
+impl FormatSource {
+    /// Reads the file (if any); errors name it.
+    pub fn load(&self) -> Result<Format> {
+        match self {
+            FormatSource::Json => Ok(Format::json()),
+            FormatSource::JsonSchema(path) => Format::load_json_schema(path),
+            FormatSource::Grammar(path) => Format::load_grammar(path),
+        }
     }
 }
 
@@ -340,6 +363,13 @@ impl Matcher {
             return Ok(None);
         }
         match self.inner.compute_mask() {
+            // A prefix the format accepts but no token continues (a vocabulary without
+            // byte tokens can get there): say so rather than leave the sampler nothing.
+            Ok(mask) if mask.is_zero() => bail!(
+                "{} allows no token after {} tokens",
+                self.origin,
+                self.consumed
+            ),
             Ok(mask) => {
                 self.mask = mask;
                 Ok(Some(self.mask.as_slice()))

@@ -15,6 +15,10 @@
 //!   [`Conversation::reply`] changes the history only once the reply is done (a cancelled
 //!   reply counts, with the text streamed so far). A failed reply may lose the cache, which
 //!   the next turn rebuilds from the history.
+//! - **Formats.** A reply constrained by a format ([`Conversation::reply_constrained`]) may
+//!   end where the format is complete, without an end-of-turn token. Nothing special is
+//!   needed: the last sampled id is never fed to the cache, and the next turn renders the
+//!   reply with the template's end-of-turn marker and prefills from there.
 //! - **Wrapping.** A reply longer than the room left wraps the KV ring
 //!   ([`Event::Shift`]); the cache then no longer holds a prefix of the history, and the next
 //!   turn is prefilled afresh (trimmed to fit).
@@ -28,8 +32,9 @@
 
 use anyhow::{bail, ensure, Result};
 
+use crate::constraint::Matcher;
 use crate::engine::Engine;
-use crate::generate::{generate_events, Event, Flow, GenerateOptions, Generation};
+use crate::generate::{generate_constrained, Event, Flow, GenerateOptions, Generation};
 use crate::model::State;
 use crate::template::Message;
 
@@ -243,6 +248,18 @@ impl<'e> Conversation<'e> {
         &mut self,
         turn: Turn,
         opts: &GenerateOptions,
+        on_event: impl FnMut(Event) -> Flow,
+    ) -> Result<Generation> {
+        self.reply_constrained(turn, opts, None, on_event)
+    }
+
+    /// [`Conversation::reply`] whose text follows a format when `matcher` is given (a fresh
+    /// one from [`crate::constraint::Constraint::matcher`]).
+    pub fn reply_constrained(
+        &mut self,
+        turn: Turn,
+        opts: &GenerateOptions,
+        matcher: Option<&mut Matcher>,
         mut on_event: impl FnMut(Event) -> Flow,
     ) -> Result<Generation> {
         ensure!(
@@ -255,11 +272,12 @@ impl<'e> Conversation<'e> {
         }
         let mut reply = String::new();
         let mut shifted = false;
-        let result = generate_events(
+        let result = generate_constrained(
             &mut self.state,
             &self.engine.tokenizer,
             &turn.ids[turn.reused..],
             opts,
+            matcher,
             |event| {
                 match event {
                     Event::Token(_, text) | Event::Tail(text) => reply.push_str(text),

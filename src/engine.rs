@@ -1,10 +1,12 @@
 //! What is loaded once per bundle: the model, its tokenizer and chat template.
 
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
+use crate::constraint::{Compiler, Constraint, Format};
 use crate::model::{LoadOptions, Model};
 use crate::template::prompt::load_template;
 use crate::template::{ChatTemplate, Message};
@@ -20,6 +22,8 @@ pub struct Engine {
     pub template: Option<ChatTemplate>,
     /// How long loading took.
     pub load_time: Duration,
+    /// The vocabulary prepared for constrained decoding, built at the first format.
+    compiler: OnceLock<Compiler>,
 }
 
 impl Engine {
@@ -78,6 +82,7 @@ impl Engine {
             tokenizer,
             template,
             load_time,
+            compiler: OnceLock::new(),
         })
     }
 
@@ -96,6 +101,24 @@ impl Engine {
         };
         let text = template.render(messages, true)?;
         self.tokenizer.encode(&text, false)
+    }
+
+    /// Compiles `format` for this model's vocabulary. The vocabulary's token trie is built
+    /// at the first call (a fraction of a second), so engines that never constrain an
+    /// output never pay for it.
+    pub fn compile(&self, format: &Format) -> Result<Constraint> {
+        let compiler = match self.compiler.get() {
+            Some(c) => c,
+            None => {
+                let c = Compiler::new(
+                    &self.tokenizer,
+                    self.model.config().vocab_size,
+                    &self.eos_ids(),
+                )?;
+                self.compiler.get_or_init(|| c)
+            }
+        };
+        compiler.compile(format)
     }
 
     /// End-of-sequence ids from the bundle's config.

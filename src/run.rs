@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::chat::note_dropped;
+use crate::constraint::FormatSource;
 use crate::conversation::{Conversation, Transcript};
 use crate::engine::Engine;
-use crate::generate::{generate_events, Event, Flow, GenerateOptions, Generation};
+use crate::generate::{generate_constrained, Event, Flow, GenerateOptions, Generation};
 use crate::model::{CacheOptions, LoadOptions};
 use crate::sampler::SamplerConfig;
 use crate::session;
@@ -42,6 +43,8 @@ pub struct RunOptions {
     pub stop: Vec<String>,
     /// Generate through end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The format the output must follow, if any.
+    pub format: Option<FormatSource>,
     /// One JSON object per token and a summary line instead of text.
     pub json: bool,
     /// Continue the session saved in this file (a conversation with `chat`, else a raw
@@ -58,8 +61,12 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
+    // The file is read before the model loads, so a mistake in it shows at once.
+    let format = args.format.as_ref().map(FormatSource::load).transpose()?;
     let engine =
         Engine::load_with_template(&args.model, &args.load, args.chat_template_file.as_deref())?;
+    let constraint = format.map(|f| engine.compile(&f)).transpose()?;
+    let mut matcher = constraint.as_ref().map(|c| c.matcher());
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampler: args.sampler.clone(),
@@ -86,7 +93,9 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
         }
         let turn = conversation.prepare(&args.prompt, args.max_tokens)?;
         note_dropped(&turn);
-        let gen = conversation.reply(turn, &opts, |event| printer.on_event(event))?;
+        let gen = conversation.reply_constrained(turn, &opts, matcher.as_mut(), |event| {
+            printer.on_event(event)
+        })?;
         printer.check()?;
         if let Some(path) = &args.save_session {
             let transcript = conversation.transcript();
@@ -99,9 +108,14 @@ pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
             None => engine.model.new_state_with(args.cache)?,
         };
         let prompt = engine.encode_raw(&args.prompt)?;
-        let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {
-            printer.on_event(event)
-        })?;
+        let gen = generate_constrained(
+            &mut state,
+            &engine.tokenizer,
+            &prompt,
+            &opts,
+            matcher.as_mut(),
+            |event| printer.on_event(event),
+        )?;
         printer.check()?;
         if let Some(path) = &args.save_session {
             session::save(&engine.model, &state, None, path)?;

@@ -15,5 +15,5 @@ mod tests;
 pub use error::{ErrorCode, ProtocolError};
 pub use escape::{escape_into, unescape_into, write_stop_list, UnescapeError};
 pub use frame::{Frame, LineParser, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_LIMIT};
-pub use request::{parse, Request, Setting, StreamMode, KEYS};
+pub use request::{is_format_name, parse, Request, Setting, StreamMode, KEYS, MAX_FORMAT_NAME};
 pub use response::{write_end, write_err, write_evt, write_tok, End, EndReason};

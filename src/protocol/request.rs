@@ -49,10 +49,25 @@ pub enum Setting {
     CoalesceMs(u64),
     /// Generate through end-of-sequence tokens.
     IgnoreEos(bool),
+    /// The format later generations follow: `None` for `off`, else `json` or a name the
+    /// server was started with (the session checks that it exists).
+    Format(Option<String>),
+}
+
+/// Longest format name.
+pub const MAX_FORMAT_NAME: usize = 32;
+
+/// True for a well-formed format name: 1 to [`MAX_FORMAT_NAME`] ASCII letters, digits, `_`
+/// or `-`.
+pub fn is_format_name(name: &str) -> bool {
+    (1..=MAX_FORMAT_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The keys of `SET`/`GET`, in the order `GET` lists them.
-pub const KEYS: [&str; 11] = [
+pub const KEYS: [&str; 12] = [
     "temp",
     "top_k",
     "top_p",
@@ -64,6 +79,7 @@ pub const KEYS: [&str; 11] = [
     "stream",
     "coalesce_ms",
     "ignore_eos",
+    "format",
 ];
 
 /// One parsed request line; text arguments borrow the line.
@@ -225,6 +241,9 @@ fn parse_setting(key: &'static str, value: &str) -> Result<Setting, ProtocolErro
             Setting::CoalesceMs(ms)
         }
         "ignore_eos" => Setting::IgnoreEos(parse_bool(value).ok_or(bad("on or off"))?),
+        "format" if value.eq_ignore_ascii_case("off") => Setting::Format(None),
+        "format" if is_format_name(value) => Setting::Format(Some(value.to_string())),
+        "format" => return Err(bad("off, json or a format name (HELP lists them)")),
         _ => return Err(ProtocolError::BadKey),
     })
 }

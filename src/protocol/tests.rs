@@ -109,6 +109,12 @@ fn every_setting_parses() {
     assert_eq!(set("SET coalesce_ms 50"), Setting::CoalesceMs(50));
     assert_eq!(set("SET ignore_eos on"), Setting::IgnoreEos(true));
     assert_eq!(set("SET ignore_eos 0"), Setting::IgnoreEos(false));
+    assert_eq!(set("SET format OFF"), Setting::Format(None));
+    assert_eq!(set("SET format json"), Setting::Format(Some("json".into())));
+    assert_eq!(
+        set("SET format lamp_v2-x"),
+        Setting::Format(Some("lamp_v2-x".into()))
+    );
     for key in KEYS {
         assert_eq!(parse(&format!("GET {key}")), Ok(Request::Get(Some(key))));
     }
@@ -138,6 +144,16 @@ fn every_parse_error_code() {
     assert_eq!(err("SET stop \\xC3"), ErrorCode::BadValue);
     assert_eq!(err("SET coalesce_ms 20000"), ErrorCode::BadValue);
     assert_eq!(err("SET ignore_eos maybe"), ErrorCode::BadValue);
+    assert_eq!(err("SET format ../lamp.json"), ErrorCode::BadValue);
+    assert_eq!(err("SET format two words"), ErrorCode::BadValue);
+    assert_eq!(
+        err(&format!("SET format {}", "x".repeat(33))),
+        ErrorCode::BadValue
+    );
+    assert_eq!(
+        parse("SET format /etc/passwd").unwrap_err().to_string(),
+        "format expects off, json or a format name (HELP lists them)"
+    );
     assert_eq!(
         parse("SET temp hot").unwrap_err().to_string(),
         "temp expects a number in [0, 100]"

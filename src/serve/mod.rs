@@ -9,7 +9,11 @@
 //! context_shift` when it drops exchanges); `GEN` is a raw completion on the conversation's
 //! cache, outside its history. The session itself keeps only transport and protocol
 //! concerns: settings, framing, streaming, cancellation.
+//!
+//! `SET format NAME` makes the following `GEN`/`CHAT` requests follow a format compiled at
+//! start (`formats.rs`); a generation that completes it ends `END grammar`.
 
+mod formats;
 mod input;
 mod settings;
 mod stream;
@@ -21,14 +25,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use crate::constraint::{Constraint, Matcher};
 use crate::conversation::{Conversation, TooLong};
 use crate::engine::Engine;
-use crate::generate::{generate_events, GenerateOptions};
+use crate::generate::{generate_constrained, GenerateOptions};
 use crate::model::{CacheOptions, LoadOptions};
-use crate::protocol::{self, ErrorCode, Request};
+use crate::protocol::{self, ErrorCode, Request, Setting};
 use crate::signal;
 use crate::transport::{self, SerialConfig, TransportError, Writer};
 
+use formats::Formats;
+pub use formats::NamedFormat;
 use input::{read_loop, Deferred, Incoming};
 pub use settings::Settings;
 use stream::Live;
@@ -52,12 +59,26 @@ pub struct ServeOptions {
     pub settings: Settings,
     /// The KV cache every session gets (`--ctx`, `--kv`, `--keep`).
     pub cache: CacheOptions,
+    /// Formats sessions can select by name (`--grammar`, `--json-schema`).
+    pub formats: Vec<NamedFormat>,
 }
 
 /// Serves the protocol until `QUIT`/Ctrl-D/end of input (stdio) or forever (serial).
 pub fn serve(opts: &ServeOptions) -> Result<()> {
+    let loaded = formats::load(&opts.formats)?;
     let engine =
         Engine::load_with_template(&opts.model, &opts.load, opts.chat_template_file.as_deref())?;
+    let mut formats = Formats::compile(&engine, loaded)?;
+    let mut defaults = opts.settings.clone();
+    if let Some(name) = &defaults.format {
+        match formats.resolve(&engine, name)? {
+            Some(canonical) => defaults.format = Some(canonical),
+            None => anyhow::bail!(
+                "--format {name}: no such format (expected {})",
+                formats.expected()
+            ),
+        }
+    }
     let (reader, writer) = transport::open(opts.serial.as_ref())?;
     let (tx, rx) = sync_channel(64);
     let echo = opts.echo.then(|| writer.clone());
@@ -95,8 +116,9 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         writer,
         eol: if opts.echo { "\r\n" } else { "\n" },
         echo: opts.echo,
-        defaults: opts.settings.clone(),
-        settings: opts.settings.clone(),
+        settings: defaults.clone(),
+        defaults,
+        formats,
         line: String::new(),
     };
     session.run(&rx)
@@ -118,6 +140,8 @@ struct Session<'e> {
     echo: bool,
     defaults: Settings,
     settings: Settings,
+    /// What `SET format` selects from.
+    formats: Formats,
     /// The `CHAT` history and the KV cache (`GEN` borrows the cache).
     conversation: Conversation<'e>,
     /// Output line being built.
@@ -196,11 +220,14 @@ impl Session<'_> {
             Request::Help => {
                 let help = format!(
                     "verbs: PING INFO HELP GEN <text> CHAT <text> SYSTEM [<text>] RESET \
-                     SET <key> <value> GET [<key>] STOP QUIT; keys: {}; cancel: STOP or Ctrl-C",
-                    protocol::KEYS.join(" ")
+                     SET <key> <value> GET [<key>] STOP QUIT; keys: {}; formats: {}; \
+                     cancel: STOP or Ctrl-C",
+                    protocol::KEYS.join(" "),
+                    self.formats.names().join(" ")
                 );
                 self.ok(&help)?;
             }
+            Request::Set(Setting::Format(Some(name))) => self.set_format(&name)?,
             Request::Set(setting) => {
                 let key = self.settings.apply(setting);
                 let shown = self.settings.show(key);
@@ -248,6 +275,28 @@ impl Session<'_> {
         }
     }
 
+    /// `SET format NAME`: an unknown name is `ERR bad_value` and changes nothing.
+    fn set_format(&mut self, name: &str) -> Result<()> {
+        match self.formats.resolve(self.engine, name) {
+            Ok(Some(canonical)) => {
+                self.settings.apply(Setting::Format(Some(canonical)));
+                let shown = self.settings.show("format");
+                self.ok(&shown)
+            }
+            Ok(None) => {
+                let msg = format!("format expects {}", self.formats.expected());
+                self.error(ErrorCode::BadValue, &msg)
+            }
+            Err(e) => self.error(ErrorCode::Model, &format!("{e:#}")),
+        }
+    }
+
+    /// A fresh matcher of the selected format, if any.
+    fn matcher(&self) -> Option<Matcher> {
+        let name = self.settings.format.as_deref()?;
+        self.formats.get(name).map(Constraint::matcher)
+    }
+
     /// The generation settings of this session.
     fn generate_options(&self) -> GenerateOptions {
         GenerateOptions {
@@ -279,12 +328,14 @@ impl Session<'_> {
             return Ok(Next::Continue);
         }
         let opts = self.generate_options();
+        let mut matcher = self.matcher();
         let mut live = Live::new(&self.writer, self.eol, &self.settings, rx);
-        let result = generate_events(
+        let result = generate_constrained(
             self.conversation.lend_cache(),
             &self.engine.tokenizer,
             &ids,
             &opts,
+            matcher.as_mut(),
             |event| live.on_event(event),
         );
         let (write_error, deferred) = live.end(result, ids.len(), started);
@@ -316,10 +367,11 @@ impl Session<'_> {
             self.conversation.state().len()
         );
         let opts = self.generate_options();
+        let mut matcher = self.matcher();
         let mut live = Live::new(&self.writer, self.eol, &self.settings, rx);
         let result = self
             .conversation
-            .reply(turn, &opts, |event| live.on_event(event));
+            .reply_constrained(turn, &opts, matcher.as_mut(), |event| live.on_event(event));
         let (write_error, deferred) = live.end(result, prefill, started);
         self.finish(write_error, deferred)
     }

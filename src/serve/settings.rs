@@ -18,6 +18,9 @@ pub struct Settings {
     pub coalesce_ms: u64,
     /// Generate through end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The format generations follow (`json` or a name the server compiled), `None` for
+    /// free text. The session checks a name before setting it.
+    pub format: Option<String>,
 }
 
 impl Settings {
@@ -69,6 +72,10 @@ impl Settings {
                 s.ignore_eos = b;
                 "ignore_eos"
             }
+            Setting::Format(name) => {
+                s.format = name;
+                "format"
+            }
         }
     }
 
@@ -91,6 +98,7 @@ impl Settings {
             "stream" => s.stream.as_str().to_string(),
             "coalesce_ms" => s.coalesce_ms.to_string(),
             "ignore_eos" => if s.ignore_eos { "on" } else { "off" }.to_string(),
+            "format" => s.format.clone().unwrap_or_else(|| "off".to_string()),
             _ => "?".to_string(),
         };
         format!("{key}={value}")

@@ -55,3 +55,30 @@ fn bench_rejects_an_empty_run_in_one_line() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("--gen-tokens must be at least 1"), "{err}");
 }
+
+/// Under a format every decoded token is one the format allows (a complete output starts
+/// the next), and the mask's own time is reported.
+#[test]
+fn bench_decodes_under_a_format() {
+    let yn = common::scratch("bench_format", "yn").join("yn.lark");
+    std::fs::write(&yn, "start: \"yes\" | \"no\"\n").unwrap();
+    let out = bench(&[
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "5",
+        "--grammar",
+        yn.to_str().unwrap(),
+        "--json",
+    ]);
+    common::assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format"], format!("grammar \"{}\"", yn.display()), "{v}");
+    assert!(v["mask_us"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert!(v["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert_eq!(v["gen_tokens"], 5);
+
+    let plain = bench(&["--prompt-tokens", "8", "--gen-tokens", "3", "--json"]);
+    let v: Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert!(v["format"].is_null() && v["mask_us"].is_null(), "{v}");
+}

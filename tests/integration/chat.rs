@@ -7,6 +7,7 @@ use crate::common;
 use std::io::Write;
 use std::process::{Output, Stdio};
 
+use edgelm::constraint::Format;
 use edgelm::conversation::{Conversation, TooLong};
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;
@@ -275,4 +276,57 @@ pub(crate) fn chat_command(args: &[&str], input: &[&str]) -> Output {
     }
     drop(stdin);
     child.wait_with_output().unwrap()
+}
+
+/// A reply that completes its format ends without an end-of-turn token; the next turn
+/// renders it with the template's marker and replies as a fresh prefill of the whole
+/// conversation does.
+#[test]
+fn a_turn_after_a_reply_that_completed_its_format_equals_a_full_prefill() {
+    let engine = tiny();
+    let opts = greedy(&engine, 8);
+    let mut chat = tiny_chat(&engine);
+    let yn = Format::grammar("start: \"yes\" | \"no\"\n", "yes/no").unwrap();
+    let constraint = engine.compile(&yn).unwrap();
+    let mut matcher = constraint.matcher();
+    let prepared = chat.prepare("Is it on?", 8).unwrap();
+    let gen = chat
+        .reply_constrained(prepared, &opts, Some(&mut matcher), |_| Flow::Continue)
+        .unwrap();
+    assert_eq!(gen.reason, StopReason::Grammar);
+    let answer = chat.messages()[1].content.clone();
+    assert!(answer == "yes" || answer == "no", "{answer:?}");
+    assert!(!gen.ids.iter().any(|id| engine.eos_ids().contains(id)));
+
+    let second = turn(&mut chat, "Why?", &opts);
+    let whole = with_system(&[
+        Message::new("user", "Is it on?"),
+        Message::new("assistant", answer.as_str()),
+        Message::new("user", "Why?"),
+    ]);
+    assert_eq!(second.ids, from_scratch(&engine, &whole, &opts).ids);
+}
+
+/// `edgelm chat --grammar FILE`: every reply follows the grammar.
+#[test]
+fn chat_command_follows_a_grammar() {
+    let yn = common::scratch("chat_grammar", "yn").join("yn.lark");
+    std::fs::write(&yn, "start: \"yes\" | \"no\"\n").unwrap();
+    let yn = yn.display().to_string();
+    let out = chat_command(
+        &["--ctx", "256", "--temp", "0.8", "--grammar", &yn],
+        &QUESTIONS,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<&str> = stdout.lines().collect();
+    assert_eq!(replies.len(), QUESTIONS.len() + 1, "{stdout:?}");
+    for reply in &replies[..QUESTIONS.len()] {
+        assert!(*reply == "> yes" || *reply == "> no", "{stdout:?}");
+    }
+    assert_eq!(replies[QUESTIONS.len()], "> ");
 }

@@ -924,3 +924,72 @@ fn pipes_chat_uses_a_chat_template_file() {
     assert!(end.starts_with("END "), "{end}");
     assert_eq!(chat, raw);
 }
+
+/// Formats are named at start and selected with `SET format`: `HELP` and `GET` list them,
+/// an unknown name is `ERR bad_value` and changes nothing, a generation that completes its
+/// format ends `END grammar`, and a chat turn after such a reply (which has no end-of-turn
+/// token) goes on as usual.
+#[test]
+fn pipes_formats_selected_by_name() {
+    let model = chat_bundle();
+    let yn = common::scratch("serve_formats", "yn").join("yn.lark");
+    fs::write(&yn, "start: \"yes\" | \"no\"\n").unwrap();
+    let lamp = fixture("formats/lamp.json");
+    let (_server, mut c) = over_pipes_with(
+        &model,
+        &[
+            "-n",
+            "24",
+            "--json-schema",
+            &format!("lamp={}", lamp.display()),
+            "--grammar",
+            &format!("yn={}", yn.display()),
+        ],
+    );
+    c.ready();
+    let help = c.request("HELP");
+    assert!(help.contains("; formats: off json lamp yn;"), "{help}");
+    assert!(c.request("GET").ends_with(" format=off"));
+    assert_eq!(c.request("GET format"), "OK format=off");
+    assert_eq!(
+        c.request("SET format nope"),
+        "ERR bad_value format expects off, json, lamp or yn"
+    );
+    assert_eq!(
+        c.request("SET format ../yn.lark"),
+        "ERR bad_value format expects off, json or a format name (HELP lists them)"
+    );
+    assert_eq!(c.request("GET format"), "OK format=off");
+
+    assert_eq!(c.request("SET format YN"), "OK format=yn");
+    c.send(b"GEN Is the lamp on?\n");
+    let (text, end) = c.generation();
+    assert!(text == "yes" || text == "no", "{text:?}");
+    assert!(end.starts_with("END grammar "), "{end}");
+    for turn in ["Is the lamp on?", "And the fan?"] {
+        c.send(format!("CHAT {turn}\n").as_bytes());
+        let (text, end) = c.generation();
+        assert!(text == "yes" || text == "no", "{text:?}");
+        assert!(end.starts_with("END grammar "), "{end}");
+    }
+
+    // Any JSON object, compiled at its first use.
+    assert_eq!(c.request("SET format json"), "OK format=json");
+    assert_eq!(c.request("SET max_tokens 200"), "OK max_tokens=200");
+    c.send(b"GEN {\n");
+    let (text, end) = c.generation();
+    if end.starts_with("END grammar ") {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v.is_object(), "{text}");
+    } else {
+        assert!(end.starts_with("END length "), "{end}");
+        assert!(text.starts_with('{'), "{text}");
+    }
+
+    assert_eq!(c.request("SET format off"), "OK format=off");
+    assert_eq!(c.request("SET max_tokens 4"), "OK max_tokens=4");
+    c.send(b"GEN Is the lamp on?\n");
+    let (_, end) = c.generation();
+    assert!(!end.starts_with("END grammar "), "{end}");
+    assert_eq!(c.request("RESET"), "OK");
+}
