@@ -46,6 +46,7 @@
 
 mod fit;
 mod format;
+pub mod gemm;
 pub mod op;
 pub mod pool;
 mod scalar;
@@ -140,6 +141,9 @@ pub enum QuantError {
     /// A kernel this CPU (or this build's target) cannot run.
     #[error("kernel {0} is not supported on this CPU")]
     KernelUnavailable(Kernel),
+    /// A GEMM instruction-set variant this CPU (or this build's target) cannot run.
+    #[error("GEMM kernel {0} is not supported on this CPU")]
+    IsaUnavailable(&'static str),
 }
 
 /// The arithmetic of a product (see the module documentation).
