@@ -77,8 +77,30 @@ pub(crate) struct QuantRows {
 }
 
 impl QuantRows {
-    /// Quantizes x (m, k) by `acts` into `form`.
+    /// Quantizes x (m, k) by `acts` into `form`, with vector code where the CPU has it (every
+    /// route gives the same bits: division and rounding are exact).
     pub fn new(x: &[f32], m: usize, k: usize, acts: Acts, form: Form) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { Self::new_avx2(x, m, k, acts, form) };
+        }
+        Self::new_portable(x, m, k, acts, form)
+    }
+
+    /// [`QuantRows::new`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn new_avx2(x: &[f32], m: usize, k: usize, acts: Acts, form: Form) -> Self {
+        Self::new_portable(x, m, k, acts, form)
+    }
+
+    /// [`QuantRows::new`] in portable code, inlined into the vector wrappers.
+    #[inline(always)]
+    pub(super) fn new_portable(x: &[f32], m: usize, k: usize, acts: Acts, form: Form) -> Self {
         let nb = blocks_per_row(k);
         let parts = acts.parts();
         let kp = nb * BLOCK;
@@ -107,6 +129,7 @@ impl QuantRows {
     }
 
     /// Quantizes every row of x (m, k) at `T`'s range and stores it in `form`.
+    #[inline(always)]
     fn fill<T: ActInt>(&mut self, x: &[f32], k: usize, acts: Acts, form: Form) {
         let nb = self.nb;
         let mut q = vec![T::default(); k]; // one row's integers
@@ -121,6 +144,7 @@ impl QuantRows {
     }
 
     /// Stores row i's integers `v` (32 nb) in `form`.
+    #[inline(always)]
     fn fill_row(&mut self, i: usize, v: &[i16], acts: Acts, form: Form) {
         let (nb, parts) = (self.nb, self.parts);
         if form == Form::Wide {

@@ -57,6 +57,18 @@
 //!   in registers), NEON with SDOT (`sdot` by element), and i8mm (`smmla` on pairs of rows).
 
 mod acts;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avxvnni;
+#[cfg(target_arch = "aarch64")]
+mod dotprod;
+#[cfg(target_arch = "aarch64")]
+mod i8mm;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -312,6 +324,29 @@ impl Isa {
     pub fn is_available(self) -> bool {
         match self {
             Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Dotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::I8mm => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+                    && std::arch::is_aarch64_feature_detected!("i8mm")
+            }
             #[allow(unreachable_patterns)] // which arms remain depends on the target
             _ => false,
         }
@@ -366,6 +401,24 @@ fn run_groups(
 ) {
     for g in groups {
         match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` was checked available, so the CPU has AVX2.
+            Isa::Avx2 => unsafe { avx2::group(w, g, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` was checked available, so the CPU has AVX2 and AVX-VNNI.
+            Isa::AvxVnni => unsafe { avxvnni::group(w, g, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` was checked available, so the CPU has AVX-512F, BW and VNNI.
+            Isa::Avx512Vnni => unsafe { avx512::group(w, g, a, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `isa` was checked available, so the CPU has NEON.
+            Isa::Neon => unsafe { neon::group(w, g, a, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `isa` was checked available, so the CPU has NEON and dotprod.
+            Isa::Dotprod => unsafe { dotprod::group(w, g, a, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `isa` was checked available, so the CPU has NEON, dotprod and i8mm.
+            Isa::I8mm => unsafe { i8mm::group(w, g, a, out) },
             _ => scalar::group(w, g, a, out),
         }
     }

@@ -349,3 +349,47 @@ fn scheme_errors_are_reported() {
         );
     }
 }
+
+#[test]
+fn vector_and_portable_quantizers_agree_including_ties() {
+    // max|x| = 16256 and 127 * 16 make scale 1 (Q15) and 16 (Q8) in some blocks, so x.5
+    // steps are exact ties (rounded away from zero); the rest is random with outliers.
+    let mut rng = Rng(3);
+    let mut x: Vec<f32> = (0..7 * 100).map(|_| rng.unit() * 3.0).collect(); // (7, 100)
+    for (j, v) in x[..32].iter_mut().enumerate() {
+        *v = j as f32 * 2.5 - 40.0;
+    }
+    x[31] = 16256.0;
+    for (j, v) in x[100..132].iter_mut().enumerate() {
+        *v = j as f32 * 8.0 - 120.0;
+    }
+    x[131] = 127.0 * 16.0;
+    for acts in [Acts::Q8, Acts::Q15] {
+        for form in [Form::Wide, Form::Signed, Form::Unsigned] {
+            let a = QuantRows::new(&x, 7, 100, acts, form);
+            let b = QuantRows::new_portable(&x, 7, 100, acts, form);
+            assert_eq!(bits(&a.scales), bits(&b.scales), "{acts:?} {form:?}");
+            assert_eq!((&a.wide, &a.bytes, &a.bias), (&b.wide, &b.bytes, &b.bias));
+        }
+    }
+    let a = QuantRows::new(&x, 7, 100, Acts::Q15, Form::Wide);
+    assert_eq!(a.scales[0], 1.0);
+    assert_eq!(a.wide[..4], [-40, -38, -35, -33]); // -40, -37.5, -35, -32.5
+    let a = QuantRows::new(&x, 7, 100, Acts::Q8, Form::Wide);
+    assert_eq!(a.scales[4], 16.0);
+    assert_eq!(a.wide[128..132], [-8, -7, -7, -6]); // -7.5, -7, -6.5 away from zero
+}
+
+#[test]
+fn expected_isas_are_detected() {
+    // cross/test.sh names what each emulated CPU must offer; natively, the machines we build
+    // on have AVX2 (x86_64) or NEON (aarch64).
+    let available: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+    match std::env::var("EDGELM_EXPECT_GEMM_ISAS") {
+        Ok(expected) => assert_eq!(available.join(","), expected),
+        Err(_) if cfg!(target_arch = "x86_64") => assert_eq!(available[..2], ["scalar", "avx2"]),
+        Err(_) if cfg!(target_arch = "aarch64") => assert!(available.contains(&"neon")),
+        Err(_) => assert_eq!(available, ["scalar"]),
+    }
+    assert_eq!(Isa::best().name(), *available.last().unwrap());
+}
