@@ -103,6 +103,10 @@ pub enum Int8Arg {
     Q8q8,
     /// int8 weights and per-block int16 activations.
     Q8q16,
+    /// The tiled GEMM, 15-bit activations (experiment: weights re-laid on the heap).
+    Q8q15,
+    /// The tiled GEMM, int8 activations (experiment: weights re-laid on the heap).
+    Q8q8t,
     /// Dequantize to f32 at load and let tract run them.
     Fold,
 }
@@ -120,6 +124,8 @@ impl ModelArgs {
                 Int8Arg::Q8f32 => Int8Path::Q8F32,
                 Int8Arg::Q8q8 => Int8Path::Q8Q8,
                 Int8Arg::Q8q16 => Int8Path::Q8Q16,
+                Int8Arg::Q8q15 => Int8Path::Q8Q15Tiled,
+                Int8Arg::Q8q8t => Int8Path::Q8Q8Tiled,
                 Int8Arg::Fold => Int8Path::Fold,
             },
             kernel,

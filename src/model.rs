@@ -65,6 +65,10 @@ pub enum Int8Path {
     Q8Q8,
     /// Our operators, activations quantized per block to int16 ([`Scheme::Q8Q16`]).
     Q8Q16,
+    /// The tiled GEMM with 15-bit activations (experiment: weights re-laid on the heap).
+    Q8Q15Tiled,
+    /// The tiled GEMM with int8 activations (experiment: weights re-laid on the heap).
+    Q8Q8Tiled,
     /// Dequantized to f32 at load and run by tract (the reference; ~4x the memory).
     Fold,
 }
@@ -252,10 +256,20 @@ impl Model {
                 Some(k) => k.checked()?,
                 None => Kernel::select()?,
             };
+            let tiled = match opts.int8 {
+                Int8Path::Q8Q15Tiled => Some(crate::quant::gemm::Acts::Q15),
+                Int8Path::Q8Q8Tiled => Some(crate::quant::gemm::Acts::Q8),
+                _ => None,
+            };
+            let isa = match kernel {
+                Kernel::Scalar => crate::quant::gemm::Isa::Scalar,
+                _ => crate::quant::gemm::Isa::best(),
+            };
             let exec = Q8Exec {
                 scheme,
                 kernel,
                 pool: Arc::clone(&pool),
+                tiled: tiled.map(|a| (a, isa)),
             };
             bind_q8(&mut typed, &q8, &exec)
                 .with_context(|| format!("binding the int8 weights of {model_path:?}"))?;
@@ -831,7 +845,11 @@ fn prepare(mut proto: pb::ModelProto, dir: &Path, int8: Int8Path) -> Result<Prep
     }
     let q8 = match int8 {
         Int8Path::Fold => Q8Table::new(),
-        Int8Path::Q8F32 | Int8Path::Q8Q8 | Int8Path::Q8Q16 => {
+        Int8Path::Q8F32
+        | Int8Path::Q8Q8
+        | Int8Path::Q8Q16
+        | Int8Path::Q8Q15Tiled
+        | Int8Path::Q8Q8Tiled => {
             let mut q8 =
                 route_q8(graph, &external).with_context(|| format!("rewriting {model_path:?}"))?;
             let ort = route_matmul_integer(graph, &external)

@@ -12,13 +12,14 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
+use super::gemm::{self, Acts, Isa, Q8Tiled};
 use super::{blocks_per_row, Kernel, Q8Matrix, Scheme, ThreadPool};
 
 /// ONNX domain of our nodes (not a standard op: only edgelm's loader writes them).
@@ -106,6 +107,9 @@ pub struct Q8Weights {
     k: usize,
     q: Slice<i8>,       // (n, k)
     scales: Slice<f32>, // (n, nb)
+    /// The weights in the GEMM's tiled layout, made on the heap at first use (experiments
+    /// only: a bundle will carry this layout itself).
+    tiled: OnceLock<(Vec<i8>, Vec<f32>)>, // (G, nb, 8, 16, 4), (G, nb, 16)
 }
 
 impl fmt::Debug for Q8Weights {
@@ -142,6 +146,7 @@ impl Q8Weights {
             k,
             q,
             scales,
+            tiled: OnceLock::new(),
         };
         w.matrix()?;
         Ok(w)
@@ -168,6 +173,7 @@ impl Q8Weights {
             k,
             q: Slice::Owned(q),
             scales: Slice::Owned(scales),
+            tiled: OnceLock::new(),
         };
         w.matrix()?;
         Ok(w)
@@ -181,6 +187,14 @@ impl Q8Weights {
             self.n,
             self.k,
         )?)
+    }
+
+    /// The weights in the GEMM's tiled layout (made on the heap at the first call).
+    pub fn tiled(&self) -> TractResult<Q8Tiled<'_>> {
+        let (q, s) = self
+            .tiled
+            .get_or_init(|| gemm::tile_q8(self.q.get(), self.scales.get(), self.n, self.k));
+        Ok(Q8Tiled::new(q, s, self.n, self.k)?)
     }
 
     /// Whether both tensors are used in place from the mapped file (no heap copy).
@@ -203,16 +217,22 @@ pub struct Q8Exec {
     pub kernel: Kernel,
     /// Worker threads shared by every node.
     pub pool: Arc<ThreadPool>,
+    /// Run `Q8MatMul` on the tiled GEMM with these activations and kernels instead.
+    pub tiled: Option<(Acts, Isa)>,
 }
 
 impl fmt::Debug for Q8Exec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:?}/{}/{} threads",
+            "{:?}/{}/{} threads{}",
             self.scheme,
             self.kernel,
-            self.pool.threads()
+            self.pool.threads(),
+            match self.tiled {
+                Some((a, i)) => format!("/tiled {a:?} {i}"),
+                None => String::new(),
+            }
         )
     }
 }
@@ -231,6 +251,7 @@ impl PartialEq for Bound {
         Arc::ptr_eq(&self.weights, &other.weights)
             && self.exec.scheme == other.exec.scheme
             && self.exec.kernel == other.exec.kernel
+            && self.exec.tiled == other.exec.tiled
             && Arc::ptr_eq(&self.exec.pool, &other.exec.pool)
     }
 }
@@ -365,10 +386,16 @@ impl EvalOp for Q8MatMul {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?; // (m, n)
             let exec = &bound.exec;
-            bound
-                .weights
-                .matrix()?
-                .matmul(x, y, exec.scheme, exec.kernel, &exec.pool)?;
+            match exec.tiled {
+                Some((acts, isa)) => bound
+                    .weights
+                    .tiled()?
+                    .matmul(x, y, acts, isa, &exec.pool)?,
+                None => bound
+                    .weights
+                    .matrix()?
+                    .matmul(x, y, exec.scheme, exec.kernel, &exec.pool)?,
+            }
         }
         Ok(tvec!(out.into_tvalue()))
     }

@@ -51,6 +51,24 @@ fn engine_q8q16() -> &'static Engine {
     })
 }
 
+/// The int8 bundle run on the tiled GEMM with 15-bit or int8 activations.
+fn engine_tiled(int8: Int8Path) -> &'static Engine {
+    static Q15: OnceLock<Engine> = OnceLock::new();
+    static Q8: OnceLock<Engine> = OnceLock::new();
+    let cell = match int8 {
+        Int8Path::Q8Q15Tiled => &Q15,
+        Int8Path::Q8Q8Tiled => &Q8,
+        other => panic!("{other:?} is not a tiled path"),
+    };
+    cell.get_or_init(|| {
+        let opts = LoadOptions {
+            int8,
+            ..Default::default()
+        };
+        Engine::load(&common::default_bundle(Quant::Int8), &opts).unwrap()
+    })
+}
+
 /// Greedy ids generated for each golden prompt, with the expected ids.
 fn greedy_runs(quant: Quant) -> Vec<(String, Vec<u32>, Vec<u32>)> {
     greedy_runs_with(engine(quant))
@@ -161,13 +179,61 @@ fn int8_with_int16_activations_keeps_16_leading_tokens_on_3_of_4_prompts() {
     assert!(good >= 3, "only {good} of 4 prompts keep 16 leading tokens");
 }
 
+#[test]
+fn tiled_gemm_with_15_bit_activations_keeps_every_golden_token() {
+    let runs = greedy_runs_with(engine_tiled(Int8Path::Q8Q15Tiled));
+    let leads: Vec<usize> = runs
+        .iter()
+        .map(|(_, got, want)| leading_equal(got, want))
+        .collect();
+    eprintln!("tiled q15: leading tokens equal per prompt: {leads:?} of 32");
+    assert_eq!(leads, [32, 32, 32, 32]);
+}
+
+#[test]
+fn tiled_gemm_with_int8_activations_golden_tokens() {
+    let runs = greedy_runs_with(engine_tiled(Int8Path::Q8Q8Tiled));
+    let leads: Vec<usize> = runs
+        .iter()
+        .map(|(_, got, want)| leading_equal(got, want))
+        .collect();
+    eprintln!("tiled q8: leading tokens equal per prompt: {leads:?} of 32");
+}
+
+#[test]
+fn tiled_gemm_teacher_forced_agreement() {
+    for int8 in [Int8Path::Q8Q15Tiled, Int8Path::Q8Q8Tiled] {
+        let (rate, ppl_f, ppl_q) = teacher_forced(engine_tiled(int8));
+        eprintln!(
+            "{int8:?}: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
+            rate * 100.0
+        );
+    }
+}
+
 /// Teacher-forced over a fixed 500+-token text: top-1 agreement and perplexities.
 #[test]
 fn int8_agrees_with_f32_on_98_percent_of_positions() {
+    let (rate, ppl_f, ppl_q) = teacher_forced(engine(Quant::Int8));
+    eprintln!(
+        "teacher-forced: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
+        rate * 100.0
+    );
+    // Measured 99.38% with lattice-fitted scales (plain Q8_0 rounding of the Q4_1 weights:
+    // 97.79%).
+    assert!(rate >= 0.98, "top-1 agreement {:.2}% < 98%", rate * 100.0);
+    assert!(
+        ppl_q < ppl_f * 1.05,
+        "int8 perplexity {ppl_q:.3} is more than 5% above f32 {ppl_f:.3}"
+    );
+}
+
+/// Top-1 agreement of `q` with the f32 bundle teacher-forced over `eval_text.txt`, and the
+/// perplexities of both: (rate, f32, q).
+fn teacher_forced(q: &Engine) -> (f64, f64, f64) {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();
     let f = engine(Quant::F32);
-    let q = engine(Quant::Int8);
     let ids = f.tokenizer.encode(&text, true).unwrap();
     assert!(
         ids.len() >= 500,
@@ -197,17 +263,7 @@ fn int8_agrees_with_f32_on_98_percent_of_positions() {
         (nll_f / positions as f64).exp(),
         (nll_q / positions as f64).exp(),
     );
-    eprintln!(
-        "teacher-forced over {positions} positions: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
-        rate * 100.0
-    );
-    // Measured 99.38% with lattice-fitted scales (plain Q8_0 rounding of the Q4_1 weights:
-    // 97.79%).
-    assert!(rate >= 0.98, "top-1 agreement {:.2}% < 98%", rate * 100.0);
-    assert!(
-        ppl_q < ppl_f * 1.05,
-        "int8 perplexity {ppl_q:.3} is more than 5% above f32 {ppl_f:.3}"
-    );
+    (rate, ppl_f, ppl_q)
 }
 
 fn argmax(v: &[f32]) -> usize {
