@@ -17,6 +17,9 @@ use super::{store_tile, Q8Tiled, CHUNK, CHUNKS, GROUP, GROUP_BLOCK, QUAD};
 use crate::quant::format::BLOCK;
 use crate::quant::OutRows;
 
+/// How many group-blocks ahead a one-row product prefetches its weights.
+const PREFETCH_BLOCKS: usize = 4;
+
 /// Group g (16 weight rows) against every activation row of `a` (form `Unsigned`).
 ///
 /// # Safety
@@ -69,6 +72,16 @@ unsafe fn tile<const P: usize, const M: usize>(
     let offset = _mm256_set1_epi8(-128);
     let mut sums = [[_mm256_setzero_ps(); 2]; M]; // per row: rows 0..8, 8..16 of the group
     for b in 0..nb {
+        if M == 1 {
+            // One activation row (decode): the weights stream from memory once, as one
+            // sequential run across the groups; prefetching a few blocks ahead hides part
+            // of the latency. Prefetches never fault; `wrapping_add` keeps the address
+            // arithmetic defined past the matrix end.
+            let ahead = q.wrapping_add((b + PREFETCH_BLOCKS) * GROUP_BLOCK);
+            for line in 0..GROUP_BLOCK / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64));
+            }
+        }
         let mut acc = [[[_mm256_setzero_si256(); 2]; M]; P];
         // SAFETY: b < nb, t < M, c < 8, p < P, h < 2: every read is inside this group's
         // weights (nb * 512 bytes, nb * 16 scales) or the tile's activation rows (M rows of

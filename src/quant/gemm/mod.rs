@@ -228,7 +228,7 @@ impl<'a> Q8Tiled<'a> {
         if m == 0 {
             return Ok(());
         }
-        let a = QuantRows::new(x, m, k, acts, isa.form());
+        let a = QuantRows::new(x, m, k, acts, isa.form(), pool);
         let groups = self.groups();
         let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads().min(groups));
         let shared = SharedOut {

@@ -95,7 +95,7 @@ impl Problem {
     fn reference(&self, acts: Acts) -> Vec<f32> {
         let (n, k, m) = (self.n, self.k, self.m);
         let nb = blocks_per_row(k);
-        let a = QuantRows::new(&self.x, m, k, acts, Form::Wide);
+        let a = QuantRows::new(&self.x, m, k, acts, Form::Wide, &ThreadPool::single());
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for r in 0..n {
@@ -159,10 +159,10 @@ proptest! {
     fn activation_forms_hold_the_same_integers((k, m, seed) in (1usize..200, 1usize..5, any::<u64>())) {
         let p = Problem::new(1, k, m, seed);
         for acts in [Acts::Q8, Acts::Q15] {
-            let wide = QuantRows::new(&p.x, m, k, acts, Form::Wide);
+            let wide = QuantRows::new(&p.x, m, k, acts, Form::Wide, &ThreadPool::single());
             let qmax = match acts { Acts::Q8 => 127, Acts::Q15 => 16256 };
             for form in [Form::Signed, Form::Unsigned] {
-                let a = QuantRows::new(&p.x, m, k, acts, form);
+                let a = QuantRows::new(&p.x, m, k, acts, form, &ThreadPool::single());
                 prop_assert_eq!(bits(&a.scales), bits(&wide.scales));
                 for i in 0..m {
                     for b in 0..blocks_per_row(k) {
@@ -188,7 +188,7 @@ proptest! {
         let y8 = p.run(Acts::Q8, Isa::Scalar, &ThreadPool::single());
         let y15 = p.run(Acts::Q15, Isa::Scalar, &ThreadPool::single());
         for (y, acts, qmax) in [(&y8, Acts::Q8, 127.0), (&y15, Acts::Q15, 16256.0)] {
-            let a = QuantRows::new(&p.x, m, k, acts, Form::Wide);
+            let a = QuantRows::new(&p.x, m, k, acts, Form::Wide, &ThreadPool::single());
             for i in 0..m {
                 for r in 0..n {
                     let exact: f64 = (0..k).map(|j| p.w(r, j) * f64::from(p.x[i * k + j])).sum();
@@ -286,14 +286,14 @@ fn q15_split_goldens() {
     // One block with max|x| = 16256: scale 1, so v = x rounded half away from zero.
     let mut x = vec![0f32; 32];
     x[..6].copy_from_slice(&[16256.0, -16256.0, 129.5, -129.5, -1.0, 127.0]);
-    let a = QuantRows::new(&x, 1, 32, Acts::Q15, Form::Unsigned);
+    let a = QuantRows::new(&x, 1, 32, Acts::Q15, Form::Unsigned, &ThreadPool::single());
     assert_eq!(a.scales, [1.0]);
     // 16256 = 127 * 128 + 0; -16256 = -127 * 128 + 0; 130 = 1 * 128 + 2;
     // -130 = -2 * 128 + 126; -1 = -1 * 128 + 127; 127 = 0 * 128 + 127.
     assert_eq!(a.bytes[..6], [127, -127, 1, -2, -1, 0]);
     assert_eq!(a.bytes[32..38], [0, 0, 2, 126, 127, 127]);
     assert_eq!(a.bias, [-(16256 - 16256 + 130 - 130 - 1 + 127)]);
-    let a = QuantRows::new(&x, 1, 32, Acts::Q8, Form::Unsigned);
+    let a = QuantRows::new(&x, 1, 32, Acts::Q8, Form::Unsigned, &ThreadPool::single());
     assert_eq!(a.scales, [16256.0 / 127.0]);
     // 129.5 / 128 -> 1.01 -> 1; 127 / 128 -> 0.99 -> 1; -1 / 128 -> 0.
     assert_eq!(a.bytes[..6], [127, -127, 1, -1, 0, 1]);
@@ -351,11 +351,13 @@ fn scheme_errors_are_reported() {
 }
 
 #[test]
-fn vector_and_portable_quantizers_agree_including_ties() {
+fn quantizer_routes_agree_including_ties() {
     // max|x| = 16256 and 127 * 16 make scale 1 (Q15) and 16 (Q8) in some blocks, so x.5
-    // steps are exact ties (rounded away from zero); the rest is random with outliers.
+    // steps are exact ties (rounded away from zero); the rest is random with outliers. The
+    // routes: one thread (vector code where the CPU has it), rows split over 2 and 3 threads.
     let mut rng = Rng(3);
-    let mut x: Vec<f32> = (0..7 * 100).map(|_| rng.unit() * 3.0).collect(); // (7, 100)
+    let (m, k) = (170, 100); // over MIN_VALUES_PER_PART, so the rows are really split
+    let mut x: Vec<f32> = (0..m * k).map(|_| rng.unit() * 3.0).collect(); // (m, k)
     for (j, v) in x[..32].iter_mut().enumerate() {
         *v = j as f32 * 2.5 - 40.0;
     }
@@ -364,18 +366,44 @@ fn vector_and_portable_quantizers_agree_including_ties() {
         *v = j as f32 * 8.0 - 120.0;
     }
     x[131] = 127.0 * 16.0;
+    let pools = [
+        ThreadPool::single(),
+        ThreadPool::new(2).unwrap(),
+        ThreadPool::new(3).unwrap(),
+    ];
     for acts in [Acts::Q8, Acts::Q15] {
         for form in [Form::Wide, Form::Signed, Form::Unsigned] {
-            let a = QuantRows::new(&x, 7, 100, acts, form);
-            let b = QuantRows::new_portable(&x, 7, 100, acts, form);
-            assert_eq!(bits(&a.scales), bits(&b.scales), "{acts:?} {form:?}");
-            assert_eq!((&a.wide, &a.bytes, &a.bias), (&b.wide, &b.bytes, &b.bias));
+            let a = QuantRows::new(&x, m, k, acts, form, &pools[0]);
+            let nb = blocks_per_row(k);
+            for i in 0..m {
+                for b in 0..nb {
+                    // Each block against the rule evaluated here in scalar f32.
+                    let xb = &x[i * k + b * BLOCK..i * k + k.min((b + 1) * BLOCK)];
+                    let qmax = match acts { Acts::Q8 => 127.0, Acts::Q15 => 16256.0 };
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = amax / qmax;
+                    assert_eq!(a.scales[i * nb + b], scale);
+                    let mut want = [0i32; BLOCK];
+                    for (w, &v) in want.iter_mut().zip(xb) {
+                        if scale != 0.0 {
+                            *w = (v / scale).round().clamp(-qmax, qmax) as i32;
+                        }
+                    }
+                    assert_eq!(a.values(i, b), want, "{acts:?} {form:?} row {i} block {b}");
+                }
+            }
+            for pool in &pools[1..] {
+                let b = QuantRows::new(&x, m, k, acts, form, pool);
+                assert_eq!(bits(&a.scales), bits(&b.scales), "{acts:?} {form:?}");
+                assert_eq!((&a.wide, &a.bytes, &a.bias), (&b.wide, &b.bytes, &b.bias));
+            }
         }
     }
-    let a = QuantRows::new(&x, 7, 100, Acts::Q15, Form::Wide);
+    let single = &pools[0];
+    let a = QuantRows::new(&x, m, k, Acts::Q15, Form::Wide, single);
     assert_eq!(a.scales[0], 1.0);
     assert_eq!(a.wide[..4], [-40, -38, -35, -33]); // -40, -37.5, -35, -32.5
-    let a = QuantRows::new(&x, 7, 100, Acts::Q8, Form::Wide);
+    let a = QuantRows::new(&x, m, k, Acts::Q8, Form::Wide, single);
     assert_eq!(a.scales[4], 16.0);
     assert_eq!(a.wide[128..132], [-8, -7, -7, -6]); // -7.5, -7, -6.5 away from zero
 }
