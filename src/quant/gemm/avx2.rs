@@ -52,7 +52,7 @@ unsafe fn tile<const M: usize>(
     i0: usize,
 ) -> [[f32; GROUP]; M] {
     let nb = w.blocks();
-    assert!(g < w.groups() && i0 + M <= a.m && a.wide.len() == a.m * nb * BLOCK);
+    assert!(g < w.groups() && i0 + M <= a.m && a.nb == nb && a.wide.len() == a.m * nb * BLOCK);
     let q = w.q()[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK].as_ptr();
     let s = w.scales()[g * nb * GROUP..(g + 1) * nb * GROUP].as_ptr();
     let x = a.wide[i0 * nb * BLOCK..].as_ptr();

@@ -88,7 +88,7 @@ unsafe fn tile<const P: usize, const M: usize>(
     i0: usize,
 ) -> [[f32; GROUP]; M] {
     let nb = w.blocks();
-    assert!(g < w.groups() && i0 + M <= a.m && a.parts == P);
+    assert!(g < w.groups() && i0 + M <= a.m && a.parts == P && a.nb == nb);
     assert!(a.bytes.len() == a.m * nb * P * BLOCK && a.bias.len() == a.m * nb);
     let q = w.q()[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK].as_ptr();
     let s = w.scales()[g * nb * GROUP..(g + 1) * nb * GROUP].as_ptr();

@@ -29,6 +29,7 @@ pub(super) fn group(w: &Q8Tiled<'_>, g: usize, a: &QuantRows, out: &mut OutRows<
 #[inline(always)]
 fn tile<const M: usize>(w: &Q8Tiled<'_>, g: usize, a: &QuantRows, i0: usize) -> [[f32; GROUP]; M] {
     let nb = w.blocks();
+    assert!(i0 + M <= a.m && a.nb == nb);
     let mut acc = [[0f32; GROUP]; M];
     for b in 0..nb {
         let (q, s) = w.group_block(g, b);

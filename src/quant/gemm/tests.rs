@@ -421,3 +421,57 @@ fn expected_isas_are_detected() {
     }
     assert_eq!(Isa::best().name(), *available.last().unwrap());
 }
+
+#[test]
+fn tiled_layout_reads_back_through_standard_onnx_ops() {
+    // The bundle form of the layout (module documentation): the tiled initializers, then
+    // Transpose, Reshape and Slice, evaluated by tract-onnx, give the row-major int8 values
+    // and scales (what `DequantizeLinear(axis = 1, block_size = 32)` takes today). Padding in
+    // both directions: n = 37 (3 groups), k = 70 (3 blocks).
+    use crate::convert::onnx::{Attr, Dim, Elem, ExternalData, GraphBuilder};
+    use tract_onnx::prelude::*;
+
+    let (n, k) = (37usize, 70usize);
+    let p = Problem::new(n, k, 1, 5);
+    let (groups, nb) = (n.div_ceil(GROUP) as i64, blocks_per_row(k) as i64);
+    let dir = std::env::temp_dir().join(format!("edgelm-gemm-onnx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut g = GraphBuilder::new(ExternalData::create(&dir, "model.onnx_data").unwrap());
+    let bytes: Vec<u8> = p.tq.iter().map(|&v| v as u8).collect();
+    let q = g
+        .weight("w.q8", Elem::I8, &[groups, nb, 8, 16, 4], &bytes)
+        .unwrap();
+    let s = g.weight_f32("w.scale", &[groups, nb, 16], &p.ts).unwrap();
+    let q = g.node("Transpose", &[&q], vec![("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))]);
+    let s = g.node("Transpose", &[&s], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let q_shape = g.const_i64("q_shape", &[2], &[16 * groups, 32 * nb]);
+    let s_shape = g.const_i64("s_shape", &[2], &[16 * groups, nb]);
+    let q = g.node("Reshape", &[&q, &q_shape], vec![]);
+    let s = g.node("Reshape", &[&s, &s_shape], vec![]);
+    let starts = g.const_i64("starts", &[2], &[0, 0]);
+    let q_ends = g.const_i64("q_ends", &[2], &[n as i64, k as i64]);
+    let s_ends = g.const_i64("s_ends", &[2], &[n as i64, nb]);
+    let q = g.node("Slice", &[&q, &starts, &q_ends], vec![]);
+    let s = g.node("Slice", &[&s, &starts, &s_ends], vec![]);
+    let fixed = |a: usize, b: usize| [Dim::Fixed(a as i64), Dim::Fixed(b as i64)];
+    g.output(&q, "q", Elem::I8, &fixed(n, k));
+    g.output(&s, "scales", Elem::F32, &fixed(n, nb as usize));
+    g.finish(&dir.join("model.onnx"), "tiled").unwrap();
+
+    let outputs = tract_onnx::onnx()
+        .model_for_path(dir.join("model.onnx"))
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap()
+        .run(tvec![])
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(outputs[0].shape(), [n, k]);
+    assert_eq!(outputs[1].shape(), [n, nb as usize]);
+    let q = outputs[0].try_as_plain_ram().unwrap();
+    assert_eq!(q.as_slice::<i8>().unwrap(), &p.q[..]);
+    let s = outputs[1].try_as_plain_ram().unwrap();
+    assert_eq!(bits(s.as_slice::<f32>().unwrap()), bits(&p.scales));
+}
