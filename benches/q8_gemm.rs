@@ -211,7 +211,10 @@ fn bench_group(c: &mut Criterion, group_name: &str, m: usize, arena: usize) {
 
 fn gemm64(c: &mut Criterion) {
     #[cfg(target_arch = "x86_64")]
-    eprintln!("core clock (imul chain, thread CPU time): {:.2} GHz", clock_ghz());
+    eprintln!(
+        "core clock (imul chain, thread CPU time): {:.2} GHz",
+        clock_ghz()
+    );
     bench_group(c, "gemm64", 64, 0);
 }
 

@@ -387,14 +387,13 @@ impl EvalOp for Q8MatMul {
             let y = view.as_slice_mut::<f32>()?; // (m, n)
             let exec = &bound.exec;
             match exec.tiled {
-                Some((acts, isa)) => bound
-                    .weights
-                    .tiled()?
-                    .matmul(x, y, acts, isa, &exec.pool)?,
-                None => bound
-                    .weights
-                    .matrix()?
-                    .matmul(x, y, exec.scheme, exec.kernel, &exec.pool)?,
+                Some((acts, isa)) => bound.weights.tiled()?.matmul(x, y, acts, isa, &exec.pool)?,
+                None => {
+                    bound
+                        .weights
+                        .matrix()?
+                        .matmul(x, y, exec.scheme, exec.kernel, &exec.pool)?
+                }
             }
         }
         Ok(tvec!(out.into_tvalue()))

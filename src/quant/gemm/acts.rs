@@ -82,14 +82,7 @@ impl QuantRows {
     /// Quantizes x (m, k) by `acts` into `form`, rows split over the pool's threads when
     /// there are enough of them, with vector code where the CPU has it (every route gives
     /// the same bits: division and rounding are exact).
-    pub fn new(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        acts: Acts,
-        form: Form,
-        pool: &ThreadPool,
-    ) -> Self {
+    pub fn new(x: &[f32], m: usize, k: usize, acts: Acts, form: Form, pool: &ThreadPool) -> Self {
         let nb = blocks_per_row(k);
         let parts = acts.parts();
         let mut a = QuantRows {
@@ -157,7 +150,7 @@ fn chunks_or_empty<T>(v: &mut [T], size: usize) -> Box<dyn Iterator<Item = &mut 
 
 /// Some consecutive rows of x and their part of every buffer of a [`QuantRows`].
 struct Rows<'a> {
-    x: &'a [f32],         // (rows, k)
+    x: &'a [f32],          // (rows, k)
     scales: &'a mut [f32], // (rows, nb)
     wide: &'a mut [i16],   // (rows, 32 nb) or empty
     bytes: &'a mut [i8],   // (rows, nb, parts, 32) or empty

@@ -192,7 +192,12 @@ impl<'a> Q8Tiled<'a> {
     /// # Panics
     /// If `r >= n` or `out.len() != k`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        assert!(r < self.n && out.len() == self.k, "row {r} of a {}x{} matrix", self.n, self.k);
+        assert!(
+            r < self.n && out.len() == self.k,
+            "row {r} of a {}x{} matrix",
+            self.n,
+            self.k
+        );
         let (g, l) = (r / GROUP, r % GROUP);
         for (b, ob) in out.chunks_mut(BLOCK).enumerate() {
             let (q, s) = self.group_block(g, b);
@@ -258,7 +263,10 @@ impl<'a> Q8Tiled<'a> {
 /// If the lengths do not match (n, k).
 pub fn tile_q8(q: &[i8], scales: &[f32], n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
     let nb = blocks_per_row(k);
-    assert!(q.len() == n * k && scales.len() == n * nb, "tile_q8: lengths of a {n}x{k} matrix");
+    assert!(
+        q.len() == n * k && scales.len() == n * nb,
+        "tile_q8: lengths of a {n}x{k} matrix"
+    );
     let groups = n.div_ceil(GROUP);
     let mut tq = vec![0i8; groups * nb * GROUP_BLOCK];
     let mut ts = vec![0f32; groups * nb * GROUP];

@@ -86,7 +86,9 @@ impl Problem {
 
     fn run(&self, acts: Acts, isa: Isa, pool: &ThreadPool) -> Vec<f32> {
         let mut y = vec![f32::NAN; self.m * self.n]; // (m, n)
-        self.tiled().matmul(&self.x, &mut y, acts, isa, pool).unwrap();
+        self.tiled()
+            .matmul(&self.x, &mut y, acts, isa, pool)
+            .unwrap();
         y
     }
 
@@ -250,8 +252,12 @@ fn every_isa_equals_scalar_at_model_shapes() {
 fn tiled_layout_places_each_value() {
     // W (17, 40): value (r, j) = r + 3 j (mod 256); scale of (r, b) = r + 100 b.
     let (n, k) = (17, 40);
-    let q: Vec<i8> = (0..n * k).map(|i| ((i / k) + 3 * (i % k)) as u8 as i8).collect();
-    let scales: Vec<f32> = (0..n * 2).map(|i| ((i / 2) + 100 * (i % 2)) as f32).collect();
+    let q: Vec<i8> = (0..n * k)
+        .map(|i| ((i / k) + 3 * (i % k)) as u8 as i8)
+        .collect();
+    let scales: Vec<f32> = (0..n * 2)
+        .map(|i| ((i / 2) + 100 * (i % 2)) as f32)
+        .collect();
     let (tq, ts) = tile_q8(&q, &scales, n, k);
     // 2 groups x 2 blocks x 512 bytes; 2 x 2 x 16 scales.
     assert_eq!((tq.len(), ts.len()), (2048, 64));
@@ -379,7 +385,10 @@ fn quantizer_routes_agree_including_ties() {
                 for b in 0..nb {
                     // Each block against the rule evaluated here in scalar f32.
                     let xb = &x[i * k + b * BLOCK..i * k + k.min((b + 1) * BLOCK)];
-                    let qmax = match acts { Acts::Q8 => 127.0, Acts::Q15 => 16256.0 };
+                    let qmax = match acts {
+                        Acts::Q8 => 127.0,
+                        Acts::Q15 => 16256.0,
+                    };
                     let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let scale = amax / qmax;
                     assert_eq!(a.scales[i * nb + b], scale);
@@ -442,8 +451,16 @@ fn tiled_layout_reads_back_through_standard_onnx_ops() {
         .weight("w.q8", Elem::I8, &[groups, nb, 8, 16, 4], &bytes)
         .unwrap();
     let s = g.weight_f32("w.scale", &[groups, nb, 16], &p.ts).unwrap();
-    let q = g.node("Transpose", &[&q], vec![("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))]);
-    let s = g.node("Transpose", &[&s], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    let q = g.node(
+        "Transpose",
+        &[&q],
+        vec![("perm", Attr::Ints(vec![0, 3, 1, 2, 4]))],
+    );
+    let s = g.node(
+        "Transpose",
+        &[&s],
+        vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+    );
     let q_shape = g.const_i64("q_shape", &[2], &[16 * groups, 32 * nb]);
     let s_shape = g.const_i64("s_shape", &[2], &[16 * groups, nb]);
     let q = g.node("Reshape", &[&q, &q_shape], vec![]);
