@@ -1,20 +1,57 @@
 #!/usr/bin/env bash
-# edgelm vs llama.cpp on SmolLM2-135M-Instruct, same machine, same run: prints both and the
-# ratios (edgelm / llama.cpp) for decode, prefill and cold start to the first token.
+# The scale ladder: edgelm against llama.cpp (Q8_0 and Q4_0) on one or more model shapes,
+# same machine, same run, alternating; prints a table per shape with medians, ranges and
+# ratios (edgelm / llama.cpp).
 #
-#   benches/side_by_side.sh [THREADS]
+#   benches/side_by_side.sh [-t THREADS] [-r ROUNDS] SHAPE...
+#   EDGELM=path/to/edgelm benches/side_by_side.sh ...   (another build of edgelm)
 #
-# llama.cpp is built from the sources bundled in the PyPI sdist of llama-cpp-python (cached
-# under ~/.cache/edgelm/llama.cpp; needs gcc/g++ and downloads cmake from PyPI), and the
-# model is re-quantized from the Q4_1 GGUF to Q8_0 with its llama-quantize. edgelm runs the
-# default int8 bundle with `edgelm bench` from a release build.
+# SHAPE (or `all`):
+#   smollm2-135m  SmolLM2-135M-Instruct, the real model (its Q4_1 GGUF, models/fetch-smollm2.sh)
+#   smollm2-360m  random weights at SmolLM2-360M's dimensions (960 hidden, 2560 FFN, 32 layers,
+#                 15/5 heads)
+#   llama3.2-1b   random weights at Llama-3.2-1B's dimensions (2048 hidden, 8192 FFN,
+#                 16 layers, 32/8 heads), with SmolLM2's 49 152-token vocabulary
+# Random-weight GGUFs are written in Q8_0 by benches/ladder_gguf.py (llama.cpp's gguf-py).
+# llama.cpp runs each shape as Q8_0 and as Q4_0 (`llama-quantize --allow-requantize --pure`:
+# every matrix Q4_0, the tied embedding/LM head included, where its default mix would keep
+# that one in Q6_K); on aarch64 with SDOT both are repacked at load into its interleaved GEMM
+# layouts, on x86 with AVX2 Q4_0 is. edgelm runs its own conversion (`edgelm convert`, int8)
+# with `edgelm bench`.
+# What one round measures, and how: benches/side_by_side.py. Default: 2 threads, 3 rounds.
+#
+# Files are cached under ~/.cache/edgelm/ladder (GGUFs, converted bundles: reconverted when
+# the edgelm binary is newer than the bundle); every round's raw figures are appended to
+# target/ladder/side_by_side.jsonl. llama.cpp is built from the sources in the PyPI sdist of
+# llama-cpp-python (cached under ~/.cache/edgelm/llama.cpp; needs gcc/g++ and downloads
+# cmake from PyPI), numpy for the GGUF writer likewise into ~/.cache/edgelm/ladder/venv.
+# Not run by CI.
 set -euo pipefail
+shopt -s inherit_errexit  # command substitutions (the model helpers below) stop on errors too
 cd "$(dirname "$0")/.."
 
-threads="${1:-$(nproc)}"
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgelm/llama.cpp"
-version=0.3.36
-mkdir -p "$cache"
+threads=2
+rounds=3
+shapes=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -t) threads="$2"; shift ;;
+    -r) rounds="$2"; shift ;;
+    all) shapes+=(smollm2-135m smollm2-360m llama3.2-1b) ;;
+    smollm2-135m | smollm2-360m | llama3.2-1b) shapes+=("$1") ;;
+    *)
+      echo "usage: benches/side_by_side.sh [-t THREADS] [-r ROUNDS] smollm2-135m|smollm2-360m|llama3.2-1b|all..." >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+[[ ${#shapes[@]} -gt 0 ]] || shapes=(smollm2-135m)
+
+cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/edgelm"
+cache="$cache_root/llama.cpp"
+ladder="$cache_root/ladder"
+mkdir -p "$cache" "$ladder"
 
 # --- llama.cpp -----------------------------------------------------------------------------
 # Native build without AMX: on CPUs that have it (Xeon Sapphire Rapids and later) ggml's AMX
@@ -24,27 +61,14 @@ build="$cache/build-noamx"
 bin="$build/bin"
 native_flags=""
 [[ "$(uname -m)" == x86_64 ]] && native_flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+tree="$(models/fetch-llama-cpp.sh)"
 if [[ ! -x "$bin/llama-bench" || ! -x "$bin/llama-quantize" ]]; then
-  sdist="$cache/llama_cpp_python-$version.tar.gz"
-  if [[ ! -f "$sdist" ]]; then
-    echo "== downloading llama-cpp-python $version (sdist) from PyPI" >&2
-    python3 - "$sdist" "$version" <<'EOF'
-import json, sys, urllib.parse, urllib.request
-out, version = sys.argv[1], sys.argv[2]
-index = "https://pypi.org/pypi/llama-cpp-python/json"
-releases = json.load(urllib.request.urlopen(index, timeout=60))["releases"][version]
-sdist = next(f for f in releases if f["packagetype"] == "sdist")
-urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), out)
-EOF
-  fi
-  rm -rf "$cache/src" && mkdir -p "$cache/src"
-  tar xzf "$sdist" -C "$cache/src" --strip-components=1
   if [[ ! -x "$cache/venv/bin/cmake" ]]; then
     python3 -m venv "$cache/venv"
     "$cache/venv/bin/pip" install --quiet cmake
   fi
   echo "== building llama-bench and llama-quantize" >&2
-  "$cache/venv/bin/cmake" -S "$cache/src/vendor/llama.cpp" -B "$build" \
+  "$cache/venv/bin/cmake" -S "$tree" -B "$build" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
     -DCMAKE_C_FLAGS="$native_flags" -DCMAKE_CXX_FLAGS="$native_flags" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
@@ -52,50 +76,77 @@ EOF
     --target llama-bench llama-quantize >&2
 fi
 
-# --- models --------------------------------------------------------------------------------
-gguf="$(models/fetch-smollm2.sh --gguf-only)"
-q8="$cache/SmolLM2-135M-Instruct.Q8_0.gguf"
-if [[ ! -f "$q8" ]]; then
-  "$bin/llama-quantize" --allow-requantize "$gguf" "$q8" Q8_0 >&2
+# --- edgelm --------------------------------------------------------------------------------
+# EDGELM=path/to/edgelm runs that binary instead of this tree's release build.
+edgelm="${EDGELM:-}"
+if [[ -z "$edgelm" ]]; then
+  cargo build --release --quiet
+  edgelm="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/edgelm"
 fi
-bundle=models/smollm2-135m-instruct
-[[ -f "$bundle/model.onnx" ]] || models/fetch-smollm2.sh >&2
+edgelm="$(realpath "$edgelm")"
 
-cargo build --release --quiet
-edgelm=target/release/edgelm
-[[ -n "${CARGO_TARGET_DIR:-}" ]] && edgelm="$CARGO_TARGET_DIR/release/edgelm"
+# --- models --------------------------------------------------------------------------------
+# The GGUF writer's Python packages (numpy, pyyaml, tqdm), once.
+venv="$ladder/venv"
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import numpy, yaml, tqdm' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet numpy pyyaml tqdm
+fi
+smollm2_gguf="$(models/fetch-smollm2.sh --gguf-only)"
+
+# Prints the Q8_0 GGUF of a shape, writing it first if needed.
+q8_gguf() {
+  local shape="$1" out="$ladder/$1.Q8_0.gguf"
+  if [[ ! -s "$out" ]]; then
+    if [[ "$shape" == smollm2-135m ]]; then
+      "$bin/llama-quantize" --allow-requantize "$smollm2_gguf" "$out.part" Q8_0 >&2
+      mv "$out.part" "$out"
+    else
+      echo "== writing $out" >&2
+      GGUF_PY="$tree/gguf-py" "$venv/bin/python" benches/ladder_gguf.py \
+        "$shape" "$out" --tokenizer "$smollm2_gguf" >&2
+    fi
+  fi
+  echo "$out"
+}
+
+# Prints the Q4_0 GGUF of a shape (every matrix Q4_0), writing it if needed.
+q4_gguf() {
+  local shape="$1" out="$ladder/$1.Q4_0.gguf" from
+  if [[ ! -s "$out" ]]; then
+    from="$smollm2_gguf"
+    [[ "$shape" == smollm2-135m ]] || from="$(q8_gguf "$shape")"
+    "$bin/llama-quantize" --allow-requantize --pure "$from" "$out.part" Q4_0 >&2
+    mv "$out.part" "$out"
+  fi
+  echo "$out"
+}
+
+# Prints edgelm's int8 bundle of a shape, converted from the GGUF edgelm would be given
+# (the 135M's original Q4_1, the ladder's Q8_0), again whenever the binary is newer.
+bundle() {
+  local shape="$1" out="$ladder/$1-int8" from
+  if [[ ! -s "$out/model.onnx" || "$edgelm" -nt "$out/model.onnx" ]]; then
+    from="$smollm2_gguf"
+    [[ "$shape" == smollm2-135m ]] || from="$(q8_gguf "$shape")"
+    echo "== edgelm convert $from" >&2
+    rm -rf "$out.part"
+    "$edgelm" convert "$from" -o "$out.part" >&2
+    rm -rf "$out"
+    mv "$out.part" "$out"
+  fi
+  echo "$out"
+}
 
 # --- runs ----------------------------------------------------------------------------------
-echo "== llama.cpp Q8_0, $threads threads" >&2
-llama_json="$("$bin/llama-bench" -m "$q8" -t "$threads" -p 64 -n 64 -r 3 -o json)"
-# Cold start: load + a 16-token prompt + the first token, as a process would see it.
-llama_cold="$( { /usr/bin/time -f %e "$bin/llama-bench" -m "$q8" -t "$threads" -p 16 -n 1 -r 1 \
-  -o json >/dev/null; } 2>&1 | tail -1)"
-
-echo "== edgelm int8, $threads threads" >&2
-edgelm_json="$("$edgelm" bench -m "$bundle" -t "$threads" --prompt-tokens 64 --gen-tokens 64 --json)"
-edgelm_cold_json="$("$edgelm" bench -m "$bundle" -t "$threads" --prompt-tokens 16 --gen-tokens 1 --json)"
-
-python3 - "$llama_json" "$llama_cold" "$edgelm_json" "$edgelm_cold_json" <<'EOF'
-import json, sys
-llama, llama_cold, ours, ours_cold = sys.argv[1:5]
-llama = json.loads(llama)
-pp = next(r["avg_ts"] for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r["avg_ts"] for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)
-ours, cold = json.loads(ours), json.loads(ours_cold)
-ours_cold_s = (cold["load_ms"] + cold["ttft_ms"]) / 1000
-rows = [
-    ("decode tok/s", ours["decode_tok_s"], tg),
-    ("prefill tok/s (64)", ours["prefill_tok_s"], pp),
-]
-print(f"{'':24}{'edgelm':>10}{'llama.cpp':>12}{'ratio':>8}")
-for name, a, b in rows:
-    print(f"{name:24}{a:10.1f}{b:12.1f}{a / b:8.2f}")
-# llama-bench's wall time includes its warm-up run, so it overstates llama.cpp's cold start.
-print(f"{'cold start, 16 tok (s)':24}{ours_cold_s:10.2f}{float(llama_cold):12.2f}"
-      f"{float(llama_cold) / ours_cold_s:8.2f}  (llama.cpp process wall time)")
-print(f"decode at 1024 cached: {ours['decode_tok_s_at_1024']:.1f} tok/s "
-      f"({ours['decode_tok_s_at_1024'] / ours['decode_tok_s']:.2f}x of decode at 64)")
-print(f"edgelm peak RSS {ours['peak_rss_kb'] // 1024} MB, anonymous {ours['anon_rss_kb'] // 1024} MB, "
-      f"model files {ours['model_bytes'] // 2**20} MB")
-EOF
+mkdir -p target/ladder
+for shape in "${shapes[@]}"; do
+  # Assignments, so that a failure here stops the script (set -e).
+  q8="$(q8_gguf "$shape")"
+  q4="$(q4_gguf "$shape")"
+  ours="$(bundle "$shape")"
+  python3 benches/side_by_side.py --shape "$shape" --threads "$threads" --rounds "$rounds" \
+    --llama-bin "$bin" --q8 "$q8" --q4 "$q4" --edgelm "$edgelm" --bundle "$ours" \
+    --json-out target/ladder/side_by_side.jsonl
+done

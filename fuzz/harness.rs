@@ -8,8 +8,10 @@ use std::sync::OnceLock;
 
 use edgelm::convert::gguf::Gguf;
 use edgelm::convert::open_checkpoint;
-use edgelm::model::{prepass, Int8Path, LoadOptions, Model};
+use edgelm::model::{LoadOptions, Model};
+use edgelm::prepass::check_protobuf;
 use edgelm::protocol::{self, Frame, LineParser, Request};
+use edgelm::quant::Scheme;
 use edgelm::session;
 
 /// A per-process scratch path under the temp dir.
@@ -68,17 +70,19 @@ fn onnx_bundle() -> &'static Path {
 /// The bundle loader's protobuf pre-pass (everything before tract). The first byte picks
 /// the int8 path (bit 0: routed to our ops, or folded); the rest is `model.onnx`.
 pub fn onnx_prepass(data: &[u8]) {
-    let Some((&mode, bytes)) = data.split_first() else {
-        return;
-    };
+    let _ = onnx_prepass_result(data);
+}
+
+/// What [`onnx_prepass`] gets from the pre-pass: `None` for an empty input, else its result
+/// with the error as `edgelm` prints it.
+pub fn onnx_prepass_result(data: &[u8]) -> Option<Result<(), String>> {
+    let (&mode, bytes) = data.split_first()?;
     let int8 = if mode & 1 == 0 {
-        Int8Path::Q8F32
+        Scheme::Q8F32
     } else {
-        Int8Path::Fold
+        Scheme::Fold
     };
-    if let Err(e) = prepass(bytes, onnx_bundle(), int8) {
-        let _ = format!("{e:#}");
-    }
+    Some(check_protobuf(bytes, onnx_bundle(), int8).map_err(|e| format!("{e:#}")))
 }
 
 /// The serve line framer and request parser. The first byte picks the line limit; every

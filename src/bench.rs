@@ -6,16 +6,32 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use crate::cli::BenchArgs;
 use crate::engine::Engine;
-use crate::model::State;
+use crate::model::{CacheOptions, LoadOptions, State};
 use crate::sampler::argmax;
+
+/// What `edgelm bench` measures.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// The model bundle directory.
+    pub model: PathBuf,
+    /// Threads, int8 path and kernel.
+    pub load: LoadOptions,
+    /// The KV cache of every measured conversation.
+    pub cache: CacheOptions,
+    /// Prompt length for the prefill and first-token figures.
+    pub prompt_tokens: usize,
+    /// Tokens decoded for the decode figure.
+    pub gen_tokens: usize,
+    /// One JSON object instead of a table.
+    pub json: bool,
+}
 
 /// The text prompts are cut from.
 const TEXT: &str = "The history of the Raspberry Pi begins in 2006, when a group at the \
@@ -33,18 +49,18 @@ const LONG_DECODE: usize = 16;
 const PREFILL_RUNS: usize = 3;
 
 /// Runs `edgelm bench`, writing a table (or one JSON object) to `out`.
-pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
     ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     ensure!(args.gen_tokens > 0, "--gen-tokens must be at least 1");
     let mut rss = RssWatch::default();
-    let opts = args.model.load_options()?;
+    let opts = &args.load;
     let t0 = Instant::now();
-    let engine = Engine::load(&args.model.model, &opts)?;
+    let engine = Engine::load(&args.model, opts)?;
     let load = t0.elapsed();
     rss.sample();
 
     let prompt = prompt_ids(&engine, args.prompt_tokens)?;
-    let mut state = engine.model.new_state_with(args.cache.to_options())?;
+    let mut state = engine.model.new_state_with(args.cache)?;
     let t0 = Instant::now();
     let logits = state.forward(&prompt).context("prefill")?;
     let mut next = argmax(&logits);
@@ -61,7 +77,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     // first allocations, which the time to first token reports.
     let mut prefill = Vec::with_capacity(PREFILL_RUNS);
     for _ in 0..PREFILL_RUNS {
-        let mut state = engine.model.new_state_with(args.cache.to_options())?;
+        let mut state = engine.model.new_state_with(args.cache)?;
         let t0 = Instant::now();
         state.forward(&prompt).context("prefill")?;
         prefill.push(t0.elapsed());
@@ -70,7 +86,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     // Decode with a long history, when the model's context allows it.
     let long = if engine.model.config().max_position_embeddings >= LONG_CONTEXT + LONG_DECODE {
         let ids = prompt_ids(&engine, LONG_CONTEXT)?;
-        let mut state = engine.model.new_state_with(args.cache.to_options())?;
+        let mut state = engine.model.new_state_with(args.cache)?;
         for chunk in ids.chunks(256) {
             let logits = state.forward(chunk).context("filling the cache")?;
             next = argmax(&logits);
@@ -86,7 +102,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let kv_bytes_per_token =
         2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4;
     let report = json!({
-        "model": args.model.model.display().to_string(),
+        "model": args.model.display().to_string(),
         "threads": engine.model.threads(),
         "int8": format!("{:?}", opts.int8),
         "load_ms": ms(load),
@@ -99,7 +115,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         "decode_tok_s_at_1024": long.as_deref().map(|t| per_second(median(t))),
         "peak_rss_kb": rss.peak_kb,
         "anon_rss_kb": rss.peak_anon_kb,
-        "model_bytes": model_bytes(&args.model.model)?,
+        "model_bytes": model_bytes(&args.model)?,
         "kv_bytes_per_token": kv_bytes_per_token,
         "kv_cache_bytes": kv_cache_bytes,
         "ctx": args.cache.ctx,

@@ -2,14 +2,18 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
 
+use crate::bench::BenchOptions;
+use crate::chat::ChatOptions;
 use crate::convert::{ConvertOptions, Quant};
+use crate::info::InfoOptions;
 use crate::kv_cache::KvType;
-use crate::model::{CacheOptions, DEFAULT_KEEP};
-use crate::model::{Int8Path, LoadOptions};
+use crate::model::{CacheOptions, LoadOptions, DEFAULT_KEEP};
 use crate::protocol::{StreamMode, DEFAULT_LINE_LIMIT, MAX_LINE_LIMIT, MIN_LINE_LIMIT};
-use crate::quant::Kernel;
+use crate::quant::{Kernel, Scheme};
+use crate::run::RunOptions;
 use crate::sampler::SamplerConfig;
 use crate::serve::{ServeOptions, Settings};
 use crate::transport::{FlowControl, SerialConfig};
@@ -45,6 +49,12 @@ pub enum Command {
     /// Describe a bundle: architecture, sizes, quantization, context, special tokens, and
     /// which fast paths (int8 operators, ring-buffer KV cache) it gets.
     Info(InfoArgs),
+    /// Print the token ids of a text, space-separated, on one line.
+    Tokenize(TokenizeArgs),
+    /// Print the prompt the chat template makes of one user turn, exactly.
+    Template(TemplateArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
 }
 
 /// `edgelm info` flags.
@@ -53,6 +63,16 @@ pub struct InfoArgs {
     /// Model and threads.
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+impl InfoArgs {
+    /// The info options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<InfoOptions> {
+        Ok(InfoOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+        })
+    }
 }
 
 /// `edgelm bench` flags.
@@ -75,60 +95,49 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+impl BenchArgs {
+    /// The bench options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<BenchOptions> {
+        Ok(BenchOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            prompt_tokens: self.prompt_tokens,
+            gen_tokens: self.gen_tokens,
+            json: self.json,
+        })
+    }
+}
+
 /// Where the model bundle is and how to run it.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Model bundle directory.
     #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
-    /// Worker threads for the matrix kernels (0 = one per core).
+    /// Compute threads, the main one included (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
-    /// How int8 weights run: f32 activations (q8f32), int8 activations as llama.cpp (q8q8),
-    /// int16 activations (q8q16), or dequantized to f32 by tract at load (fold).
-    #[arg(long, value_enum, default_value_t = Int8Arg::Q8f32)]
-    pub int8: Int8Arg,
-    /// Force a kernel variant (scalar, avx2, avx512, neon, dotprod); default: the best this CPU
-    /// has.
-    #[arg(long, env = "EDGELM_KERNEL")]
-    pub kernel: Option<String>,
-}
-
-/// `--int8` values.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Int8Arg {
-    /// int8 weights in place, f32 activations.
-    Q8f32,
-    /// int8 weights and per-block int8 activations (llama.cpp's Q8_0 path).
-    Q8q8,
-    /// int8 weights and per-block int16 activations.
-    Q8q16,
-    /// The tiled GEMM, 15-bit activations (experiment: weights re-laid on the heap).
-    Q8q15,
-    /// The tiled GEMM, int8 activations (experiment: weights re-laid on the heap).
-    Q8q8t,
-    /// Dequantize to f32 at load and let tract run them.
-    Fold,
+    /// How int8 weights run: f32 activations (q8f32), int16 activations (q8q16), int8
+    /// activations as llama.cpp (q8q8), prompts on the tiled GEMM with 15-bit activations
+    /// (q8q15; its weights copied to the heap), or dequantized to f32 by tract at load (fold).
+    #[arg(long, value_name = "q8f32|q8q16|q8q8|q8q15|fold", default_value_t = Scheme::Q8F32,
+          value_parser = clap::value_parser!(Scheme))]
+    pub int8: Scheme,
+    /// Force a kernel variant for the int8 products and the attention (scalar, avx2, avx512,
+    /// neon, dotprod); default: $EDGELM_KERNEL, else the best this CPU has.
+    #[arg(long, value_name = "scalar|avx2|avx512|neon|dotprod",
+          value_parser = clap::value_parser!(Kernel))]
+    pub kernel: Option<Kernel>,
 }
 
 impl ModelArgs {
     /// The library's load options for these flags.
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
-        let kernel = match self.kernel.as_deref() {
-            None | Some("") => None,
-            Some(name) => Some(name.parse::<Kernel>()?.checked()?),
-        };
         Ok(LoadOptions {
             threads: self.threads,
-            int8: match self.int8 {
-                Int8Arg::Q8f32 => Int8Path::Q8F32,
-                Int8Arg::Q8q8 => Int8Path::Q8Q8,
-                Int8Arg::Q8q16 => Int8Path::Q8Q16,
-                Int8Arg::Q8q15 => Int8Path::Q8Q15Tiled,
-                Int8Arg::Q8q8t => Int8Path::Q8Q8Tiled,
-                Int8Arg::Fold => Int8Path::Fold,
-            },
-            kernel,
+            int8: self.int8,
+            kernel: self.kernel,
         })
     }
 }
@@ -141,11 +150,34 @@ pub struct CacheArgs {
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
     /// KV cache storage: f16 halves its memory.
-    #[arg(long, value_enum, default_value_t = KvType::F32)]
+    #[arg(long, value_parser = kv_type(), default_value_t = KvType::F32)]
     pub kv: KvType,
     /// First tokens never dropped when the cache is full.
     #[arg(long, default_value_t = DEFAULT_KEEP)]
     pub keep: usize,
+}
+
+/// `--kv` values, listed in `--help` and checked by clap.
+fn kv_type() -> impl TypedValueParser<Value = KvType> {
+    PossibleValuesParser::new(KvType::ALL.map(|t| {
+        PossibleValue::new(t.name()).help(match t {
+            KvType::F32 => "4 bytes per value (exact)",
+            KvType::F16 => "2 bytes per value: half the memory, values rounded to half precision",
+        })
+    }))
+    .try_map(|name| name.parse::<KvType>())
+}
+
+/// `--flow` values, listed in `--help` and checked by clap.
+fn flow_control() -> impl TypedValueParser<Value = FlowControl> {
+    PossibleValuesParser::new(FlowControl::ALL.map(|f| {
+        PossibleValue::new(f.name()).help(match f {
+            FlowControl::None => "None (the default: three-wire TX/RX/GND)",
+            FlowControl::XonXoff => "Software flow control: XON/XOFF bytes, handled by the kernel",
+            FlowControl::RtsCts => "Hardware flow control on the RTS/CTS lines",
+        })
+    }))
+    .try_map(|name| name.parse::<FlowControl>())
 }
 
 impl CacheArgs {
@@ -244,6 +276,27 @@ pub struct RunArgs {
     pub prompt: String,
 }
 
+impl RunArgs {
+    /// The run options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<RunOptions> {
+        Ok(RunOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            sampler: self.sampling.to_config(),
+            max_tokens: self.max_tokens,
+            chat: self.chat,
+            system: self.system.clone(),
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            json: self.json,
+            load_session: self.load_session.clone(),
+            save_session: self.save_session.clone(),
+            prompt: self.prompt.clone(),
+        })
+    }
+}
+
 /// `edgelm chat`.
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -267,6 +320,21 @@ pub struct ChatArgs {
     pub stop: Vec<String>,
 }
 
+impl ChatArgs {
+    /// The chat options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<ChatOptions> {
+        Ok(ChatOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            cache: self.cache.to_options(),
+            sampler: self.sampling.to_config(),
+            max_tokens: self.max_tokens,
+            system: self.system.clone(),
+            stop: self.stop.clone(),
+        })
+    }
+}
+
 /// `edgelm convert`.
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -276,7 +344,7 @@ pub struct ConvertArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Weight storage in the bundle.
-    #[arg(long, value_enum, default_value_t = Quant::Int8)]
+    #[arg(long, default_value_t = Quant::Int8)]
     pub quant: Quant,
 }
 
@@ -314,7 +382,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 115200)]
     pub baud: u32,
     /// Serial flow control.
-    #[arg(long, value_enum, default_value_t = FlowControl::None)]
+    #[arg(long, value_parser = flow_control(), default_value_t = FlowControl::None)]
     pub flow: FlowControl,
     /// Echo input and show a `> ` prompt, with CRLF line ends (for terminals that do not echo).
     #[arg(long)]
@@ -351,6 +419,104 @@ impl ServeArgs {
                 ignore_eos: false,
             },
             cache: self.cache.to_options(),
+        })
+    }
+}
+
+/// `edgelm tokenize`.
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["file", "text"]))]
+pub struct TokenizeArgs {
+    /// A model bundle directory or a `.gguf` file (a vocabulary-only GGUF is enough).
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Read the text from FILE (UTF-8, taken as it is).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Add what the model adds around a raw prompt (its BOS token, if it uses one), as `run`
+    /// does.
+    #[arg(long)]
+    pub bos: bool,
+    /// Turn special-token text such as `<|im_start|>` into its token (default: plain text).
+    #[arg(long)]
+    pub special: bool,
+    /// The text.
+    pub text: Option<String>,
+}
+
+impl TokenizeArgs {
+    /// The tokenize options these flags describe.
+    pub fn to_options(&self) -> crate::tokenize::TokenizeOptions {
+        use crate::tokenize::{TokenizeInput, TokenizeOptions};
+        let input = match (&self.file, &self.text) {
+            (Some(file), _) => TokenizeInput::File(file.clone()),
+            (None, text) => TokenizeInput::Text(text.clone().unwrap_or_default()),
+        };
+        TokenizeOptions {
+            model: self.model.clone(),
+            input,
+            bos: self.bos,
+            special: self.special,
+        }
+    }
+}
+
+/// `edgelm template`.
+#[derive(Args, Debug)]
+pub struct TemplateArgs {
+    /// A model bundle directory or a `.gguf` file: its chat template and special tokens.
+    #[arg(short, long, env = "EDGELM_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Use the Jinja chat template in FILE instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// A system turn before the user's.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The date (and time, UTC) that `strftime_now` gives the template: YYYY-MM-DD or
+    /// YYYY-MM-DDTHH:MM:SS (default: now).
+    #[arg(long, value_name = "DATE")]
+    pub date: Option<String>,
+    /// The user's turn.
+    pub text: String,
+}
+
+impl TemplateArgs {
+    /// The template options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<crate::template::prompt::TemplateOptions> {
+        use crate::template::prompt::{parse_time, TemplateOptions};
+        Ok(TemplateOptions {
+            model: self.model.clone(),
+            template_file: self.chat_template_file.clone(),
+            system: self.system.clone(),
+            text: self.text.clone(),
+            now: self.date.as_deref().map(parse_time).transpose()?,
+        })
+    }
+}
+
+/// `edgelm perplexity`.
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// The bundle.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text file (UTF-8).
+    #[arg(short, long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = crate::perplexity::DEFAULT_CTX)]
+    pub ctx: usize,
+}
+
+impl PerplexityArgs {
+    /// The perplexity options these flags describe.
+    pub fn to_options(&self) -> anyhow::Result<crate::perplexity::PerplexityOptions> {
+        Ok(crate::perplexity::PerplexityOptions {
+            model: self.model.model.clone(),
+            load: self.model.load_options()?,
+            file: self.file.clone(),
+            ctx: self.ctx,
         })
     }
 }

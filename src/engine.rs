@@ -9,7 +9,7 @@ use crate::model::{LoadOptions, Model};
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
 
-/// A loaded bundle, immutable; per-conversation state is a [`crate::model::State`].
+/// A loaded bundle, immutable; per-conversation state is a [`crate::state::State`].
 pub struct Engine {
     /// The optimized graph.
     pub model: Model,

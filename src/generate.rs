@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::constraint::Matcher;
 use crate::kv_cache::Shift;
 use crate::model::State;
 use crate::sampler::{Sampler, SamplerConfig};
@@ -46,6 +47,8 @@ pub enum StopReason {
     Stop,
     /// The callback asked to stop.
     Cancelled,
+    /// The output completes its format (JSON schema, grammar) and nothing may follow.
+    Grammar,
 }
 
 impl StopReason {
@@ -56,6 +59,7 @@ impl StopReason {
             StopReason::Length => "length",
             StopReason::Stop => "stop",
             StopReason::Cancelled => "cancelled",
+            StopReason::Grammar => "grammar",
         }
     }
 }
@@ -137,6 +141,22 @@ pub fn generate_events(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_event: impl FnMut(Event) -> Flow,
+) -> Result<Generation> {
+    generate_constrained(state, tokenizer, prompt, opts, None, on_event)
+}
+
+/// [`generate_events`] whose output follows a format when `constraint` is given: each
+/// token is drawn from those the matcher allows, and the generation ends with
+/// [`StopReason::Grammar`] once the output is complete and nothing may follow. Under a
+/// constraint an end-of-sequence token (allowed only where the output is complete) always
+/// ends the generation, `ignore_eos` or not.
+pub fn generate_constrained(
+    state: &mut State,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut constraint: Option<&mut Matcher>,
     mut on_event: impl FnMut(Event) -> Flow,
 ) -> Result<Generation> {
     if prompt.is_empty() {
@@ -155,10 +175,24 @@ pub fn generate_events(
     let t1 = Instant::now();
     let mut reason = StopReason::Length;
     while !cancelled && ids.len() < opts.max_tokens {
-        let id = sampler.sample(&logits, &history);
+        let id = match constraint.as_deref_mut() {
+            None => sampler.sample(&logits, &history),
+            Some(matcher) => {
+                let Some(allowed) = matcher.allowed()? else {
+                    reason = StopReason::Grammar;
+                    break;
+                };
+                let Some(id) = sampler.sample_masked(&logits, &history, allowed) else {
+                    bail!("every token the format allows has a NaN logit");
+                };
+                matcher.accept(id)?;
+                id
+            }
+        };
         ids.push(id);
         history.push(id);
-        if !opts.ignore_eos && opts.eos_ids.contains(&id) {
+        let ends = !opts.ignore_eos || constraint.is_some();
+        if ends && opts.eos_ids.contains(&id) {
             reason = StopReason::Eos;
             break;
         }
@@ -170,6 +204,10 @@ pub fn generate_events(
         }
         if outcome.stopped() {
             reason = StopReason::Stop;
+            break;
+        }
+        if constraint.as_deref().is_some_and(Matcher::is_complete) {
+            reason = StopReason::Grammar;
             break;
         }
         if ids.len() == opts.max_tokens {

@@ -1,17 +1,25 @@
 //! `edgelm info`: what a bundle holds and which of edgelm's fast paths it gets once loaded.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::cli::InfoArgs;
 use crate::engine::Engine;
-use crate::model::LoadSummary;
+use crate::model::{LoadOptions, LoadSummary};
+
+/// Which bundle `edgelm info` describes, loaded how.
+#[derive(Clone, Debug)]
+pub struct InfoOptions {
+    /// The model bundle directory.
+    pub model: PathBuf,
+    /// Threads, int8 path and kernel (the fast paths depend on them).
+    pub load: LoadOptions,
+}
 
 /// Loads the bundle named by `args` and writes one `key: value` line per fact to `out`.
-pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<()> {
-    let opts = args.model.load_options()?;
-    let engine = Engine::load(&args.model.model, &opts)?;
+pub fn run(args: &InfoOptions, out: &mut dyn Write) -> Result<()> {
+    let engine = Engine::load(&args.model, &args.load)?;
     let c = engine.model.config();
     let s = engine.model.summary();
     let token = |id: u32| match engine.tokenizer.decode(&[id], false) {
@@ -27,7 +35,7 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<()> {
         None => "learned absolute positions".to_string(),
     };
     let eos: Vec<String> = c.eos_token_ids.iter().map(|&id| token(id)).collect();
-    writeln!(out, "model: {}", args.model.model.display())?;
+    writeln!(out, "model: {}", args.model.display())?;
     writeln!(out, "architecture: {arch}")?;
     writeln!(
         out,

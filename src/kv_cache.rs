@@ -27,13 +27,43 @@ use tract_onnx::prelude::f16;
 pub const EMPTY: u64 = u64::MAX;
 
 /// How keys and values are stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
     /// 4 bytes per value (exact).
     #[default]
     F32,
     /// 2 bytes per value: half the memory, values rounded to half precision.
     F16,
+}
+
+impl KvType {
+    /// Every storage type, by the name `--kv` takes.
+    pub const ALL: [KvType; 2] = [KvType::F32, KvType::F16];
+
+    /// The name `--kv` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<KvType> {
+        KvType::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown KV cache type {s:?} (f32 or f16)"))
+    }
 }
 
 /// A change of what the cache holds, reported to the user.

@@ -15,16 +15,33 @@ fn main() -> ExitCode {
         }
     }
     let result = match &cli.command {
-        Command::Run(args) => edgelm::run::run(args, &mut std::io::stdout().lock()),
-        Command::Chat(args) => edgelm::chat::chat(
-            args,
-            &mut std::io::stdin().lock(),
-            &mut std::io::stdout().lock(),
-        ),
+        Command::Run(args) => args
+            .to_options()
+            .and_then(|o| edgelm::run::run(&o, &mut std::io::stdout().lock())),
+        Command::Chat(args) => args.to_options().and_then(|o| {
+            edgelm::chat::chat(
+                &o,
+                &mut std::io::stdin().lock(),
+                &mut std::io::stdout().lock(),
+            )
+        }),
         Command::Convert(args) => edgelm::convert::convert(&args.to_options()).map(|_| ()),
-        Command::Info(args) => edgelm::info::run(args, &mut std::io::stdout().lock()),
-        Command::Bench(args) => edgelm::bench::run(args, &mut std::io::stdout().lock()),
+        Command::Info(args) => args
+            .to_options()
+            .and_then(|o| edgelm::info::run(&o, &mut std::io::stdout().lock())),
+        Command::Bench(args) => args
+            .to_options()
+            .and_then(|o| edgelm::bench::run(&o, &mut std::io::stdout().lock())),
         Command::Serve(args) => args.to_options().and_then(|o| edgelm::serve::serve(&o)),
+        Command::Tokenize(args) => {
+            edgelm::tokenize::tokenize(&args.to_options(), &mut std::io::stdout().lock())
+        }
+        Command::Template(args) => args
+            .to_options()
+            .and_then(|o| edgelm::template::prompt::template(&o, &mut std::io::stdout().lock())),
+        Command::Perplexity(args) => args
+            .to_options()
+            .and_then(|o| edgelm::perplexity::run(&o, &mut std::io::stdout().lock())),
     };
     match result {
         // A `run` cut short by a signal still finished cleanly, but did not do all it was

@@ -1,23 +1,56 @@
 //! `edgelm run`: one prompt in, streamed text (or JSON lines) out.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::cli::RunArgs;
 use crate::engine::Engine;
 use crate::generate::{generate_events, Event, Flow, GenerateOptions};
+use crate::model::{CacheOptions, LoadOptions};
+use crate::sampler::SamplerConfig;
 use crate::session;
 use crate::signal;
 use crate::template::Message;
 
+/// What `edgelm run` runs with.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The model bundle directory.
+    pub model: PathBuf,
+    /// Threads, int8 path and kernel.
+    pub load: LoadOptions,
+    /// The KV cache (`--ctx`, `--kv`, `--keep`); a loaded session brings its own.
+    pub cache: CacheOptions,
+    /// Sampling.
+    pub sampler: SamplerConfig,
+    /// Cap on new tokens.
+    pub max_tokens: usize,
+    /// Render the prompt as one user turn with the chat template.
+    pub chat: bool,
+    /// System prompt for `chat` (`None`: the template's own).
+    pub system: Option<String>,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+    /// Generate through end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// One JSON object per token and a summary line instead of text.
+    pub json: bool,
+    /// Continue the session saved in this file.
+    pub load_session: Option<PathBuf>,
+    /// Save the session to this file at the end.
+    pub save_session: Option<PathBuf>,
+    /// The prompt.
+    pub prompt: String,
+}
+
 /// Runs the `run` command, writing to `out`.
-pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(args: &RunOptions, out: &mut dyn Write) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let engine = Engine::load(&args.model.model, &args.model.load_options()?)?;
+    let engine = Engine::load(&args.model, &args.load)?;
     let prompt = if args.chat {
         let mut messages = vec![];
         if let Some(system) = &args.system {
@@ -36,14 +69,14 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     };
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampler: args.sampling.to_config(),
+        sampler: args.sampler.clone(),
         stop: args.stop.clone(),
         eos_ids: engine.eos_ids(),
         ignore_eos: args.ignore_eos,
     };
     let mut state = match &args.load_session {
         Some(path) => session::load(&engine.model, path)?,
-        None => engine.model.new_state_with(args.cache.to_options())?,
+        None => engine.model.new_state_with(args.cache)?,
     };
     let mut write_err = None;
     let gen = generate_events(&mut state, &engine.tokenizer, &prompt, &opts, |event| {

@@ -95,6 +95,44 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         self.logits.clear();
         self.logits.extend_from_slice(logits);
+        self.pick(history)
+    }
+
+    /// Like [`Sampler::sample`], but only tokens set in `allowed` can be picked: bit
+    /// `i % 32` of word `i / 32` stands for token `i` (llguidance's mask layout); ids past
+    /// the mask are not allowed. The mask applies first, so penalties, temperature and
+    /// truncation only ever see allowed tokens, whatever the settings (greedy included).
+    /// `None` when no allowed token has a logit that is not NaN; then no random number is
+    /// drawn.
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        allowed: &[u32],
+    ) -> Option<u32> {
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+        // NaN is what every stage below already refuses to pick, so a masked token
+        // becomes NaN.
+        for (i, chunk) in self.logits.chunks_mut(32).enumerate() {
+            let word = allowed.get(i).copied().unwrap_or(0);
+            if word == u32::MAX {
+                continue;
+            }
+            for (bit, l) in chunk.iter_mut().enumerate() {
+                if word & (1 << bit) == 0 {
+                    *l = f32::NAN;
+                }
+            }
+        }
+        if self.logits.iter().all(|l| l.is_nan()) {
+            return None;
+        }
+        Some(self.pick(history))
+    }
+
+    /// Penalties, then greedy argmax or truncation and a draw, over `self.logits`.
+    fn pick(&mut self, history: &[u32]) -> u32 {
         apply_penalties(&self.cfg, &mut self.logits, history);
         if is_greedy(&self.cfg) {
             return argmax(&self.logits);
@@ -563,6 +601,110 @@ mod tests {
         assert_eq!(Sampler::new(cfg()).sample(&[f32::NAN; 3], &[]), 0);
         let inf = [0.0, f32::INFINITY, 0.0];
         assert_eq!(Sampler::new(cfg()).sample(&inf, &[]), 1);
+    }
+
+    /// A mask allowing exactly `ids`, over `words` 32-bit words.
+    fn mask(ids: &[u32], words: usize) -> Vec<u32> {
+        let mut m = vec![0u32; words];
+        for &id in ids {
+            m[id as usize / 32] |= 1 << (id % 32);
+        }
+        m
+    }
+
+    #[test]
+    fn masked_greedy_picks_the_best_allowed_token() {
+        let mut s = Sampler::new(SamplerConfig::default());
+        let l = [5.0, 1.0, 3.0, 4.0];
+        assert_eq!(s.sample_masked(&l, &[], &mask(&[1, 2], 1)), Some(2));
+        assert_eq!(s.sample_masked(&l, &[], &mask(&[0, 1, 2, 3], 1)), Some(0));
+        // Ids past the mask are not allowed; mask bits past the logits are ignored.
+        let mut long = vec![0.0f32; 40];
+        long[35] = 9.0;
+        long[7] = 1.0;
+        assert_eq!(s.sample_masked(&long, &[], &[u32::MAX]), Some(7));
+        assert_eq!(s.sample_masked(&l, &[], &[u32::MAX, u32::MAX]), Some(0));
+    }
+
+    #[test]
+    fn mask_applies_before_penalties_and_truncation() {
+        // Penalty: the allowed 2.0 halves to 1.0 and loses to 1.5; the masked 10.0 never
+        // counts.
+        let c = SamplerConfig {
+            repeat_penalty: 2.0,
+            ..SamplerConfig::default()
+        };
+        let mut s = Sampler::new(c);
+        assert_eq!(
+            s.sample_masked(&[10.0, 2.0, 1.5], &[1], &mask(&[1, 2], 1)),
+            Some(2)
+        );
+        // top-k 1 after the mask keeps the best allowed token; before it, it would keep
+        // only the masked one and leave nothing.
+        let c = SamplerConfig {
+            top_k: 1,
+            seed: 3,
+            ..cfg()
+        };
+        let mut s = Sampler::new(c);
+        for _ in 0..50 {
+            assert_eq!(
+                s.sample_masked(&[9.0, 1.0, 2.0], &[], &mask(&[1, 2], 1)),
+                Some(2)
+            );
+        }
+        // min-p 0.7 over the allowed {0.25, 0.15} renormalised (0.625, 0.375) keeps only id 1;
+        // over all three it would keep only the masked id 0.
+        let l = [ln(0.6), ln(0.25), ln(0.15)];
+        for cfg in [
+            SamplerConfig {
+                min_p: 0.7,
+                ..cfg()
+            },
+            SamplerConfig {
+                top_p: 0.5,
+                ..cfg()
+            },
+        ] {
+            let mut s = Sampler::new(SamplerConfig { seed: 9, ..cfg });
+            for _ in 0..50 {
+                assert_eq!(s.sample_masked(&l, &[], &mask(&[1, 2], 1)), Some(1));
+            }
+        }
+    }
+
+    #[test]
+    fn masked_draws_follow_the_softmax_over_allowed_tokens() {
+        // Allowed 1 and 3 with probabilities 0.2 and 0.4 of the whole: 1/3 and 2/3 of draws.
+        let l = [ln(0.1), ln(0.2), ln(0.3), ln(0.4)];
+        let mut s = Sampler::new(SamplerConfig { seed: 11, ..cfg() });
+        let n = 30_000;
+        let mut ones = 0;
+        for _ in 0..n {
+            match s.sample_masked(&l, &[], &mask(&[1, 3], 1)) {
+                Some(1) => ones += 1,
+                Some(3) => {}
+                other => panic!("drew {other:?}"),
+            }
+        }
+        let share = ones as f64 / n as f64;
+        assert!((share - 1.0 / 3.0).abs() < 0.01, "{share}");
+    }
+
+    #[test]
+    fn nothing_allowed_gives_none_and_draws_nothing() {
+        let l = [1.0, 2.0, f32::NAN];
+        let mut s = Sampler::new(SamplerConfig { seed: 5, ..cfg() });
+        assert_eq!(s.sample_masked(&l, &[], &mask(&[], 1)), None);
+        assert_eq!(s.sample_masked(&l, &[], &[]), None);
+        // The only allowed token has a NaN logit.
+        assert_eq!(s.sample_masked(&l, &[], &mask(&[2], 1)), None);
+        let mut fresh = Sampler::new(SamplerConfig { seed: 5, ..cfg() });
+        let a: Vec<u32> = (0..20).map(|_| s.sample(&l, &[])).collect();
+        let b: Vec<u32> = (0..20).map(|_| fresh.sample(&l, &[])).collect();
+        assert_eq!(a, b);
+        let mut greedy = Sampler::new(SamplerConfig::default());
+        assert_eq!(greedy.sample_masked(&l, &[], &mask(&[], 1)), None);
     }
 
     #[test]

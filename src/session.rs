@@ -36,7 +36,10 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         .layer_kv()
         .context("nothing to save: the conversation is empty or has no ring cache")?;
     let config = model.config();
-    let parts = state.ring().to_parts();
+    let parts = state
+        .ring()
+        .context("nothing to save: no ring cache")?
+        .to_parts();
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend(VERSION.to_le_bytes());

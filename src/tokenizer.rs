@@ -1,9 +1,14 @@
 //! Wraps `tokenizers`; an incremental decoder that never splits UTF-8.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
+use tokenizers::DecoderWrapper;
+
+use crate::convert::gguf::Gguf;
+use crate::convert::vocab::{build_tokenizer_json, GgufVocab};
 
 /// A Hugging Face `tokenizer.json`, loaded once and shared read-only.
 pub struct Tokenizer {
@@ -18,12 +23,48 @@ const CACHE_WORDS: usize = 1024;
 impl Tokenizer {
     /// Loads a `tokenizer.json`; the error names the path.
     pub fn from_file(path: &Path) -> anyhow::Result<Tokenizer> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
+        let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("loading tokenizer {:?}: {e}", path.display().to_string()))?;
+        Ok(Tokenizer::wrap(inner))
+    }
+
+    /// The tokenizer of a model: a bundle directory (its `tokenizer.json`) or a `.gguf` file
+    /// (its vocabulary, converted as `edgelm convert` converts it; a vocabulary-only GGUF is
+    /// enough).
+    pub fn from_model(path: &Path) -> anyhow::Result<Tokenizer> {
+        if path.is_dir() {
+            return Tokenizer::from_file(&path.join("tokenizer.json"));
+        }
+        if !path.exists() {
+            bail!("model \"{}\" does not exist", path.display());
+        }
+        Tokenizer::from_gguf(path)
+    }
+
+    /// The vocabulary of a GGUF file, converted to a `tokenizer.json` in memory.
+    pub fn from_gguf(path: &Path) -> anyhow::Result<Tokenizer> {
+        let shown = path.display();
+        let gguf = Gguf::open(path)?;
+        let vocab = GgufVocab::from_gguf(&gguf)
+            .with_context(|| format!("reading tokenizer of \"{shown}\""))?;
+        let json = build_tokenizer_json(&vocab)
+            .with_context(|| format!("converting tokenizer of \"{shown}\""))?;
+        let inner = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json.to_string())
+            .map_err(|e| anyhow!("loading the tokenizer converted from \"{shown}\": {e}"))?;
+        Ok(Tokenizer::wrap(inner))
+    }
+
+    fn wrap(mut inner: tokenizers::Tokenizer) -> Tokenizer {
         let mut model = inner.get_model().clone();
         model.resize_cache(CACHE_WORDS);
         inner.with_model(model);
-        Ok(Tokenizer { inner })
+        Tokenizer { inner }
+    }
+
+    /// Whether special-token text in the input (`<|im_start|>`) becomes that token (the
+    /// default) or is tokenized as plain text. User-defined added tokens match either way.
+    pub fn set_parse_special(&mut self, parse: bool) {
+        self.inner.set_encode_special_tokens(!parse);
     }
 
     /// Token ids of `text`; `add_special_tokens` runs the tokenizer's post-processor
@@ -53,6 +94,107 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// What each id, `0..vocab_size()`, adds to the output as raw bytes; constrained
+    /// decoding matches these against the format. Byte-level vocabularies (GPT-2 style)
+    /// spell each byte as one character, mapped back here; SentencePiece-style ones spell a
+    /// space as `▁` and a raw byte as `<0xAB>`. Other tokenizers are refused.
+    pub fn token_bytes(&self) -> anyhow::Result<Vec<TokenBytes>> {
+        let spelling = self.inner.get_decoder().and_then(spelling).ok_or_else(|| {
+            anyhow!(
+                "the tokenizer's decoder is neither byte-level nor SentencePiece-style, \
+                     so its tokens' bytes are unknown"
+            )
+        })?;
+        let added = self.inner.get_added_tokens_decoder();
+        let byte_of: HashMap<char, u8> = byte_level_chars().map(|(b, c)| (c, b)).collect();
+        let mut out = Vec::with_capacity(self.vocab_size());
+        for id in 0..self.vocab_size() as u32 {
+            let bytes = match (added.get(&id), self.inner.id_to_token(id)) {
+                (Some(t), _) if t.special => TokenBytes::Special(t.content.clone()),
+                // Added tokens are matched in the text as they are written.
+                (Some(t), _) => TokenBytes::Text(t.content.clone().into_bytes()),
+                (None, None) => TokenBytes::Unused,
+                (None, Some(piece)) => match spelling {
+                    Spelling::ByteLevel => piece
+                        .chars()
+                        .map(|c| byte_of.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                        .map_or(TokenBytes::Unused, TokenBytes::Text),
+                    Spelling::Metaspace(space) => match byte_fallback(&piece) {
+                        Some(b) => TokenBytes::Text(vec![b]),
+                        None => TokenBytes::Text(piece.replace(space, " ").into_bytes()),
+                    },
+                },
+            };
+            out.push(bytes);
+        }
+        Ok(out)
+    }
+}
+
+/// What one token id stands for in the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenBytes {
+    /// Ordinary text: these bytes, which need not be whole UTF-8 characters.
+    Text(Vec<u8>),
+    /// A special token such as `<|im_end|>`: never part of ordinary text.
+    Special(String),
+    /// An id with no known bytes (a gap in the vocabulary, or a character the byte-level
+    /// alphabet does not have).
+    Unused,
+}
+
+/// How a vocabulary spells bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spelling {
+    /// One character per byte (GPT-2's alphabet).
+    ByteLevel,
+    /// Text with this character for a space, and `<0xAB>` pieces for raw bytes.
+    Metaspace(char),
+}
+
+/// The spelling a decoder undoes; a byte-level step anywhere in a sequence decides it.
+fn spelling(decoder: &DecoderWrapper) -> Option<Spelling> {
+    match decoder {
+        DecoderWrapper::ByteLevel(_) => Some(Spelling::ByteLevel),
+        DecoderWrapper::Metaspace(m) => Some(Spelling::Metaspace(m.get_replacement())),
+        DecoderWrapper::ByteFallback(_) => Some(Spelling::Metaspace('▁')),
+        DecoderWrapper::Sequence(seq) => {
+            let found: Vec<Spelling> = seq.get_decoders().iter().filter_map(spelling).collect();
+            found
+                .iter()
+                .find(|s| **s == Spelling::ByteLevel)
+                .or(found.first())
+                .copied()
+        }
+        _ => None,
+    }
+}
+
+/// `<0xAB>` → 0xAB.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the other
+/// 68 bytes for the characters from U+0100 up, in byte order.
+fn byte_level_chars() -> impl Iterator<Item = (u8, char)> {
+    let mut next = 0x100u32;
+    (0..=255u8).map(move |b| {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        if printable {
+            (b, char::from(b))
+        } else {
+            let c = char::from_u32(next).unwrap_or(char::REPLACEMENT_CHARACTER);
+            next += 1;
+            (b, c)
+        }
+    })
 }
 
 /// Longest run of pending tokens that may end in an unfinished character. A UTF-8

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Serial flow control.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowControl {
     /// None (the default: three-wire TX/RX/GND).
     None,
@@ -26,6 +26,40 @@ pub enum FlowControl {
     XonXoff,
     /// Hardware flow control on the RTS/CTS lines.
     RtsCts,
+}
+
+impl FlowControl {
+    /// Every kind, by the name `--flow` takes.
+    pub const ALL: [FlowControl; 3] =
+        [FlowControl::None, FlowControl::XonXoff, FlowControl::RtsCts];
+
+    /// The name `--flow` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowControl::None => "none",
+            FlowControl::XonXoff => "xon-xoff",
+            FlowControl::RtsCts => "rts-cts",
+        }
+    }
+}
+
+impl std::fmt::Display for FlowControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for FlowControl {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<FlowControl> {
+        FlowControl::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown flow control {s:?} (none, xon-xoff or rts-cts)")
+            })
+    }
 }
 
 /// How to open a serial device.

@@ -2,8 +2,9 @@
 //! against every key row, and the probability-weighted sum of the value rows into G outputs.
 //! Each key and value row is read once for the whole group.
 //!
-//! The scalar code defines the arithmetic and the SIMD twins (AVX2 on x86_64, detected at run
-//! time; NEON on aarch64) compute the same bits:
+//! The scalar code defines the arithmetic and the SIMD twins compute the same bits. Which
+//! code runs follows the model's [`Kernel`]: AVX2 for `avx2` and `avx512` (x86_64), NEON for
+//! `neon` and `dotprod` (aarch64), the scalar code for `scalar`:
 //! - `dot(a, b)`: 8 lanes, lane l sums `a[j] * b[j]` for j ≡ l (mod 8), j increasing, each
 //!   product rounded and then added (no FMA), the first 8 products starting the lanes; the
 //!   lanes are reduced in [`reduce8`]'s order.
@@ -19,45 +20,7 @@ use std::any::TypeId;
 use std::ops::Range;
 
 use crate::kv_cache::Elem;
-use crate::quant::reduce8;
-
-/// An instruction set for the row kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// Portable code, the reference.
-    Scalar,
-    /// x86_64 AVX2.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx2,
-    /// aarch64 NEON.
-    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    Neon,
-}
-
-impl Isa {
-    /// The best this CPU runs.
-    pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            return Isa::Avx2;
-        }
-        #[cfg(target_arch = "aarch64")]
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            return Isa::Neon;
-        }
-        Isa::Scalar
-    }
-
-    /// Every variant this CPU runs, scalar first.
-    #[cfg(test)]
-    pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if Isa::detect() != Isa::Scalar {
-            v.push(Isa::detect());
-        }
-        v
-    }
-}
+use crate::quant::{reduce8, Kernel};
 
 /// `rows` as f32 when E is f32 (the SIMD paths read f32 storage only).
 fn as_f32<E: Elem + 'static>(rows: &[E]) -> Option<&[f32]> {
@@ -70,16 +33,28 @@ fn as_f32<E: Elem + 'static>(rows: &[E]) -> Option<&[f32]> {
 }
 
 /// `out[g * n + slot] = dot(qs[g], keys[slot])` for queries qs (G, hd) and keys (n, hd).
-pub fn group_dots<E: Elem + 'static>(isa: Isa, qs: &[f32], keys: &[E], hd: usize, out: &mut [f32]) {
+pub(super) fn group_dots<E: Elem + 'static>(
+    kernel: Kernel,
+    qs: &[f32],
+    keys: &[E],
+    hd: usize,
+    out: &mut [f32],
+) {
     let (g, n) = (qs.len() / hd, keys.len() / hd);
     assert!(qs.len() == g * hd && keys.len() == n * hd && out.len() == g * n);
-    match (isa, as_f32(keys)) {
+    match (kernel, as_f32(keys)) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only detected on CPUs with AVX2; lengths checked above.
-        (Isa::Avx2, Some(keys)) => unsafe { avx2::group_dots(qs, keys, hd, out) },
+        // SAFETY: the guard checked that this CPU runs the kernel, and avx2 and avx512 imply
+        // AVX2; lengths checked above.
+        (Kernel::Avx2 | Kernel::Avx512, Some(keys)) if kernel.is_available() => unsafe {
+            avx2::group_dots(qs, keys, hd, out)
+        },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: `Isa::Neon` is only detected on CPUs with NEON; lengths checked above.
-        (Isa::Neon, Some(keys)) => unsafe { neon::group_dots(qs, keys, hd, out) },
+        // SAFETY: the guard checked that this CPU runs the kernel, and neon and dotprod imply
+        // NEON; lengths checked above.
+        (Kernel::Neon | Kernel::Dotprod, Some(keys)) if kernel.is_available() => unsafe {
+            neon::group_dots(qs, keys, hd, out)
+        },
         _ => {
             for (slot, k) in keys.chunks_exact(hd).enumerate() {
                 for (gi, q) in qs.chunks_exact(hd).enumerate() {
@@ -93,8 +68,8 @@ pub fn group_dots<E: Elem + 'static>(isa: Isa, qs: &[f32], keys: &[E], hd: usize
 /// `outs[g][cols] += sum over slots of probs[g * n + slot] * values[slot][cols]`, slots in
 /// order, for probs (G, n), values (n, hd), outs (G, hd); the other columns are untouched.
 /// A column's result does not depend on which other columns are computed with it.
-pub fn group_axpys<E: Elem + 'static>(
-    isa: Isa,
+pub(super) fn group_axpys<E: Elem + 'static>(
+    kernel: Kernel,
     probs: &[f32],
     values: &[E],
     hd: usize,
@@ -104,13 +79,19 @@ pub fn group_axpys<E: Elem + 'static>(
     let (g, n) = (outs.len() / hd, values.len() / hd);
     assert!(outs.len() == g * hd && values.len() == n * hd && probs.len() == g * n);
     assert!(cols.start <= cols.end && cols.end <= hd);
-    match (isa, as_f32(values)) {
+    match (kernel, as_f32(values)) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only detected on CPUs with AVX2; lengths checked above.
-        (Isa::Avx2, Some(values)) => unsafe { avx2::group_axpys(probs, values, hd, cols, outs) },
+        // SAFETY: the guard checked that this CPU runs the kernel, and avx2 and avx512 imply
+        // AVX2; lengths checked above.
+        (Kernel::Avx2 | Kernel::Avx512, Some(values)) if kernel.is_available() => unsafe {
+            avx2::group_axpys(probs, values, hd, cols, outs)
+        },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: `Isa::Neon` is only detected on CPUs with NEON; lengths checked above.
-        (Isa::Neon, Some(values)) => unsafe { neon::group_axpys(probs, values, hd, cols, outs) },
+        // SAFETY: the guard checked that this CPU runs the kernel, and neon and dotprod imply
+        // NEON; lengths checked above.
+        (Kernel::Neon | Kernel::Dotprod, Some(values)) if kernel.is_available() => unsafe {
+            neon::group_axpys(probs, values, hd, cols, outs)
+        },
         _ => {
             for (slot, v) in values.chunks_exact(hd).enumerate() {
                 for (gi, o) in outs.chunks_exact_mut(hd).enumerate() {
@@ -479,23 +460,23 @@ mod tests {
                     let keys = values(n * hd, 2);
                     let probs = values(g * n, 3);
                     let start = values(g * hd, 4);
-                    let run = |isa| {
+                    let run = |kernel: Kernel| {
                         let mut scores = vec![0f32; g * n];
-                        group_dots(isa, &qs, &keys, hd, &mut scores);
+                        group_dots(kernel, &qs, &keys, hd, &mut scores);
                         let mut outs = start.clone();
-                        group_axpys(isa, &probs, &keys, hd, 0..hd, &mut outs);
+                        group_axpys(kernel, &probs, &keys, hd, 0..hd, &mut outs);
                         // Column ranges: each column as when computed with all the others.
                         let mut split = start.clone();
                         let mid = (hd / 2) / 8 * 8 + hd % 3;
                         for cols in [mid..hd, 0..mid] {
-                            group_axpys(isa, &probs, &keys, hd, cols, &mut split);
+                            group_axpys(kernel, &probs, &keys, hd, cols, &mut split);
                         }
-                        assert_eq!(bits(&split), bits(&outs), "{isa:?} hd {hd} columns split");
+                        assert_eq!(bits(&split), bits(&outs), "{kernel} hd {hd} columns split");
                         (bits(&scores), bits(&outs))
                     };
-                    let reference = run(Isa::Scalar);
-                    for isa in Isa::available() {
-                        assert_eq!(run(isa), reference, "{isa:?} hd {hd} g {g} n {n}");
+                    let reference = run(Kernel::Scalar);
+                    for kernel in Kernel::available() {
+                        assert_eq!(run(kernel), reference, "{kernel} hd {hd} g {g} n {n}");
                     }
                 }
             }
@@ -511,8 +492,8 @@ mod tests {
         let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
         let mut a = vec![0f32; g * n];
         let mut b = vec![0f32; g * n];
-        group_dots(Isa::detect(), &qs, &halves, hd, &mut a);
-        group_dots(Isa::detect(), &qs, &widened, hd, &mut b);
+        group_dots(Kernel::best(), &qs, &halves, hd, &mut a);
+        group_dots(Kernel::best(), &qs, &widened, hd, &mut b);
         assert_eq!(bits(&a), bits(&b));
     }
 

@@ -1,159 +1,217 @@
-//! The GPT-2 decoder (LayerNorm, learned absolute positions, fused QKV, gelu_new MLP) written
-//! as an ONNX graph with the same interface and attention pattern as [`super::llama`].
+//! The GPT-2 family: LayerNorm, learned absolute positions, fused QKV, gelu_new MLP, biases
+//! on every linear layer. This file only maps its checkpoints' keys and tensor names onto
+//! the shared decoder.
 //!
-//! Hugging Face stores GPT-2's linear layers as `Conv1D`, weight (in, out); they are turned
-//! into the (out, in) layout of `nn.Linear` here so the int8 blocks run along the input
-//! dimension as for Llama. The fused `c_attn` (in, 3*hidden) is split into Q, K and V.
+//! Hugging Face stores GPT-2's linear layers as `Conv1D`, weight (in, out), and Q, K and V
+//! as one `c_attn`; the decoder turns them into `nn.Linear`'s (out, in) and splits them.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
 
-use super::llama::Writer;
-use super::onnx::Attr;
-use super::Weight;
+use super::decoder::{Activation, Biases, DecoderParams, Layout, Mlp, Norm, Positions, Tensor};
+use super::family::{Family, GgufChange, GgufTensor};
+use super::from_gguf::{embedding_rows, get_usize};
+use super::gguf::Gguf;
 
-/// Tensors read per decoder block (for the progress bar).
-pub const TENSORS_PER_LAYER: usize = 12;
+/// The GPT-2 family.
+pub const FAMILY: Family = Family {
+    hf_model_types: &["gpt2"],
+    gguf_architecture: "gpt2",
+    graph_name: "edgelm-gpt2",
+    layout: Layout {
+        prefix,
+        conv1d: true,
+        fused_qkv: true,
+    },
+    params_from_hf,
+    params_from_gguf,
+    gguf_tensor,
+    config_json,
+};
 
-impl Writer<'_> {
-    /// The whole GPT-2 body, from `input_ids`/`position_ids` to `logits`.
-    pub(super) fn gpt2_body(&mut self) -> Result<()> {
-        let p = self.p;
-        let (emb, table) = self.embedding("transformer.wte.weight")?;
-        let tokens = self.g.node(
-            "Gather",
-            &[&table, "input_ids"],
-            vec![("axis", Attr::Int(0))],
-        );
-        // Positions stay f32 in every bundle: (n_positions, hidden) is small.
-        let wpe = self.load("transformer.wpe.weight", &[p.max_positions, p.hidden])?;
-        let wpe = self.g.weight_f32(
-            "transformer.wpe.weight",
-            &[p.max_positions as i64, p.hidden as i64],
-            &wpe.data,
-        )?;
-        let positions = self.g.node(
-            "Gather",
-            &[&wpe, "position_ids"],
-            vec![("axis", Attr::Int(0))],
-        );
-        let mut x = self.g.node("Add", &[&tokens, &positions], vec![]);
-
-        let mask = self.causal_mask();
-        let scale = 1.0 / (p.head_dim as f32).sqrt();
-        let width = p.heads * p.head_dim;
-        for l in 0..p.layers {
-            let pre = format!("transformer.h.{l}");
-            let hn = self.layer_norm(&x, &format!("{pre}.ln_1"))?;
-            let qkv = self.load(&format!("{pre}.attn.c_attn.weight"), &[p.hidden, 3 * width])?;
-            let qkv_bias = self.load(&format!("{pre}.attn.c_attn.bias"), &[3 * width])?;
-            let qkv = conv1d_to_linear(&qkv); // (3 * width, hidden)
-            let mut qkv_out = Vec::with_capacity(3);
-            for (i, part) in ["q", "k", "v"].iter().enumerate() {
-                let rows = i * width..(i + 1) * width;
-                let w = Weight {
-                    shape: vec![width, p.hidden],
-                    data: qkv.data[rows.start * p.hidden..rows.end * p.hidden].to_vec(),
-                };
-                let b = Weight {
-                    shape: vec![width],
-                    data: qkv_bias.data[rows].to_vec(),
-                };
-                let name = format!("{pre}.attn.c_attn.{part}.weight");
-                qkv_out.push(self.affine(&hn, &name, &w, &b)?);
-            }
-            let o = self.attention(
-                l,
-                [&qkv_out[0], &qkv_out[1], &qkv_out[2]],
-                None,
-                &mask,
-                scale,
-            );
-            let o = self.conv1d(&o, &format!("{pre}.attn.c_proj"), width, p.hidden)?;
-            x = self.g.node("Add", &[&x, &o], vec![]);
-
-            let hn = self.layer_norm(&x, &format!("{pre}.ln_2"))?;
-            let h = self.conv1d(&hn, &format!("{pre}.mlp.c_fc"), p.hidden, p.ffn)?;
-            let h = self.gelu_new(&h);
-            let o = self.conv1d(&h, &format!("{pre}.mlp.c_proj"), p.ffn, p.hidden)?;
-            x = self.g.node("Add", &[&x, &o], vec![]);
-        }
-        let x = self.layer_norm(&x, "transformer.ln_f")?;
-        self.lm_head(&x, emb, &table)
-    }
-
-    /// `x · W + b` for a `Conv1D` `prefix` with weight (k, n).
-    fn conv1d(&mut self, x: &str, prefix: &str, k: usize, n: usize) -> Result<String> {
-        let w = self.load(&format!("{prefix}.weight"), &[k, n])?;
-        let b = self.load(&format!("{prefix}.bias"), &[n])?;
-        self.affine(x, &format!("{prefix}.weight"), &conv1d_to_linear(&w), &b)
-    }
-
-    /// `x · w^T + b` for an (out, in) weight `w` stored under `name`.
-    fn affine(&mut self, x: &str, name: &str, w: &Weight, b: &Weight) -> Result<String> {
-        let rhs = self.matmul_rhs(name, w)?;
-        let y = self.g.node("MatMul", &[x, &rhs], vec![]);
-        Ok(self.add_bias(&y, b))
-    }
-
-    /// `LayerNormalization` over the last axis with `prefix.weight` and `prefix.bias`.
-    fn layer_norm(&mut self, x: &str, prefix: &str) -> Result<String> {
-        let n = self.p.hidden;
-        let w = self.load(&format!("{prefix}.weight"), &[n])?;
-        let b = self.load(&format!("{prefix}.bias"), &[n])?;
-        let w = self.g.const_f32("ln_w", &[n as i64], &w.data);
-        let b = self.g.const_f32("ln_b", &[n as i64], &b.data);
-        let attrs = vec![
-            ("axis", Attr::Int(-1)),
-            ("epsilon", Attr::Float(self.p.rms_eps)),
-        ];
-        Ok(self.g.node("LayerNormalization", &[x, &w, &b], attrs))
-    }
-
-    /// GPT-2's `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
-    fn gelu_new(&mut self, x: &str) -> String {
-        let c = self
-            .g
-            .const_f32("gelu_c", &[], &[(2.0 / std::f32::consts::PI).sqrt()]);
-        let a = self.g.const_f32("gelu_a", &[], &[0.044715]);
-        let half = self.g.const_f32("half", &[], &[0.5]);
-        let one = self.g.const_f32("one", &[], &[1.0]);
-        let x2 = self.g.node("Mul", &[x, x], vec![]);
-        let x3 = self.g.node("Mul", &[&x2, x], vec![]);
-        let ax3 = self.g.node("Mul", &[&a, &x3], vec![]);
-        let inner = self.g.node("Add", &[x, &ax3], vec![]);
-        let inner = self.g.node("Mul", &[&c, &inner], vec![]);
-        let t = self.g.node("Tanh", &[&inner], vec![]);
-        let t = self.g.node("Add", &[&one, &t], vec![]);
-        let hx = self.g.node("Mul", &[&half, x], vec![]);
-        self.g.node("Mul", &[&hx, &t], vec![])
-    }
-}
-
-/// A `Conv1D` weight (in, out) as an `nn.Linear` weight (out, in).
-fn conv1d_to_linear(w: &Weight) -> Weight {
-    let (k, n) = (w.shape[0], w.shape[1]);
-    let mut data = vec![0f32; k * n]; // (n, k)
-    for r in 0..k {
-        for c in 0..n {
-            data[c * k + r] = w.data[r * n + c];
-        }
-    }
-    Weight {
-        shape: vec![n, k],
-        data,
-    }
-}
-
-/// Checks the GPT-2 specific parts of `p` (no grouped heads).
-pub fn validate(p: &super::llama::LlamaParams) -> Result<()> {
+/// GPT-2's block for `hidden` split into `heads`, with the other sizes to fill.
+fn block(hidden: usize, heads: usize, norm_eps: f32) -> Result<DecoderParams> {
     ensure!(
-        p.kv_heads == p.heads && p.heads * p.head_dim == p.hidden,
-        "GPT-2 needs hidden size {} = heads {} x head dim {}, with no grouped heads",
-        p.hidden,
-        p.heads,
-        p.head_dim
+        heads > 0 && hidden.is_multiple_of(heads),
+        "embedding size {hidden} is not a multiple of {heads} heads"
     );
-    Ok(())
+    Ok(DecoderParams {
+        vocab: 0,
+        hidden,
+        layers: 0,
+        heads,
+        kv_heads: heads,
+        head_dim: hidden / heads,
+        ffn: 0,
+        max_positions: 0,
+        positions: Positions::Learned,
+        norm: Norm::Layer,
+        norm_eps,
+        mlp: Mlp {
+            activation: Activation::GeluTanh,
+            gated: false,
+        },
+        bias: Biases {
+            qkv: true,
+            output: true,
+            mlp: true,
+        },
+        tied_embeddings: false,
+    })
+}
+
+fn prefix(t: Tensor) -> Option<String> {
+    let layer = |l: usize, rest: &str| format!("transformer.h.{l}.{rest}");
+    Some(match t {
+        Tensor::Embedding => "transformer.wte".into(),
+        Tensor::Positions => "transformer.wpe".into(),
+        Tensor::FinalNorm => "transformer.ln_f".into(),
+        Tensor::LmHead => "lm_head".into(),
+        Tensor::AttnNorm(l) => layer(l, "ln_1"),
+        Tensor::Qkv(l) => layer(l, "attn.c_attn"),
+        Tensor::O(l) => layer(l, "attn.c_proj"),
+        Tensor::MlpNorm(l) => layer(l, "ln_2"),
+        Tensor::Up(l) => layer(l, "mlp.c_fc"),
+        Tensor::Down(l) => layer(l, "mlp.c_proj"),
+        Tensor::Q(_) | Tensor::K(_) | Tensor::V(_) | Tensor::Gate(_) => return None,
+    })
+}
+
+/// The `config.json` keys read.
+#[derive(Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    n_positions: usize,
+    #[serde(default = "default_ln_eps")]
+    layer_norm_epsilon: f32,
+    #[serde(default = "default_gelu")]
+    activation_function: String,
+    #[serde(default = "default_true")]
+    scale_attn_weights: bool,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "default_true")]
+    tie_word_embeddings: bool,
+}
+
+fn default_ln_eps() -> f32 {
+    1e-5
+}
+fn default_gelu() -> String {
+    "gelu_new".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+fn params_from_hf(config: &Value, _model_type: &str) -> Result<DecoderParams> {
+    let cfg = HfConfig::deserialize(config).context("not a GPT-2 config")?;
+    if !matches!(
+        cfg.activation_function.as_str(),
+        "gelu_new" | "gelu_pytorch_tanh"
+    ) {
+        bail!(
+            "GPT-2 activation \"{}\" is not supported (supported: gelu_new)",
+            cfg.activation_function
+        );
+    }
+    if !cfg.scale_attn_weights || cfg.scale_attn_by_inverse_layer_idx {
+        bail!("only the standard 1/sqrt(head_dim) attention scaling is supported");
+    }
+    Ok(DecoderParams {
+        vocab: cfg.vocab_size,
+        layers: cfg.n_layer,
+        ffn: cfg.n_inner.unwrap_or(4 * cfg.n_embd),
+        max_positions: cfg.n_positions,
+        tied_embeddings: cfg.tie_word_embeddings,
+        ..block(cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon)?
+    })
+}
+
+/// GPT-2 hyper-parameters from llama.cpp's `gpt2.*` keys.
+fn params_from_gguf(g: &Gguf) -> Result<DecoderParams> {
+    let int = |key: &str| get_usize(g, key);
+    let hidden = int("gpt2.embedding_length")?;
+    let heads = int("gpt2.attention.head_count")?;
+    let vocab = embedding_rows(g, hidden)?;
+    let eps = g.get_f32("gpt2.attention.layer_norm_epsilon")?;
+    Ok(DecoderParams {
+        vocab,
+        layers: int("gpt2.block_count")?,
+        ffn: int("gpt2.feed_forward_length")?,
+        max_positions: int("gpt2.context_length")?,
+        // llama.cpp writes GPT-2's tied head out as `output.weight`, a copy of the embedding.
+        tied_embeddings: g.tensor("output.weight").is_none(),
+        ..block(hidden, heads, eps)?
+    })
+}
+
+/// llama.cpp's name for a Hugging Face GPT-2 tensor; it stores the `Conv1D` weights
+/// (in, out) transposed, as (out, in).
+fn gguf_tensor(hf: &str) -> Option<GgufTensor> {
+    let fixed = match hf {
+        "transformer.wte.weight" => Some("token_embd.weight"),
+        "transformer.wpe.weight" => Some("position_embd.weight"),
+        "transformer.ln_f.weight" => Some("output_norm.weight"),
+        "transformer.ln_f.bias" => Some("output_norm.bias"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(GgufTensor {
+            name: name.to_string(),
+            change: GgufChange::None,
+        });
+    }
+    let rest = hf.strip_prefix("transformer.h.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (name, conv1d) = match tail {
+        "ln_1.weight" => ("attn_norm.weight", false),
+        "ln_1.bias" => ("attn_norm.bias", false),
+        "attn.c_attn.weight" => ("attn_qkv.weight", true),
+        "attn.c_attn.bias" => ("attn_qkv.bias", false),
+        "attn.c_proj.weight" => ("attn_output.weight", true),
+        "attn.c_proj.bias" => ("attn_output.bias", false),
+        "ln_2.weight" => ("ffn_norm.weight", false),
+        "ln_2.bias" => ("ffn_norm.bias", false),
+        "mlp.c_fc.weight" => ("ffn_up.weight", true),
+        "mlp.c_fc.bias" => ("ffn_up.bias", false),
+        "mlp.c_proj.weight" => ("ffn_down.weight", true),
+        "mlp.c_proj.bias" => ("ffn_down.bias", false),
+        _ => return None,
+    };
+    Some(GgufTensor {
+        name: format!("blk.{layer}.{name}"),
+        change: if conv1d {
+            GgufChange::Transposed
+        } else {
+            GgufChange::None
+        },
+    })
+}
+
+fn config_json(p: &DecoderParams, bos: Option<u32>, eos: &[u32], edgelm: Value) -> Value {
+    json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": p.vocab,
+        "n_embd": p.hidden,
+        "n_inner": p.ffn,
+        "n_layer": p.layers,
+        "n_head": p.heads,
+        "n_positions": p.max_positions,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": p.norm_eps,
+        "tie_word_embeddings": p.tied_embeddings,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "edgelm": edgelm,
+    })
 }
 
 #[cfg(test)]
@@ -161,14 +219,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conv1d_weight_becomes_out_by_in() {
-        // (in 2, out 3) → (out 3, in 2).
-        let w = Weight {
-            shape: vec![2, 3],
-            data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        };
-        let t = conv1d_to_linear(&w);
-        assert_eq!(t.shape, vec![3, 2]);
-        assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    fn every_tensor_the_graph_reads_has_a_gguf_name() {
+        let tensors = [
+            Tensor::Embedding,
+            Tensor::Positions,
+            Tensor::FinalNorm,
+            Tensor::LmHead,
+            Tensor::AttnNorm(3),
+            Tensor::Qkv(3),
+            Tensor::O(3),
+            Tensor::MlpNorm(3),
+            Tensor::Up(3),
+            Tensor::Down(3),
+        ];
+        for t in tensors {
+            let p = prefix(t).unwrap();
+            // Every GPT-2 tensor has a bias but the embeddings and the LM head.
+            let with_bias = !matches!(t, Tensor::Embedding | Tensor::Positions | Tensor::LmHead);
+            for suffix in ["weight", "bias"].iter().take(1 + usize::from(with_bias)) {
+                let hf = format!("{p}.{suffix}");
+                assert!(gguf_tensor(&hf).is_some(), "{hf}");
+            }
+        }
+        assert_eq!(
+            gguf_tensor("transformer.h.2.mlp.c_fc.weight"),
+            Some(GgufTensor {
+                name: "blk.2.ffn_up.weight".into(),
+                change: GgufChange::Transposed
+            })
+        );
     }
 }

@@ -4,26 +4,39 @@
 //! `model.onnx_data` (weights, 64-byte aligned), `config.json`, `generation_config.json`,
 //! `tokenizer.json`, `tokenizer_config.json`.
 
-pub mod dequant;
+//!
+//! Reading a checkpoint (`from_gguf.rs` over `gguf/`, `safetensors.rs`) and writing the graph
+//! (`decoder.rs` over `onnx.rs`) are shared; a model family (`llama.rs`, `gpt2.rs`) only maps
+//! its checkpoints' keys and tensor names onto the decoder's parameters ([`family::Family`]).
+
+pub mod decoder;
+pub mod family;
 pub mod from_gguf;
 pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod onnx;
 pub mod safetensors;
-pub mod tokenizer_json;
+pub mod vocab;
 
+use std::fmt;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use llama::{Arch, LlamaParams};
+use crate::quant::BLOCK;
+use decoder::DecoderParams;
+use family::Family;
 use onnx::{ExternalData, GraphBuilder};
 
+/// The model families `edgelm convert` reads, in the order error messages list them.
+pub const FAMILIES: [&Family; 2] = [&llama::FAMILY, &gpt2::FAMILY];
+
 /// How the bundle stores linear-layer and embedding weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
     /// int8 blocks of 32 with one f32 scale each (the Q8_0 scheme).
     Int8,
@@ -41,12 +54,49 @@ impl Quant {
     }
 }
 
+impl FromStr for Quant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Quant, String> {
+        match s {
+            "int8" => Ok(Quant::Int8),
+            "f32" => Ok(Quant::F32),
+            _ => Err(format!(
+                "unknown weight storage \"{s}\" (expected int8 or f32)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Quant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A dense f32 tensor in row-major order.
 pub struct Weight {
     /// Row-major shape.
     pub shape: Vec<usize>,
     /// Values, `shape.iter().product()` of them.
     pub data: Vec<f32>,
+}
+
+impl Weight {
+    /// This 2-D (r, c) weight as (c, r).
+    pub fn transposed(&self) -> Weight {
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let mut data = vec![0f32; r * c]; // (c, r)
+        for i in 0..r {
+            for j in 0..c {
+                data[j * r + i] = self.data[i * c + j];
+            }
+        }
+        Weight {
+            shape: vec![c, r],
+            data,
+        }
+    }
 }
 
 /// A checkpoint's tensors by their Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
@@ -58,7 +108,9 @@ pub trait WeightSource {
 /// Everything the bundle writer needs from a checkpoint.
 pub struct Checkpoint {
     /// Architecture hyper-parameters.
-    pub params: LlamaParams,
+    pub params: DecoderParams,
+    /// The family it belongs to.
+    pub family: &'static Family,
     /// `tokenizer.json` contents.
     pub tokenizer_json: serde_json::Value,
     /// `tokenizer_config.json` contents.
@@ -100,24 +152,20 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory \"{}\"", out.display()))?;
     let data = ExternalData::create(out, "model.onnx_data")?;
-    let p = ckpt.params.clone();
-    // Tensors read per layer, plus embeddings, final norm and maybe the LM head.
-    let total = match p.arch {
-        Arch::Llama => p.layers * 9 + 3,
-        Arch::Gpt2 => p.layers * gpt2::TENSORS_PER_LAYER + 4,
-    };
-    let mut bar = Progress::new(total, opts.progress && std::io::stderr().is_terminal());
-    let g = llama::write_graph(
+    let p = &ckpt.params;
+    let mut bar = Progress::new(
+        p.layers + 2,
+        opts.progress && std::io::stderr().is_terminal(),
+    );
+    let g = decoder::write_graph(
         GraphBuilder::new(data),
-        &p,
+        p,
+        &ckpt.family.layout,
         opts.quant,
         ckpt.weights.as_ref(),
         &mut || bar.tick(),
     )?;
-    let graph_name = match p.arch {
-        Arch::Llama => "edgelm-llama",
-        Arch::Gpt2 => "edgelm-gpt2",
-    };
+    let graph_name = ckpt.family.graph_name;
     let data_bytes = g.finish(&out.join("model.onnx"), graph_name)?;
     bar.done();
     write_json(&out.join("config.json"), &config_json(&ckpt, opts.quant))?;
@@ -144,59 +192,21 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
 /// Opens a `.gguf` file or a Hugging Face checkpoint directory.
 pub fn open_checkpoint(input: &Path) -> Result<Checkpoint> {
     if input.is_dir() {
-        return safetensors::open_hf_dir(input);
+        return safetensors::open_hf_dir(input, &FAMILIES);
     }
     if !input.exists() {
         bail!("input \"{}\" does not exist", input.display());
     }
-    from_gguf::open(input)
+    from_gguf::open(input, &FAMILIES)
 }
 
 fn config_json(ckpt: &Checkpoint, quant: Quant) -> serde_json::Value {
-    let p = &ckpt.params;
     let edgelm = json!({
         "quantization": quant.name(),
-        "block_size": llama::BLOCK,
+        "block_size": BLOCK,
         "converter": format!("edgelm {}", env!("CARGO_PKG_VERSION")),
     });
-    if p.arch == Arch::Gpt2 {
-        return json!({
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": p.vocab,
-            "n_embd": p.hidden,
-            "n_inner": p.ffn,
-            "n_layer": p.layers,
-            "n_head": p.heads,
-            "n_positions": p.max_positions,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": p.rms_eps,
-            "tie_word_embeddings": p.tied_embeddings,
-            "bos_token_id": ckpt.bos_id,
-            "eos_token_id": ckpt.eos_ids,
-            "edgelm": edgelm,
-        });
-    }
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": p.vocab,
-        "hidden_size": p.hidden,
-        "intermediate_size": p.ffn,
-        "num_hidden_layers": p.layers,
-        "num_attention_heads": p.heads,
-        "num_key_value_heads": p.kv_heads,
-        "head_dim": p.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": p.max_positions,
-        "rms_norm_eps": p.rms_eps,
-        "rope_theta": p.rope_theta,
-        "attention_bias": p.attention_bias,
-        "tie_word_embeddings": p.tied_embeddings,
-        "bos_token_id": ckpt.bos_id,
-        "eos_token_id": ckpt.eos_ids,
-        "edgelm": edgelm,
-    })
+    (ckpt.family.config_json)(&ckpt.params, ckpt.bos_id, &ckpt.eos_ids, edgelm)
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
@@ -239,5 +249,33 @@ impl Progress {
         if self.enabled {
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposed_swaps_rows_and_columns() {
+        // (2, 3) → (3, 2).
+        let w = Weight {
+            shape: vec![2, 3],
+            data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        let t = w.transposed();
+        assert_eq!(t.shape, vec![3, 2]);
+        assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+
+    #[test]
+    fn quant_parses_what_it_prints() {
+        for q in [Quant::Int8, Quant::F32] {
+            assert_eq!(q.to_string().parse::<Quant>(), Ok(q));
+        }
+        assert_eq!(
+            "q4".parse::<Quant>(),
+            Err("unknown weight storage \"q4\" (expected int8 or f32)".to_string())
+        );
     }
 }

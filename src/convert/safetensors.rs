@@ -9,8 +9,8 @@ use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde::Deserialize;
 
-use super::dequant::f16_to_f32;
-use super::llama::{Arch, LlamaParams};
+use super::family::Family;
+use super::gguf::f16_to_f32;
 use super::{Checkpoint, Weight, WeightSource};
 
 /// One memory-mapped `.safetensors` file and its parsed header.
@@ -151,104 +151,41 @@ impl WeightSource for HfWeights {
     }
 }
 
+/// The special token ids every family's `config.json` may name.
 #[derive(Deserialize)]
-struct HfLlamaConfig {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    #[serde(default = "default_theta")]
-    rope_theta: f32,
-    #[serde(default = "default_eps")]
-    rms_norm_eps: f32,
-    #[serde(default = "default_positions")]
-    max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
-    rope_scaling: Option<serde_json::Value>,
-    attention_bias: Option<bool>,
+struct HfIds {
     bos_token_id: Option<u32>,
     eos_token_id: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct HfGpt2Config {
-    vocab_size: usize,
-    n_embd: usize,
-    n_layer: usize,
-    n_head: usize,
-    n_inner: Option<usize>,
-    n_positions: usize,
-    #[serde(default = "default_ln_eps")]
-    layer_norm_epsilon: f32,
-    #[serde(default = "default_gelu")]
-    activation_function: String,
-    #[serde(default = "default_true")]
-    scale_attn_weights: bool,
-    #[serde(default)]
-    scale_attn_by_inverse_layer_idx: bool,
-    #[serde(default = "default_true")]
-    tie_word_embeddings: bool,
-    bos_token_id: Option<u32>,
-    eos_token_id: Option<serde_json::Value>,
-}
-
-fn default_ln_eps() -> f32 {
-    1e-5
-}
-fn default_gelu() -> String {
-    "gelu_new".into()
-}
-fn default_true() -> bool {
-    true
-}
-
-fn default_theta() -> f32 {
-    10_000.0
-}
-fn default_eps() -> f32 {
-    1e-6
-}
-fn default_positions() -> usize {
-    2048
-}
-
-/// Opens a Hugging Face checkpoint directory (Llama, Mistral, Qwen2 or GPT-2).
-pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
+/// Opens a Hugging Face checkpoint directory of one of `families`.
+pub fn open_hf_dir(dir: &Path, families: &[&'static Family]) -> Result<Checkpoint> {
     let read = |name: &str| -> Result<serde_json::Value> {
         let p = dir.join(name);
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("reading \"{}\"", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing \"{}\"", p.display()))
     };
-    let cfg_value = read("config.json")?;
+    let cfg = read("config.json")?;
     let cfg_path = dir.join("config.json");
-    let model_type = cfg_value["model_type"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let (params, bos_id, eos) = match model_type.as_str() {
-        "llama" | "mistral" | "qwen2" => {
-            let cfg: HfLlamaConfig = serde_json::from_value(cfg_value)
-                .with_context(|| format!("\"{}\": not a Llama config", cfg_path.display()))?;
-            let (bos, eos) = (cfg.bos_token_id, cfg.eos_token_id.clone());
-            (llama_params(cfg, &model_type, dir)?, bos, eos)
-        }
-        "gpt2" => {
-            let cfg: HfGpt2Config = serde_json::from_value(cfg_value)
-                .with_context(|| format!("\"{}\": not a GPT-2 config", cfg_path.display()))?;
-            let (bos, eos) = (cfg.bos_token_id, cfg.eos_token_id.clone());
-            (gpt2_params(cfg, dir)?, bos, eos)
-        }
-        other => bail!(
-            "\"{}\": unsupported architecture \"{other}\" (supported: llama, mistral, qwen2, \
-             gpt2)",
-            dir.display()
-        ),
+    let model_type = cfg["model_type"].as_str().unwrap_or_default();
+    let by_type = |f: &&Family| f.hf_model_types.contains(&model_type);
+    let Some(family) = families.iter().copied().find(by_type) else {
+        let supported: Vec<&str> = families
+            .iter()
+            .flat_map(|f| f.hf_model_types)
+            .copied()
+            .collect();
+        bail!(
+            "\"{}\": unsupported architecture \"{model_type}\" (supported: {})",
+            dir.display(),
+            supported.join(", ")
+        );
     };
+    let params = (family.params_from_hf)(&cfg, model_type)
+        .with_context(|| format!("\"{}\"", cfg_path.display()))?;
+    let ids = HfIds::deserialize(&cfg)
+        .with_context(|| format!("\"{}\": special token ids", cfg_path.display()))?;
     let mut files = vec![];
     let single = dir.join("model.safetensors");
     if single.exists() {
@@ -270,7 +207,7 @@ pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
             files.push(SafetensorsFile::open(&dir.join(&s))?);
         }
     }
-    let eos_ids = match &eos {
+    let eos_ids = match &ids.eos_token_id {
         Some(serde_json::Value::Number(n)) => {
             n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
         }
@@ -283,76 +220,11 @@ pub fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
     };
     Ok(Checkpoint {
         params,
+        family,
         tokenizer_json: read("tokenizer.json")?,
         tokenizer_config: read("tokenizer_config.json").unwrap_or_else(|_| serde_json::json!({})),
-        bos_id,
+        bos_id: ids.bos_token_id,
         eos_ids,
         weights: Box::new(HfWeights { files }),
-    })
-}
-
-fn llama_params(cfg: HfLlamaConfig, model_type: &str, dir: &Path) -> Result<LlamaParams> {
-    if cfg.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-        bail!("\"{}\": RoPE scaling is not supported", dir.display());
-    }
-    Ok(LlamaParams {
-        arch: Arch::Llama,
-        vocab: cfg.vocab_size,
-        hidden: cfg.hidden_size,
-        layers: cfg.num_hidden_layers,
-        heads: cfg.num_attention_heads,
-        kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
-        head_dim: cfg
-            .head_dim
-            .unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1)),
-        ffn: cfg.intermediate_size,
-        rope_theta: cfg.rope_theta,
-        rms_eps: cfg.rms_norm_eps,
-        max_positions: cfg.max_position_embeddings,
-        tied_embeddings: cfg.tie_word_embeddings,
-        // Qwen2 always has Q/K/V biases (transformers ignores its `attention_bias`); Llama
-        // only when `attention_bias` says so.
-        attention_bias: model_type == "qwen2" || cfg.attention_bias.unwrap_or(false),
-    })
-}
-
-fn gpt2_params(cfg: HfGpt2Config, dir: &Path) -> Result<LlamaParams> {
-    if !matches!(
-        cfg.activation_function.as_str(),
-        "gelu_new" | "gelu_pytorch_tanh"
-    ) {
-        bail!(
-            "\"{}\": GPT-2 activation \"{}\" is not supported (supported: gelu_new)",
-            dir.display(),
-            cfg.activation_function
-        );
-    }
-    if !cfg.scale_attn_weights || cfg.scale_attn_by_inverse_layer_idx {
-        bail!(
-            "\"{}\": only the standard 1/sqrt(head_dim) attention scaling is supported",
-            dir.display()
-        );
-    }
-    ensure!(
-        cfg.n_head > 0 && cfg.n_embd.is_multiple_of(cfg.n_head),
-        "\"{}\": n_embd {} is not a multiple of n_head {}",
-        dir.display(),
-        cfg.n_embd,
-        cfg.n_head
-    );
-    Ok(LlamaParams {
-        arch: Arch::Gpt2,
-        vocab: cfg.vocab_size,
-        hidden: cfg.n_embd,
-        layers: cfg.n_layer,
-        heads: cfg.n_head,
-        kv_heads: cfg.n_head,
-        head_dim: cfg.n_embd / cfg.n_head,
-        ffn: cfg.n_inner.unwrap_or(4 * cfg.n_embd),
-        rope_theta: 0.0,
-        rms_eps: cfg.layer_norm_epsilon,
-        max_positions: cfg.n_positions,
-        tied_embeddings: cfg.tie_word_embeddings,
-        attention_bias: true,
     })
 }

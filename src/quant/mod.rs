@@ -14,7 +14,8 @@
 //!   (two f32 multiplications, in that order). This is llama.cpp's Q8_0 path.
 //! - [`Scheme::Q8Q16`]: the same with activations quantized to int16 (`scale = max|x| /
 //!   32767`, values in -32767..=32767): the integer sums stay exact (|idot| < 2^27), and the
-//!   activation rounding is 2^8 times finer than Q8Q8's, far below the weights' own.//! - [`Scheme::Q8F32`]: int8 weights are widened to f32 and multiplied into the f32
+//!   activation rounding is 2^8 times finer than Q8Q8's, far below the weights' own.
+//! - [`Scheme::Q8F32`]: int8 weights are widened to f32 and multiplied into the f32
 //!   activations, no activation rounding. Per block: `s_b[l] = sum over j ≡ l (mod 8) of
 //!   q_j * x_j` (8 lanes, j increasing), then `acc[l] += sw_b * s_b[l]`.
 //!
@@ -37,7 +38,8 @@
 //! NEON+dotprod (SDOT, scheme Q8Q8 only; Q8F32 and Q8Q16 with `Dotprod` run the NEON code). On armv7,
 //! `core::arch::arm` intrinsics and `is_arm_feature_detected!` are unstable on stable Rust, so
 //! the portable code is used there (written to auto-vectorize when built with `+neon`).
-//! [`Kernel::select`] picks the best available one, or the one named by `EDGELM_KERNEL`.
+//! [`Kernel::select`] picks the one asked for, else the one named by `EDGELM_KERNEL`, else the
+//! best available one; the attention kernels follow the same choice.
 //!
 //! # Threads
 //! Output features (rows of W) are split into contiguous ranges, one per worker of a
@@ -138,23 +140,77 @@ pub enum QuantError {
     /// A kernel name that is not one of ours.
     #[error("unknown kernel \"{0}\": expected scalar, avx2, avx512, neon or dotprod")]
     UnknownKernel(String),
+    /// A scheme name that is not one of ours.
+    #[error("unknown int8 scheme \"{0}\": expected q8f32, q8q16, q8q8, q8q15 or fold")]
+    UnknownScheme(String),
+    /// [`Scheme::Fold`] asked of a product: folded weights are f32, multiplied by tract.
+    #[error("the fold scheme has no int8 product (its weights are dequantized at load)")]
+    NoProduct,
     /// A kernel this CPU (or this build's target) cannot run.
     #[error("kernel {0} is not supported on this CPU")]
     KernelUnavailable(Kernel),
     /// A GEMM instruction-set variant this CPU (or this build's target) cannot run.
     #[error("GEMM kernel {0} is not supported on this CPU")]
     IsaUnavailable(&'static str),
+    /// [`Scheme::Q8Q15`] asked of a row-major matrix: its products run on the tiled layout.
+    #[error("the q8q15 scheme runs on the tiled layout (quant::gemm), not a row-major matrix")]
+    TiledOnly,
 }
 
-/// The arithmetic of a product (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// How int8 weights are computed with: the arithmetic of our products (see the module
+/// documentation), or folded to f32 at load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Scheme {
-    /// Activations quantized to int8 per block; int8·int8 dot products in i32.
-    Q8Q8,
     /// Weights widened to f32 and multiplied into f32 activations.
+    #[default]
     Q8F32,
     /// Activations quantized to int16 per block; int8·int16 dot products in i32.
     Q8Q16,
+    /// Activations quantized to int8 per block; int8·int8 dot products in i32 (llama.cpp's).
+    Q8Q8,
+    /// Products of more than one row on the tiled GEMM ([`gemm`]) with activations quantized
+    /// per block to 15-bit integers in two int8 parts ([`gemm::Acts::Q15`]); one-row products
+    /// (decode) as [`Scheme::Q8F32`]. The tiled weights are made on the heap at first use.
+    Q8Q15,
+    /// No int8 product: the weights are dequantized to f32 at load and tract multiplies them
+    /// (the reference; about 4 times the memory).
+    Fold,
+}
+
+impl Scheme {
+    /// Every scheme, in the order the flag lists them.
+    pub const ALL: [Scheme; 5] = [
+        Scheme::Q8F32,
+        Scheme::Q8Q16,
+        Scheme::Q8Q8,
+        Scheme::Q8Q15,
+        Scheme::Fold,
+    ];
+
+    /// The name used by `--int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Q8F32 => "q8f32",
+            Scheme::Q8Q16 => "q8q16",
+            Scheme::Q8Q8 => "q8q8",
+            Scheme::Q8Q15 => "q8q15",
+            Scheme::Fold => "fold",
+        }
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Scheme {
+    type Err = QuantError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        by_name(&Self::ALL, Self::name, s).ok_or_else(|| QuantError::UnknownScheme(s.to_owned()))
+    }
 }
 
 /// An instruction-set variant of the kernels.
@@ -231,11 +287,14 @@ impl Kernel {
             .unwrap_or(Kernel::Scalar)
     }
 
-    /// The variant named by `EDGELM_KERNEL` if set (it must be available), else [`Kernel::best`].
-    pub fn select() -> Result<Kernel, QuantError> {
-        match std::env::var(KERNEL_ENV) {
-            Ok(name) if !name.is_empty() => name.parse::<Kernel>()?.checked(),
-            _ => Ok(Self::best()),
+    /// The variant to run: `requested` (`--kernel`), else the one named by `EDGELM_KERNEL`,
+    /// else [`Kernel::best`]; one this CPU cannot run is an error. The one place either is
+    /// read: the int8 products and the attention both run what it returns.
+    pub fn select(requested: Option<Kernel>) -> Result<Kernel, QuantError> {
+        match (requested, std::env::var(KERNEL_ENV)) {
+            (Some(kernel), _) => kernel.checked(),
+            (None, Ok(name)) if !name.is_empty() => name.parse::<Kernel>()?.checked(),
+            (None, _) => Ok(Self::best()),
         }
     }
 
@@ -259,11 +318,15 @@ impl FromStr for Kernel {
     type Err = QuantError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| QuantError::UnknownKernel(s.to_owned()))
+        by_name(&Self::ALL, Self::name, s).ok_or_else(|| QuantError::UnknownKernel(s.to_owned()))
     }
+}
+
+/// The one of `all` named `s`, ignoring case and surrounding spaces.
+fn by_name<T: Copy>(all: &[T], name: fn(T) -> &'static str, s: &str) -> Option<T> {
+    all.iter()
+        .copied()
+        .find(|&v| name(v).eq_ignore_ascii_case(s.trim()))
 }
 
 /// Reduces 8 lane accumulators in the fixed order `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
@@ -323,6 +386,8 @@ impl Q8Matrix<'_> {
             Scheme::Q8Q8 => Input::Quant(quantize_acts(x, m, k, kernel)),
             Scheme::Q8Q16 => Input::Quant16(quantize_acts(x, m, k, kernel)),
             Scheme::Q8F32 => Input::F32(x),
+            Scheme::Q8Q15 => return Err(QuantError::TiledOnly),
+            Scheme::Fold => return Err(QuantError::NoProduct),
         };
         let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads());
         if parts == 1 {

@@ -3,7 +3,7 @@
 //! (or, for weights requantized from another format at load, held on the heap).
 //!
 //! tract's own int8 matmul is far too slow for decode and its constant folding would copy
-//! every weight to the heap as f32, so the loader's pre-pass (in `model.rs`) replaces
+//! every weight to the heap as f32, so the loader's pipeline ([`crate::prepass`]) replaces
 //! `DequantizeLinear(block_size=32) -> Transpose -> MatMul` by a `Q8MatMul` node and
 //! `DequantizeLinear -> Gather` by a `Q8Gather` node (domain [`DOMAIN`]), each naming its
 //! weight. [`register`] teaches tract-onnx to parse them; once the model is typed, the loader
@@ -107,8 +107,8 @@ pub struct Q8Weights {
     k: usize,
     q: Slice<i8>,       // (n, k)
     scales: Slice<f32>, // (n, nb)
-    /// The weights in the GEMM's tiled layout, made on the heap at first use (experiments
-    /// only: a bundle will carry this layout itself).
+    /// The weights in the GEMM's tiled layout for [`Scheme::Q8Q15`], made on the heap at
+    /// first use (`quant::gemm` describes the bundle form that would be read in place).
     tiled: OnceLock<(Vec<i8>, Vec<f32>)>, // (G, nb, 8, 16, 4), (G, nb, 16)
 }
 
@@ -217,22 +217,16 @@ pub struct Q8Exec {
     pub kernel: Kernel,
     /// Worker threads shared by every node.
     pub pool: Arc<ThreadPool>,
-    /// Run `Q8MatMul` on the tiled GEMM with these activations and kernels instead.
-    pub tiled: Option<(Acts, Isa)>,
 }
 
 impl fmt::Debug for Q8Exec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:?}/{}/{} threads{}",
+            "{:?}/{}/{} threads",
             self.scheme,
             self.kernel,
-            self.pool.threads(),
-            match self.tiled {
-                Some((a, i)) => format!("/tiled {a:?} {i}"),
-                None => String::new(),
-            }
+            self.pool.threads()
         )
     }
 }
@@ -251,7 +245,6 @@ impl PartialEq for Bound {
         Arc::ptr_eq(&self.weights, &other.weights)
             && self.exec.scheme == other.exec.scheme
             && self.exec.kernel == other.exec.kernel
-            && self.exec.tiled == other.exec.tiled
             && Arc::ptr_eq(&self.exec.pool, &other.exec.pool)
     }
 }
@@ -386,14 +379,25 @@ impl EvalOp for Q8MatMul {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?; // (m, n)
             let exec = &bound.exec;
-            match exec.tiled {
-                Some((acts, isa)) => bound.weights.tiled()?.matmul(x, y, acts, isa, &exec.pool)?,
-                None => {
+            let rows = x.len() / self.0.k;
+            match exec.scheme {
+                Scheme::Q8Q15 if rows > 1 => bound.weights.tiled()?.matmul(
+                    x,
+                    y,
+                    Acts::Q15,
+                    Isa::for_kernel(exec.kernel),
+                    &exec.pool,
+                )?,
+                Scheme::Q8Q15 => {
                     bound
                         .weights
                         .matrix()?
-                        .matmul(x, y, exec.scheme, exec.kernel, &exec.pool)?
+                        .matmul(x, y, Scheme::Q8F32, exec.kernel, &exec.pool)?
                 }
+                scheme => bound
+                    .weights
+                    .matrix()?
+                    .matmul(x, y, scheme, exec.kernel, &exec.pool)?,
             }
         }
         Ok(tvec!(out.into_tvalue()))

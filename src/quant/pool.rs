@@ -1,5 +1,8 @@
-//! A small persistent thread pool for the kernels: `run(parts, f)` calls `f(p)` once for each
-//! part p, part 0 on the calling thread, and returns when all have finished.
+//! The process's compute threads: a small persistent pool on which the int8 products and
+//! the attention split their work. A model loaded with `-t N` makes one pool of N threads,
+//! the caller's included, and tract runs its plan on the caller alone, so N bounds every
+//! compute thread. `run(parts, f)` calls `f(p)` once for each part p, part 0 on the calling
+//! thread, and returns when all have finished.
 //!
 //! Decode calls the kernels ~200 times per token at 10–100 µs each, so dispatch must cost a
 //! few µs: workers spin on an atomic epoch for a while after each job (a new job then starts
@@ -108,7 +111,7 @@ impl ThreadPool {
         for index in 1..threads {
             let shared = Arc::clone(&pool.shared);
             let handle = thread::Builder::new()
-                .name(format!("edgelm-q8-{index}"))
+                .name(format!("edgelm-compute-{index}"))
                 .spawn(move || worker(&shared, index, threads))?;
             pool.workers.push(handle);
         }

@@ -366,6 +366,58 @@ fn kernel_names_parse() {
         QuantError::UnknownKernel("sse".into())
     );
     assert!(Kernel::Scalar.checked().is_ok());
+    for kernel in Kernel::ALL {
+        assert_eq!(kernel.to_string().parse::<Kernel>().unwrap(), kernel);
+    }
+}
+
+#[test]
+fn scheme_names_parse() {
+    assert_eq!("q8f32".parse::<Scheme>().unwrap(), Scheme::Q8F32);
+    assert_eq!(" Q8Q16".parse::<Scheme>().unwrap(), Scheme::Q8Q16);
+    assert_eq!("q8q8".parse::<Scheme>().unwrap(), Scheme::Q8Q8);
+    assert_eq!("q8q15".parse::<Scheme>().unwrap(), Scheme::Q8Q15);
+    assert_eq!("fold".parse::<Scheme>().unwrap(), Scheme::Fold);
+    assert_eq!(
+        "q4".parse::<Scheme>().unwrap_err().to_string(),
+        "unknown int8 scheme \"q4\": expected q8f32, q8q16, q8q8, q8q15 or fold"
+    );
+    for scheme in Scheme::ALL {
+        assert_eq!(scheme.to_string().parse::<Scheme>().unwrap(), scheme);
+    }
+    assert_eq!(Scheme::default(), Scheme::Q8F32);
+}
+
+#[test]
+fn fold_is_no_product() {
+    let (q, s) = (vec![1i8; 32], vec![1f32; 1]);
+    let w = Q8Matrix::new(&q, &s, 1, 32).unwrap();
+    let mut y = [0f32; 1];
+    assert_eq!(
+        w.matmul(
+            &[1.0; 32],
+            &mut y,
+            Scheme::Fold,
+            Kernel::Scalar,
+            &ThreadPool::single()
+        )
+        .unwrap_err(),
+        QuantError::NoProduct
+    );
+}
+
+#[test]
+fn a_requested_kernel_wins_over_the_environment() {
+    assert_eq!(
+        Kernel::select(Some(Kernel::Scalar)).unwrap(),
+        Kernel::Scalar
+    );
+    if let Some(&missing) = Kernel::ALL.iter().find(|k| !k.is_available()) {
+        assert_eq!(
+            Kernel::select(Some(missing)).unwrap_err(),
+            QuantError::KernelUnavailable(missing)
+        );
+    }
 }
 
 #[test]
@@ -431,7 +483,7 @@ fn pool_shared_by_two_callers_gives_the_same_results() {
 fn select_follows_the_environment() {
     // The cross-test script sets EDGELM_KERNEL to force a variant; unset, the best one wins.
     match std::env::var(KERNEL_ENV) {
-        Ok(name) => assert_eq!(Kernel::select().unwrap().name(), name),
-        Err(_) => assert_eq!(Kernel::select().unwrap(), Kernel::best()),
+        Ok(name) => assert_eq!(Kernel::select(None).unwrap().name(), name),
+        Err(_) => assert_eq!(Kernel::select(None).unwrap(), Kernel::best()),
     }
 }

@@ -18,11 +18,7 @@ fn bench(args: &[&str]) -> std::process::Output {
 #[test]
 fn bench_json_reports_every_figure() {
     let out = bench(&["--prompt-tokens", "8", "--gen-tokens", "3", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in [
         "load_ms",

@@ -1,14 +1,46 @@
-//! Multi-turn chat keeps the KV cache: a second turn prefills only its own tokens and gives
-//! the same reply as prefilling the whole conversation at once (greedy, real model).
+//! The conversation shared by `edgelm chat` and `edgelm serve`: a turn prefills only what the
+//! cache lacks and replies as if the whole conversation were prefilled at once; a conversation
+//! that outgrows the cache drops its oldest exchanges whole; a refused turn changes nothing.
 
 use crate::common;
 
-use edgelm::chat::Conversation;
+use std::io::Write;
+use std::process::Stdio;
+
+use edgelm::conversation::{Conversation, TooLong};
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;
-use edgelm::generate::{generate, Flow, GenerateOptions, StopReason};
-use edgelm::model::CacheOptions;
+use edgelm::generate::{generate, Event, Flow, GenerateOptions, Generation, StopReason};
+use edgelm::kv_cache::KvType;
+use edgelm::model::{CacheOptions, LoadOptions};
 use edgelm::sampler::SamplerConfig;
+use edgelm::template::Message;
+
+fn greedy(engine: &Engine, max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig::default(),
+        stop: vec![],
+        eos_ids: engine.eos_ids(),
+        ignore_eos: false,
+    }
+}
+
+/// One whole turn: prepare, then reply.
+fn turn(chat: &mut Conversation, user: &str, opts: &GenerateOptions) -> Generation {
+    let turn = chat.prepare(user, opts.max_tokens).unwrap();
+    chat.reply(turn, opts, |_| Flow::Continue).unwrap()
+}
+
+/// What a fresh state generates for `messages` prefilled at once.
+fn from_scratch(engine: &Engine, messages: &[Message], opts: &GenerateOptions) -> Generation {
+    let ids = engine.encode_chat(messages).unwrap();
+    let mut state = engine.model.new_state();
+    generate(&mut state, &engine.tokenizer, &ids, opts, |_, _| {
+        Flow::Continue
+    })
+    .unwrap()
+}
 
 #[test]
 fn second_turn_prefills_only_its_tokens_and_equals_a_full_prefill() {
@@ -17,24 +49,19 @@ fn second_turn_prefills_only_its_tokens_and_equals_a_full_prefill() {
         engine.model.has_ring_cache(),
         "our converter's graph is fused"
     );
-    let opts = GenerateOptions {
-        max_tokens: 40,
-        sampler: SamplerConfig::default(),
-        stop: vec![],
-        eos_ids: engine.eos_ids(),
-        ignore_eos: false,
-    };
-    let mut chat = Conversation::new(&engine, CacheOptions::default(), None).unwrap();
-    let first = chat
-        .turn("What is the capital of France?", &opts, |_| Flow::Continue)
+    let opts = greedy(&engine, 40);
+    let state = engine
+        .model
+        .new_state_with(CacheOptions::default())
         .unwrap();
+    let mut chat = Conversation::new(&engine, state, None);
+    let first = turn(&mut chat, "What is the capital of France?", &opts);
     assert_eq!(first.reason, StopReason::Eos, "{:?}", chat.messages());
     let cached = chat.state().len();
     assert_eq!(cached, first.prompt_tokens + first.generated_tokens - 1);
 
-    let second = chat
-        .turn("And of Italy?", &opts, |_| Flow::Continue)
-        .unwrap();
+    let prepared = chat.prepare("And of Italy?", opts.max_tokens).unwrap();
+    assert_eq!(prepared.dropped_exchanges(), 0);
     let own = engine
         .tokenizer
         .encode(
@@ -42,17 +69,201 @@ fn second_turn_prefills_only_its_tokens_and_equals_a_full_prefill() {
             false,
         )
         .unwrap();
+    assert_eq!(prepared.prefill_tokens(), own.len());
+    let second = chat.reply(prepared, &opts, |_| Flow::Continue).unwrap();
     assert_eq!(second.prompt_tokens, own.len());
 
     // The same conversation prefilled at once.
     let messages = &chat.messages()[..chat.messages().len() - 1];
-    let whole = engine.encode_chat(messages).unwrap();
-    assert_eq!(whole.len(), cached + own.len());
-    let mut state = engine.model.new_state();
-    let once = generate(&mut state, &engine.tokenizer, &whole, &opts, |_, _| {
-        Flow::Continue
-    })
-    .unwrap();
+    assert_eq!(
+        engine.encode_chat(messages).unwrap().len(),
+        cached + own.len()
+    );
+    let once = from_scratch(&engine, messages, &opts);
     assert_eq!(second.ids, once.ids);
     assert!(!second.ids.is_empty());
+}
+
+/// The tiny Llama, with SmolLM2's chat template.
+fn tiny() -> Engine {
+    let opts = LoadOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    Engine::load(&crate::serve::chat_bundle(), &opts).unwrap()
+}
+
+/// A conversation on the tiny Llama with a cache of its whole context (256 slots) and
+/// [`SYSTEM`]. With replies of at most 8 tokens a turn takes about 85 slots, so the third
+/// does not fit with the first two.
+fn tiny_chat(engine: &Engine) -> Conversation<'_> {
+    let cache = CacheOptions {
+        ctx: 256,
+        kv: KvType::F32,
+        keep: 4,
+    };
+    let state = engine.model.new_state_with(cache).unwrap();
+    Conversation::new(engine, state, Some(SYSTEM.into()))
+}
+
+/// The replies of [`tiny_chat`] to `questions`, greedy, at most `max_tokens` each.
+pub(crate) fn tiny_replies(questions: &[&str], max_tokens: usize) -> Vec<String> {
+    let engine = tiny();
+    let opts = greedy(&engine, max_tokens);
+    let mut chat = tiny_chat(&engine);
+    let mut replies = vec![];
+    for user in questions {
+        let prepared = chat.prepare(user, max_tokens).unwrap();
+        let mut reply = String::new();
+        chat.reply(prepared, &opts, |event| {
+            if let Event::Token(_, text) | Event::Tail(text) = event {
+                reply.push_str(text);
+            }
+            Flow::Continue
+        })
+        .unwrap();
+        replies.push(reply);
+    }
+    replies
+}
+
+pub(crate) const SYSTEM: &str = "Be brief.";
+const QUESTIONS: [&str; 3] = ["Hi!", "What now?", "Why?"];
+
+fn with_system(messages: &[Message]) -> Vec<Message> {
+    let mut all = vec![Message::new("system", SYSTEM)];
+    all.extend_from_slice(messages);
+    all
+}
+
+#[test]
+fn a_conversation_outgrowing_the_cache_drops_its_oldest_exchanges_whole() {
+    let engine = tiny();
+    let opts = greedy(&engine, 8);
+    let mut chat = tiny_chat(&engine);
+    // Each turn until the last fits with every earlier one, and replies as a full prefill.
+    for user in &QUESTIONS[..2] {
+        let before = chat.messages().to_vec();
+        let prepared = chat.prepare(user, opts.max_tokens).unwrap();
+        assert_eq!(prepared.dropped_exchanges(), 0, "{user}");
+        let gen = chat.reply(prepared, &opts, |_| Flow::Continue).unwrap();
+        let mut asked = before;
+        asked.push(Message::new("user", *user));
+        assert_eq!(
+            gen.ids,
+            from_scratch(&engine, &with_system(&asked), &opts).ids
+        );
+        assert_eq!(chat.messages()[..asked.len()], asked[..]);
+    }
+    assert_eq!(chat.messages().len(), 4);
+
+    // The third does not fit with the first exchange: that one goes, whole.
+    let before = chat.messages().to_vec();
+    let user = QUESTIONS[2];
+    let prepared = chat.prepare(user, opts.max_tokens).unwrap();
+    assert_eq!(prepared.dropped_exchanges(), 1);
+    let mut kept = before[2..].to_vec();
+    kept.push(Message::new("user", user));
+    let whole = engine.encode_chat(&with_system(&kept)).unwrap();
+    assert!(whole.len() + 8 <= 256);
+    let mut untrimmed = with_system(&before);
+    untrimmed.push(Message::new("user", user));
+    assert!(engine.encode_chat(&untrimmed).unwrap().len() + 8 > 256);
+    // The front changed, so nothing cached is reused.
+    assert_eq!(prepared.prefill_tokens(), whole.len());
+    let gen = chat.reply(prepared, &opts, |_| Flow::Continue).unwrap();
+    assert_eq!(gen.prompt_tokens, whole.len());
+    assert_eq!(
+        gen.ids,
+        from_scratch(&engine, &with_system(&kept), &opts).ids
+    );
+    assert_eq!(chat.messages()[..kept.len()], kept[..]);
+    assert_eq!(chat.messages().len(), kept.len() + 1);
+    assert_eq!(chat.messages()[kept.len()].role, "assistant");
+}
+
+#[test]
+fn a_refused_turn_leaves_the_conversation_and_its_cache_as_they_were() {
+    let engine = tiny();
+    let opts = greedy(&engine, 8);
+    let mut chat = tiny_chat(&engine);
+    turn(&mut chat, QUESTIONS[0], &opts);
+    let (messages, cached) = (chat.messages().to_vec(), chat.state().len());
+
+    let long = "blah ".repeat(60);
+    let err = chat.prepare(&long, opts.max_tokens).unwrap_err();
+    let alone = engine
+        .encode_chat(&with_system(&[Message::new("user", long.as_str())]))
+        .unwrap();
+    assert_eq!(
+        err.downcast_ref::<TooLong>(),
+        Some(&TooLong {
+            needed: alone.len(),
+            ctx: 256,
+            reserve: 8
+        })
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the message needs {} tokens; the context holds 256 with 8 kept for the reply",
+            alone.len()
+        )
+    );
+    assert_eq!(chat.messages(), messages);
+    assert_eq!(chat.state().len(), cached);
+
+    // A turn prepared before a change is refused, and changes nothing either.
+    let stale = chat.prepare(QUESTIONS[1], opts.max_tokens).unwrap();
+    chat.set_system(Some(SYSTEM.into()));
+    let err = chat.reply(stale, &opts, |_| Flow::Continue).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the conversation changed since this turn was prepared"
+    );
+    assert_eq!(chat.messages(), messages);
+
+    // The conversation goes on as if nothing had been asked.
+    let gen = turn(&mut chat, QUESTIONS[1], &opts);
+    let mut asked = messages;
+    asked.push(Message::new("user", QUESTIONS[1]));
+    assert_eq!(
+        gen.ids,
+        from_scratch(&engine, &with_system(&asked), &opts).ids
+    );
+}
+
+/// `edgelm chat` runs the same conversation: its replies are the library's, and it says
+/// when it drops an exchange.
+#[test]
+fn chat_command_trims_like_the_library() {
+    let mut expected: String = tiny_replies(&QUESTIONS, 8)
+        .iter()
+        .map(|reply| format!("> {reply}\n"))
+        .collect();
+    expected.push_str("> \n");
+
+    let mut child = common::edgelm_command()
+        .args(["chat", "-m"])
+        .arg(crate::serve::chat_bundle())
+        .args(["-t", "1", "--ctx", "256", "--keep", "4", "-n", "8"])
+        .args(["--system", SYSTEM])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for user in QUESTIONS {
+        writeln!(stdin, "{user}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        ["[conversation too long: dropped the oldest 1 exchange(s)]"]
+    );
 }

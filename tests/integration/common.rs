@@ -1,11 +1,13 @@
-//! Shared by the integration tests: the default model, fetched and converted on demand.
+//! Shared by the integration tests: fixtures and scratch directories, loading and greedy
+//! decoding, the binary as a command, and the default model, fetched and converted on demand.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::Mutex;
 
 use edgelm::convert::{convert, ConvertOptions, Quant};
+use edgelm::model::{LoadOptions, Model, State};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -25,6 +27,76 @@ pub fn scratch(group: &str, name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Loads the bundle in `dir` on one thread (the tests compare exact values).
+pub fn load(dir: &Path) -> Model {
+    let opts = LoadOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    Model::load(dir, &opts).unwrap_or_else(|e| panic!("loading {dir:?}: {e:#}"))
+}
+
+/// Loads `tests/fixtures/<bundle>` on one thread.
+pub fn load_fixture(bundle: &str) -> Model {
+    load(&fixture(bundle))
+}
+
+/// First index of the maximum, like `torch.argmax`.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The largest `|a[i] - b[i]|`.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// `steps` greedy tokens after `prompt`, from a reset `state`.
+pub fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
+    state.reset();
+    let mut logits = state.forward(prompt).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        out.push(next);
+        logits = state.forward(&[next]).unwrap();
+    }
+    out
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    let ids = v
+        .as_array()
+        .unwrap_or_else(|| panic!("{v} is not an array"));
+    ids.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// `tests/fixtures/smollm2-135m-instruct/golden_hf.json`: transformers' greedy generations.
+pub fn golden_hf() -> serde_json::Value {
+    let path = fixture("smollm2-135m-instruct/golden_hf.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Asserts the command succeeded, showing its stderr when it did not.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A tiny fixture model's `reference.json` (transformers' outputs).
@@ -138,9 +210,19 @@ pub fn convert_once(input: &Path, dir: &Path, quant: Quant) {
 fn converter_source_hash() -> u64 {
     use std::hash::{Hash, Hasher};
     let mut files = vec![];
-    for dir in ["src/convert", "src/quant"] {
-        if let Ok(rd) = std::fs::read_dir(root().join(dir)) {
-            files.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+    let mut dirs = vec![root().join("src/convert"), root().join("src/quant")];
+    while let Some(dir) = dirs.pop() {
+        for path in std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+        {
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
         }
     }
     files.sort();
@@ -149,4 +231,26 @@ fn converter_source_hash() -> u64 {
         std::fs::read(&f).unwrap_or_default().hash(&mut h);
     }
     h.finish()
+}
+
+/// llama.cpp's source tree from the llama-cpp-python sdist (tokenizer test vectors in
+/// `models/`, chat templates in `models/templates/`), fetched by
+/// `models/fetch-llama-cpp.sh` when missing.
+pub fn llama_cpp_tree() -> PathBuf {
+    static FETCH: Mutex<()> = Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(root().join("models/fetch-llama-cpp.sh"))
+        .output()
+        .expect("running models/fetch-llama-cpp.sh");
+    assert!(
+        out.status.success(),
+        "models/fetch-llama-cpp.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.join("models").is_dir(),
+        "fetch script printed {path:?}, which has no models/"
+    );
+    path
 }

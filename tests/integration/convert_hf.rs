@@ -4,12 +4,12 @@
 
 use crate::common;
 
-use common::{fixture, reference};
+use common::{argmax, fixture, greedy, max_abs_diff, reference, scratch};
 use std::fs;
 use std::path::Path;
 
 use edgelm::convert::{convert, ConvertOptions, Quant};
-use edgelm::model::{LoadOptions, Model, State};
+use edgelm::model::Model;
 
 /// Converts `tests/fixtures/<model>/hf` into a fresh bundle and loads it.
 fn converted(model: &str, quant: Quant) -> Model {
@@ -18,12 +18,10 @@ fn converted(model: &str, quant: Quant) -> Model {
 
 /// Converts `tests/fixtures/<input>` into a fresh bundle and loads it.
 fn converted_from(input: &str, quant: Quant) -> Model {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "convert_hf-{}-{}",
-        input.replace('/', "-"),
-        quant.name()
-    ));
-    let _ = fs::remove_dir_all(&out);
+    let out = scratch(
+        "convert_hf",
+        &format!("{}-{}", input.replace('/', "-"), quant),
+    );
     convert(&ConvertOptions {
         input: fixture(input),
         output: out.clone(),
@@ -39,36 +37,9 @@ fn converted_from(input: &str, quant: Quant) -> Model {
     ] {
         assert!(out.join(f).is_file(), "{input}: bundle has no {f}");
     }
-    let opts = LoadOptions {
-        threads: 1,
-        ..Default::default()
-    };
-    let model = Model::load(&out, &opts).unwrap();
+    let model = common::load(&out);
     assert!(model.has_ring_cache(), "{input}: the converted graph fuses");
     model
-}
-
-/// First index of the maximum, like `torch.argmax`.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
-    state.reset();
-    let mut logits = state.forward(prompt).unwrap();
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let next = argmax(&logits);
-        out.push(next);
-        logits = state.forward(&[next]).unwrap();
-    }
-    out
 }
 
 fn check_f32(model_name: &str) {
@@ -81,11 +52,7 @@ fn check_f32_from(model_name: &str, input: &str) {
     let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
     let want = reference.logits.concat();
     assert_eq!(logits.len(), want.len());
-    let diff = logits
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&logits, &want);
     eprintln!("{model_name} converted f32: max |logits - reference| = {diff:e}");
     assert!(diff <= 1e-3, "{model_name}: max abs diff {diff}");
     let mut state = model.new_state();
@@ -97,8 +64,8 @@ fn check_f32_from(model_name: &str, input: &str) {
 
 /// Top-1 agreement of the converted int8 bundle with the reference logits, teacher-forced on
 /// the reference ids and on every greedy prompt + continuation (whose reference top-1 is the
-/// next greedy token).
-fn check_int8(model_name: &str) -> f64 {
+/// next greedy token). Returns (positions that agree, positions).
+fn check_int8(model_name: &str) -> (usize, usize) {
     let model = converted(model_name, Quant::Int8);
     let vocab = model.config().vocab_size;
     let reference = reference(model_name);
@@ -134,7 +101,7 @@ fn check_int8(model_name: &str) -> f64 {
     }
     let rate = agree as f64 / total as f64;
     eprintln!("{model_name} converted int8: top-1 agreement {agree}/{total} = {rate:.3}");
-    rate
+    (agree, total)
 }
 
 #[test]
@@ -154,7 +121,7 @@ fn gpt2_gguf_f32_reproduces_reference_logits_and_greedy_tokens() {
     check_f32_from("tiny-gpt2", "tiny-gpt2/gguf/tiny-gpt2.gguf");
     let tokenizer = edgelm::tokenizer::Tokenizer::from_file(
         &Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("convert_hf-tiny-gpt2-gguf-tiny-gpt2.gguf-f32/tokenizer.json"),
+            .join("convert_hf/tiny-gpt2-gguf-tiny-gpt2.gguf-f32/tokenizer.json"),
     )
     .unwrap();
     for g in reference("tiny-gpt2").greedy {
@@ -162,21 +129,28 @@ fn gpt2_gguf_f32_reproduces_reference_logits_and_greedy_tokens() {
     }
 }
 
+// The thresholds are one position under what every x86_64 kernel measures (scalar, AVX2 and
+// AVX-512 alike), so that a near-tie flipping on another architecture is no failure.
+
 #[test]
-fn llama_hf_int8_keeps_top1() {
-    assert!(check_int8("tiny-llama") >= 0.95);
+fn llama_hf_int8_keeps_top1_on_64_of_66_positions() {
+    // Measured 65/66 (0.985).
+    let (agree, total) = check_int8("tiny-llama");
+    assert_eq!(total, 66);
+    assert!(agree >= 64, "top-1 agreement {agree}/{total}");
 }
 
 #[test]
-fn gpt2_hf_int8_keeps_top1() {
-    assert!(check_int8("tiny-gpt2") >= 0.95);
+fn gpt2_hf_int8_keeps_top1_on_62_of_66_positions() {
+    // Measured 63/66 (0.955).
+    let (agree, total) = check_int8("tiny-gpt2");
+    assert_eq!(total, 66);
+    assert!(agree >= 62, "top-1 agreement {agree}/{total}");
 }
 
 #[test]
 fn unsupported_architecture_is_named() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_hf-unsupported");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("convert_hf", "unsupported");
     fs::write(dir.join("config.json"), r#"{"model_type": "mamba"}"#).unwrap();
     let err = convert(&ConvertOptions {
         input: dir.clone(),
@@ -235,7 +209,7 @@ fn qwen2_from_tiny_llama(dir: &Path, q_len: usize) {
 /// reference has them, and a bias of the wrong length is named (so they are read).
 #[test]
 fn qwen2_qkv_biases_are_read() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_hf-qwen2");
+    let dir = scratch("convert_hf", "qwen2");
     qwen2_from_tiny_llama(&dir, 64);
     let out = dir.join("bundle");
     convert(&ConvertOptions {
@@ -245,21 +219,10 @@ fn qwen2_qkv_biases_are_read() {
         progress: false,
     })
     .unwrap();
-    let model = Model::load(
-        &out,
-        &LoadOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = common::load(&out);
     let reference = reference("tiny-llama");
     let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
-    let diff = logits
-        .iter()
-        .zip(&reference.logits.concat())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&logits, &reference.logits.concat());
     assert!(diff <= 1e-3, "max abs diff {diff}");
 
     qwen2_from_tiny_llama(&dir, 63);

@@ -72,11 +72,7 @@ fn sigterm_mid_run_stops_at_a_token_and_saves_the_session() {
         .arg(" and")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
 }
 
 #[test]
@@ -105,11 +101,7 @@ fn full_disk_while_saving_keeps_the_old_session() {
         .arg("Once upon a time")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let old = fs::read(&session).unwrap();
     assert!(old.len() > 4096, "session of {} bytes", old.len());
 

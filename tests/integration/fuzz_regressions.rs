@@ -1,6 +1,7 @@
 //! Every input under tests/fixtures/fuzz/<target>/ once made a fuzz target (fuzz/) panic,
 //! hang or over-allocate; each is replayed here through the same harness, in the normal
-//! `cargo test`. The file names say what broke.
+//! `cargo test`, and must give the result written next to its name. The file names say what
+//! broke.
 
 use std::fs;
 use std::path::Path;
@@ -39,6 +40,36 @@ fn gguf_inputs() {
 #[test]
 fn onnx_prepass_inputs() {
     replay("onnx_prepass", harness::onnx_prepass);
+}
+
+/// What the pre-pass makes of each ONNX regression input, by file name. Three are graphs
+/// the pre-pass has no reason to refuse (it rewrites what it recognizes and leaves the rest
+/// to tract): they once hung or panicked it, and must now pass through.
+const ONNX_PREPASS_RESULTS: [(&str, Result<(), &str>); 4] = [
+    ("blocked-dequantize-empty-rows-hang", Ok(())),
+    (
+        "fold-transpose-dims-overflow",
+        Err("tensor \"big\" is too large"),
+    ),
+    ("logits-matmul-without-inputs", Ok(())),
+    ("q8-transpose-without-outputs", Ok(())),
+];
+
+#[test]
+fn onnx_prepass_regressions_give_their_results() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/onnx_prepass");
+    let mut files: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let named: Vec<&str> = ONNX_PREPASS_RESULTS.iter().map(|(name, _)| *name).collect();
+    assert_eq!(files, named, "every regression input has its result here");
+    for (name, want) in ONNX_PREPASS_RESULTS {
+        let bytes = fs::read(dir.join(name)).unwrap();
+        let got = harness::onnx_prepass_result(&bytes);
+        assert_eq!(got, Some(want.map_err(String::from)), "{name}");
+    }
 }
 
 #[test]

@@ -4,15 +4,13 @@
 use crate::common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use edgelm::convert::gguf::{dequantize_into, GgmlType, Gguf, GgufError, MetaValue};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/gguf")
-        .join(name)
+    common::fixture("gguf").join(name)
 }
 
 fn read_json(name: &str) -> Value {

@@ -15,11 +15,7 @@ fn info_of(dir: &Path) -> String {
         .arg(dir)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -88,11 +84,7 @@ fn info_after_converting_the_hf_gpt2_shows_int8_weights_in_place() {
         .args(["--quant", "int8"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let text = info_of(&dir);
     assert_eq!(line(&text, "architecture: "), "gpt2 (GPT2LMHeadModel)");
     assert_eq!(

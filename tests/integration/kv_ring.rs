@@ -3,30 +3,13 @@
 
 use crate::common;
 
-use common::fixture;
+use common::{argmax, fixture};
 
 use edgelm::kv_cache::{KvType, Shift};
-use edgelm::model::{CacheOptions, LoadOptions, Model};
+use edgelm::model::{CacheOptions, Model};
 
 fn tiny_llama() -> Model {
-    Model::load(
-        &fixture("tiny-llama/onnx-f32"),
-        &LoadOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
+    common::load_fixture("tiny-llama/onnx-f32")
 }
 
 /// 4x the ring's capacity (and past the model's 256 trained positions): the storage never
@@ -76,7 +59,7 @@ fn generating_four_times_the_ring_is_constant_memory_and_reports_every_shift() {
         .filter(|s| !s.repositioned)
         .all(|s| s.dropped == 1 && s.kept == 64));
     // Sinks survive every wrap.
-    assert_eq!(state.ring().kept_tokens()[..4], prompt[..4]);
+    assert_eq!(state.ring().unwrap().kept_tokens()[..4], prompt[..4]);
 }
 
 /// A ring that never wraps is the plain KV cache: token-by-token logits equal one pass.
@@ -125,7 +108,7 @@ fn a_prompt_longer_than_the_ring_wraps_in_chunks() {
     assert_eq!(dropped, 50 - 16);
     let mut want = vec![ids[0], ids[1]];
     want.extend_from_slice(&ids[36..]);
-    assert_eq!(state.ring().kept_tokens(), want);
+    assert_eq!(state.ring().unwrap().kept_tokens(), want);
 }
 
 #[test]
@@ -191,11 +174,7 @@ fn run_json_reports_every_shift() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let lines: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -219,14 +198,7 @@ fn run_json_reports_every_shift() {
 /// it re-prefills the kept window at fresh positions instead of indexing past `wpe`, and says so.
 #[test]
 fn gpt2_generates_past_n_positions_with_a_reported_reposition() {
-    let model = Model::load(
-        &fixture("tiny-gpt2/onnx-f32"),
-        &LoadOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = common::load_fixture("tiny-gpt2/onnx-f32");
     assert!(model.has_ring_cache());
     let n_positions = model.config().max_position_embeddings;
     assert_eq!(n_positions, 128);
@@ -247,11 +219,7 @@ fn gpt2_generates_past_n_positions_with_a_reported_reposition() {
         .args(["-n", "300", "--ignore-eos", "--json", "Once upon a time"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

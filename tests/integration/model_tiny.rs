@@ -3,68 +3,23 @@
 
 use crate::common;
 
-use common::{fixture, reference};
+use common::{argmax, fixture, greedy, load_fixture as load, max_abs_diff, reference};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use edgelm::model::{ForwardError, Int8Path, LoadOptions, Model, State};
+use edgelm::model::{ForwardError, LoadOptions, Model};
+use edgelm::quant::Scheme;
 use prost::Message;
 use tract_onnx::pb;
 
-fn load(bundle: &str) -> Model {
-    Model::load(
-        &fixture(bundle),
-        &LoadOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
-/// A fresh scratch directory under cargo's per-target tmp dir.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("model_tiny-{name}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("model_tiny", name)
 }
 
 fn copy_bundle(from: &str, to: &Path, files: &[&str]) {
     for f in files {
         fs::copy(fixture(from).join(f), to.join(f)).unwrap();
     }
-}
-
-/// First index of the maximum, like `torch.argmax`.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn greedy(state: &mut State, prompt: &[u32], steps: usize) -> Vec<u32> {
-    state.reset();
-    let mut logits = state.forward(prompt).unwrap();
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let next = argmax(&logits);
-        out.push(next);
-        logits = state.forward(&[next]).unwrap();
-    }
-    out
 }
 
 fn check_one_pass_logits(model_name: &str) {
@@ -145,8 +100,8 @@ fn gpt2_f32_greedy_matches_reference() {
 /// Top-1 agreement of the int8 (`MatMulInteger`) bundle with the f32 one, teacher-forced on
 /// the reference ids and on every greedy prompt + continuation, run by `int8` (our operator
 /// after the rewrite, or tract's integer path with `Fold`); also reports the largest logit
-/// difference and the greedy tokens.
-fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> f64 {
+/// difference and the greedy tokens. Returns (positions that agree, positions).
+fn int8_top1_agreement_with(model_name: &str, int8: Scheme) -> (usize, usize) {
     let f32_model = load(&format!("{model_name}/onnx-f32"));
     let int8_model = Model::load(
         &fixture(&format!("{model_name}/onnx-int8")),
@@ -190,26 +145,40 @@ fn int8_top1_agreement_with(model_name: &str, int8: Int8Path) -> f64 {
         "{model_name} int8 ({int8:?}): top-1 agreement with f32 {agree}/{total} = {rate:.3}, \
          max |logits - f32| = {diff:.4}"
     );
-    rate
+    (agree, total)
 }
 
-/// The lower agreement of our two faithful schemes (f32 and int16 activations).
-fn int8_top1_agreement(model_name: &str) -> f64 {
-    // tract's own integer path, for comparison in the log (it follows ORT's numerics).
-    int8_top1_agreement_with(model_name, Int8Path::Fold);
-    let f32_acts = int8_top1_agreement_with(model_name, Int8Path::Q8F32);
-    let i16_acts = int8_top1_agreement_with(model_name, Int8Path::Q8Q16);
-    f32_acts.min(i16_acts)
+/// Asserts each int8 path agrees with f32 on at least `least` of the 83 positions.
+fn assert_int8_top1_agreement(model_name: &str, least: [(Scheme, usize); 3]) {
+    for (int8, least) in least {
+        let (agree, total) = int8_top1_agreement_with(model_name, int8);
+        assert_eq!(total, 83);
+        assert!(
+            agree >= least,
+            "{model_name} {int8:?}: top-1 agreement {agree}/{total} < {least}"
+        );
+    }
+}
+
+// The thresholds are one position under what every x86_64 kernel measures (scalar, AVX2 and
+// AVX-512 alike), so that a near-tie flipping on another architecture is no failure.
+
+#[test]
+fn llama_int8_agrees_with_f32_on_78_of_83_positions() {
+    // Measured 79/83 (0.952) with f32 and int16 activations, 77/83 with tract's integers.
+    assert_int8_top1_agreement(
+        "tiny-llama",
+        [(Scheme::Q8F32, 78), (Scheme::Q8Q16, 78), (Scheme::Fold, 76)],
+    );
 }
 
 #[test]
-fn llama_int8_runs_and_mostly_agrees_with_f32() {
-    assert!(int8_top1_agreement("tiny-llama") >= 0.9);
-}
-
-#[test]
-fn gpt2_int8_runs_and_mostly_agrees_with_f32() {
-    assert!(int8_top1_agreement("tiny-gpt2") >= 0.9);
+fn gpt2_int8_agrees_with_f32_on_81_of_83_positions() {
+    // Measured 82/83 (0.988) on every path.
+    assert_int8_top1_agreement(
+        "tiny-gpt2",
+        [(Scheme::Q8F32, 81), (Scheme::Q8Q16, 81), (Scheme::Fold, 81)],
+    );
 }
 
 /// ONNX Runtime `quantize_dynamic` bundles: every `MatMulInteger` layer is rewritten onto our
@@ -236,7 +205,7 @@ fn ort_matmul_integer_runs_on_the_q8_operator() {
             &fixture(bundle),
             &LoadOptions {
                 threads: 1,
-                int8: Int8Path::Fold,
+                int8: Scheme::Fold,
                 ..Default::default()
             },
         )
@@ -327,10 +296,11 @@ fn missing_model_onnx() {
     let dir = scratch("missing-model");
     copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
     let msg = load_error(&dir);
-    assert!(
-        msg.contains("model.onnx") && msg.contains("opening"),
-        "{msg}"
+    let want = format!(
+        "opening {:?}: No such file or directory",
+        dir.join("model.onnx")
     );
+    assert!(msg.starts_with(&want), "{msg}");
 }
 
 #[test]
@@ -338,7 +308,11 @@ fn missing_config_json() {
     let dir = scratch("missing-config");
     copy_bundle("tiny-llama/onnx-f32", &dir, &["model.onnx"]);
     let msg = load_error(&dir);
-    assert!(msg.contains("config.json"), "{msg}");
+    let want = format!(
+        "reading {:?}: No such file or directory",
+        dir.join("config.json")
+    );
+    assert!(msg.starts_with(&want), "{msg}");
 }
 
 #[test]
@@ -362,12 +336,20 @@ fn not_an_onnx_file() {
 #[test]
 fn truncated_model_onnx() {
     let bytes = fs::read(fixture("tiny-llama/onnx-f32/model.onnx")).unwrap();
-    for cut in [bytes.len() / 3, bytes.len() - 1] {
+    for (cut, field) in [
+        (bytes.len() / 3, "graph"),
+        (bytes.len() - 1, "opset_import"),
+    ] {
         let dir = scratch(&format!("truncated-{cut}"));
         copy_bundle("tiny-llama/onnx-f32", &dir, CONFIGS);
         fs::write(dir.join("model.onnx"), &bytes[..cut]).unwrap();
         let msg = load_error(&dir);
-        assert!(msg.contains("model.onnx"), "{msg}");
+        let want = format!(
+            "{:?} is not a valid ONNX model: failed to decode Protobuf message: \
+             ModelProto.{field}: buffer underflow",
+            dir.join("model.onnx")
+        );
+        assert_eq!(msg, want);
     }
 }
 
@@ -417,14 +399,7 @@ fn set_entry(t: &mut pb::TensorProto, key: &str, value: &str) {
 #[test]
 fn external_data_loads_and_matches_reference() {
     let dir = external_bundle("external-ok", |_, _| {});
-    let model = Model::load(
-        &dir,
-        &LoadOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = common::load(&dir);
     let reference = reference("tiny-llama");
     let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
     assert!(max_abs_diff(&logits, &reference.logits.concat()) <= 1e-4);

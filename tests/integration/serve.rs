@@ -17,17 +17,20 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use edgelm::convert::Quant;
 use edgelm::engine::Engine;
 use edgelm::generate::{generate, Flow, GenerateOptions};
 use edgelm::sampler::SamplerConfig;
 use edgelm::template::Message;
+
+use crate::chat::{tiny_replies, SYSTEM};
 
 /// Generous: a debug build loading a model on a busy 2-core machine.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The tiny Llama int8 bundle plus SmolLM2's chat template (the fixture has none), so
 /// `CHAT` works.
-fn chat_bundle() -> PathBuf {
+pub(crate) fn chat_bundle() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("edgelm-serve-tiny-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     for entry in fs::read_dir(fixture("tiny-llama/onnx-int8")).unwrap() {
@@ -395,6 +398,87 @@ fn pipes_full_session_then_quit() {
     assert_eq!(c.request("QUIT"), "OK bye");
     let status = server.0.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// `CHAT` runs the library's conversation: the same replies; when a turn does not fit with
+/// the whole history the oldest exchange is dropped (`EVT context_shift` before any `TOK`,
+/// and `END prompt=` counts the whole re-prefilled prompt); a message too long for the
+/// context is refused and the conversation goes on as if it had not been sent.
+#[test]
+fn pipes_chat_trims_whole_exchanges_and_a_refused_message_changes_nothing() {
+    let model = chat_bundle();
+    let (_server, mut c) = over_pipes_with(&model, &["-n", "8"]);
+    c.ready();
+    assert_eq!(c.request(&format!("SYSTEM {SYSTEM}")), "OK");
+    let questions = ["Hi!", "What now?", "Why?"];
+    let expected = tiny_replies(&questions, 8);
+    for (i, (user, reply)) in questions.iter().zip(&expected).enumerate() {
+        if i == 1 {
+            let long = "blah ".repeat(60);
+            let l = c.request(&format!("CHAT {long}"));
+            assert!(
+                l.starts_with("ERR context_full the message needs ")
+                    && l.ends_with(" tokens; the context holds 256 with 8 kept for the reply"),
+                "{l}"
+            );
+        }
+        c.send(format!("CHAT {user}\n").as_bytes());
+        if i == 2 {
+            assert_eq!(c.line(), "EVT context_shift dropped=1");
+        }
+        let (text, end) = c.generation();
+        assert_eq!(&text, reply, "turn {i}");
+        assert!(end.starts_with("END length "), "{end}");
+        if i == 2 {
+            let engine_ids = Engine::load(&model, &Default::default())
+                .unwrap()
+                .encode_chat(&[
+                    Message::new("system", SYSTEM),
+                    Message::new("user", questions[1]),
+                    Message::new("assistant", expected[1].as_str()),
+                    Message::new("user", questions[2]),
+                ])
+                .unwrap();
+            assert_eq!(field(&end, "prompt"), engine_ids.len(), "{end}");
+        }
+    }
+}
+
+/// A stop string holding a literal backslash sequence (the four characters `\x20`, sent
+/// escaped): `GET stop` shows it so that sending it back sets the same string, and
+/// generation stops on exactly that text, not on a space.
+#[test]
+fn stop_string_with_a_literal_backslash_sequence_round_trips_and_stops_there() {
+    let (_server, mut c) = over_pipes(&common::default_bundle(Quant::Int8));
+    let ready = c.line();
+    assert!(ready.starts_with("EVT ready context="), "{ready}");
+    assert_eq!(c.request("SET max_tokens 16"), "OK max_tokens=16");
+    let gen = |c: &mut Client| {
+        c.send(b"GEN 1\\x202\\x203\\x204\\x20\n");
+        c.generation()
+    };
+    let (free, end) = gen(&mut c);
+    assert_eq!(free, "5\\x206\\x207\\x208");
+    assert!(end.starts_with("END length "), "{end}");
+
+    assert_eq!(c.request("SET stop \\\\x20"), "OK stop=\\\\x20");
+    let shown = c.request("GET stop");
+    assert_eq!(shown, "OK stop=\\\\x20");
+    let value = shown.strip_prefix("OK stop=").unwrap();
+    assert_eq!(c.request(&format!("SET stop {value}")), shown);
+    let (text, end) = gen(&mut c);
+    assert_eq!(text, "5");
+    assert!(end.starts_with("END stop "), "{end}");
+
+    // A space (`\x20` on the wire) and the five characters `\x207`.
+    assert_eq!(
+        c.request("SET stop \\x20 \\\\x207"),
+        "OK stop=\\x20 \\\\x207"
+    );
+    let (text, end) = gen(&mut c);
+    assert_eq!(text, "5\\x206");
+    assert!(end.starts_with("END stop "), "{end}");
+    assert_eq!(c.request("SET stop off"), "OK stop=off");
 }
 
 /// A reply longer than a small ring wraps it: `EVT shift` lines arrive between `TOK` lines,

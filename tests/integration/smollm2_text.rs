@@ -2,6 +2,9 @@
 //! (transformers/jinja2), prompt ids (Python `tokenizers`), and streamed decoding
 //! (`golden_hf.json`, transformers' decode).
 
+use crate::common;
+
+use common::{golden_hf, ids};
 use std::path::{Path, PathBuf};
 
 use edgelm::template::{ChatTemplate, Message};
@@ -9,9 +12,7 @@ use edgelm::tokenizer::{TokenOutputStream, Tokenizer};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/smollm2-135m-instruct")
-        .join(name)
+    common::fixture("smollm2-135m-instruct").join(name)
 }
 
 fn json(name: &str) -> Value {
@@ -28,16 +29,8 @@ fn template() -> ChatTemplate {
         .expect("fixture has a chat template")
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn golden_prompt(name: &str) -> Value {
-    json("golden_hf.json")["prompts"]
+    golden_hf()["prompts"]
         .as_array()
         .unwrap()
         .iter()
@@ -46,11 +39,8 @@ fn golden_prompt(name: &str) -> Value {
         .clone()
 }
 
-/// A scratch directory unique to this test process and name.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edgelm-textgen-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("smollm2_text", name)
 }
 
 #[test]
@@ -250,7 +240,7 @@ fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
 #[test]
 fn streamed_golden_generations_match_transformers_decode() {
     let tok = tokenizer();
-    for p in json("golden_hf.json")["prompts"].as_array().unwrap() {
+    for p in golden_hf()["prompts"].as_array().unwrap() {
         let pieces = stream(&tok, &ids(&p["generated_ids"]));
         assert_eq!(
             pieces.concat(),

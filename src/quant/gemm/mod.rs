@@ -20,13 +20,31 @@
 //! horizontal sums. i8mm's `smmla` wants 8 consecutive values of 2 rows, which one `zip` of
 //! two chunks gives; the int16 kernels widen a chunk and multiply pairs.
 //!
-//! In a bundle (not yet written by the converter) the layout stays standard ONNX that other
-//! runtimes read: the int8 initializer has shape (G, nb, 8, 16, 4), followed by
-//! `Transpose(perm = [0, 3, 1, 2, 4])` -> (G, 16, nb, 8, 4), `Reshape` -> (16 G, 32 nb),
-//! `Slice` -> (n, k); the scales initializer (G, nb, 16) by `Transpose([0, 2, 1])`,
-//! `Reshape` -> (16 G, nb) and `Slice` -> (n, nb); then the usual
-//! `DequantizeLinear(axis = 1, block_size = 32)`. A loader that recognises the pattern uses
-//! both initializers in place from the mapped file, for prefill and decode alike.
+//! # The layout in a bundle
+//! The converter writes row-major Q8 today, and [`Scheme::Q8Q15`](super::Scheme::Q8Q15)
+//! copies each matrix into this layout on the heap at its first product (about the int8
+//! bundle's size again in anonymous memory). The layout is designed to be written by the
+//! converter instead and read in place from the mapped file, as standard ONNX that other
+//! runtimes still read (the test `tiled_layout_reads_back_through_standard_onnx_ops` runs
+//! this subgraph through tract-onnx):
+//! - the int8 initializer has shape (G, nb, 8, 16, 4) and the scales initializer
+//!   (G, nb, 16), both in the external data file as they are in memory here;
+//! - `Transpose(perm = [0, 3, 1, 2, 4])` -> (G, 16, nb, 8, 4), `Reshape` -> (16 G, 32 nb),
+//!   `Slice` -> (n, k) undo it for the values; `Transpose([0, 2, 1])`, `Reshape` ->
+//!   (16 G, nb), `Slice` -> (n, nb) for the scales;
+//! - then the `DequantizeLinear(axis = 1, block_size = 32)` -> `MatMul` (or `Gather`) that a
+//!   row-major bundle has.
+//!
+//! The pre-pass's int8 routing recognises `DequantizeLinear(Slice(Reshape(Transpose(q))),
+//! Slice(Reshape(Transpose(s))))` with exactly these permutations and shapes (anything else
+//! falls back to tract's own evaluation) and binds `Q8MatMul` to a [`Q8Tiled`] borrowing both
+//! initializers from the mapping (no alignment needed: the kernels load unaligned); the
+//! embedding `Gather` reads rows with [`Q8Tiled::dequantize_row`]. Prefill runs the GEMM
+//! here; decode needs a one-row product on this layout as fast as the row-major Q8F32
+//! matrix-vector kernel (the x86 kernels here prefetch a few group-blocks ahead for one
+//! row; a Q8F32 one-row kernel on this layout, f32 activations broadcast per 4 values,
+//! keeps decode's fidelity). Only then is the row-major copy dropped from the bundle, and
+//! anonymous memory stays what it is with row-major weights.
 //!
 //! # Arithmetic
 //! For activations x (m, k) and outputs y (m, n) = x Wᵀ, each activation row is cut into
@@ -80,7 +98,7 @@ pub use acts::Acts;
 use acts::{Form, QuantRows};
 
 use super::format::BLOCK;
-use super::{blocks_per_row, QuantError, SharedOut, ThreadPool};
+use super::{blocks_per_row, Kernel, QuantError, SharedOut, ThreadPool};
 
 /// Weight rows interleaved in one group.
 pub const GROUP: usize = 16;
@@ -370,6 +388,26 @@ impl Isa {
         Self::ALL
             .into_iter()
             .rev()
+            .find(|i| i.is_available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// The variant that runs for the one kernel choice ([`Kernel::select`]): the best
+    /// available one of the kernel's family (scalar for `Scalar`; AVX2 or AVX-VNNI for
+    /// `Avx2`, those or AVX-512 VNNI for `Avx512`; NEON for `Neon`; SDOT or i8mm for
+    /// `Dotprod`), else scalar.
+    pub fn for_kernel(kernel: Kernel) -> Isa {
+        let family: &[Isa] = match kernel {
+            Kernel::Scalar => &[],
+            Kernel::Avx2 => &[Isa::Avx2, Isa::AvxVnni],
+            Kernel::Avx512 => &[Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni],
+            Kernel::Neon => &[Isa::Neon],
+            Kernel::Dotprod => &[Isa::Neon, Isa::Dotprod, Isa::I8mm],
+        };
+        family
+            .iter()
+            .rev()
+            .copied()
             .find(|i| i.is_available())
             .unwrap_or(Isa::Scalar)
     }

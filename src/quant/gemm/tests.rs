@@ -432,6 +432,17 @@ fn expected_isas_are_detected() {
 }
 
 #[test]
+fn the_kernel_choice_runs_its_familys_best_gemm_variant() {
+    // Kernel::best is the last available of its list, as Isa::best is of its own, and every
+    // kernel family holds the Isa variants its CPU features imply.
+    assert_eq!(Isa::for_kernel(Kernel::best()), Isa::best());
+    assert_eq!(Isa::for_kernel(Kernel::Scalar), Isa::Scalar);
+    for kernel in Kernel::available() {
+        assert!(Isa::for_kernel(kernel).is_available(), "{kernel}");
+    }
+}
+
+#[test]
 fn tiled_layout_reads_back_through_standard_onnx_ops() {
     // The bundle form of the layout (module documentation): the tiled initializers, then
     // Transpose, Reshape and Slice, evaluated by tract-onnx, give the row-major int8 values

@@ -3,7 +3,7 @@
 //!
 //! Block layouts follow ggml's `block_*` structs; every scale is an f16 unless noted.
 
-use super::gguf::{GgmlType, GgufError};
+use super::{GgmlType, GgufError};
 
 /// Converts IEEE binary16 bits to f32, exactly (every f16 is an f32; NaN payloads kept).
 pub fn f16_to_f32(h: u16) -> f32 {

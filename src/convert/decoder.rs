@@ -1,0 +1,690 @@
+//! The decoder-only transformer every family is written as: [`DecoderParams`] say what the
+//! blocks are made of, a [`Layout`] says where the checkpoint keeps each tensor, and
+//! [`write_graph`] writes the ONNX graph with the Hugging Face Optimum
+//! `text-generation-with-past` interface.
+//!
+//! Linear layers are `MatMul(x, W)` with W stored (in, out) in f32 bundles, or
+//! `DequantizeLinear(q (out, in), scale (out, in/32), axis=1, block_size=32) -> Transpose ->
+//! MatMul` in int8 bundles, so every quantized row is a run of contiguous 32-int8 blocks
+//! the runtime can stream in place. No constant is transposed by the runtime in f32
+//! bundles: a tied LM head is written out as its own (hidden, vocab) copy. Attention is the
+//! one pattern `attention::fuse` replaces by the ring-buffer op.
+
+use std::ops::Range;
+
+use anyhow::{anyhow, bail, ensure, Result};
+
+use super::onnx::{Attr, Dim, Elem, GraphBuilder};
+use super::{Quant, Weight, WeightSource};
+use crate::quant::{quantize_q8_fitted, BLOCK};
+
+/// Hyper-parameters and block structure of a decoder, whatever family it comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderParams {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Hidden size (embedding width).
+    pub hidden: usize,
+    /// Number of decoder layers.
+    pub layers: usize,
+    /// Number of query heads.
+    pub heads: usize,
+    /// Number of key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Inner width of the MLP.
+    pub ffn: usize,
+    /// Trained context length.
+    pub max_positions: usize,
+    /// How token positions enter the model.
+    pub positions: Positions,
+    /// The normalization before attention, before the MLP and after the last block.
+    pub norm: Norm,
+    /// The normalization's epsilon.
+    pub norm_eps: f32,
+    /// The MLP's shape and activation.
+    pub mlp: Mlp,
+    /// Which linear layers carry a bias.
+    pub bias: Biases,
+    /// Whether the LM head shares the embedding matrix.
+    pub tied_embeddings: bool,
+}
+
+/// How token positions enter the model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Positions {
+    /// Rotary embeddings (rotate-half form) on Q and K, with this base frequency.
+    Rope { theta: f32 },
+    /// A learned (max_positions, hidden) table added to the token embeddings.
+    Learned,
+}
+
+/// A normalization layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`.
+    Rms,
+    /// LayerNorm: `(x - mean) / sqrt(var + eps) * weight + bias`.
+    Layer,
+}
+
+/// The MLP: `down(act(gate(x)) * up(x))` when gated, else `down(act(up(x)))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mlp {
+    /// The activation.
+    pub activation: Activation,
+    /// Whether a gate projection multiplies the activation (SwiGLU, GeGLU).
+    pub gated: bool,
+}
+
+/// An MLP activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// The tanh approximation of GELU (GPT-2's `gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Which linear layers carry a bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Biases {
+    /// The Q, K and V projections.
+    pub qkv: bool,
+    /// The attention output projection.
+    pub output: bool,
+    /// The MLP projections.
+    pub mlp: bool,
+}
+
+impl DecoderParams {
+    /// The RoPE base frequency, for rotary models.
+    pub fn rope_theta(&self) -> Option<f32> {
+        match self.positions {
+            Positions::Rope { theta } => Some(theta),
+            Positions::Learned => None,
+        }
+    }
+
+    /// Checks the shapes agree with each other.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.vocab > 0 && self.hidden > 0 && self.layers > 0 && self.ffn > 0,
+            "model has a zero dimension: {self:?}"
+        );
+        ensure!(
+            self.heads > 0 && self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+            "{} attention heads is not a multiple of {} key/value heads",
+            self.heads,
+            self.kv_heads
+        );
+        let rope = matches!(self.positions, Positions::Rope { .. });
+        ensure!(
+            self.head_dim > 0 && (!rope || self.head_dim.is_multiple_of(2)),
+            "head dimension {} must be even for RoPE",
+            self.head_dim
+        );
+        Ok(())
+    }
+}
+
+/// A tensor of the decoder, by what it does. Weights are `{prefix}.weight` in the
+/// checkpoint, biases `{prefix}.bias`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tensor {
+    /// Token embedding (vocab, hidden).
+    Embedding,
+    /// Learned position table (max_positions, hidden).
+    Positions,
+    /// Norm after the last block.
+    FinalNorm,
+    /// LM head (vocab, hidden), when not tied.
+    LmHead,
+    /// Layer `l`'s norm before attention.
+    AttnNorm(usize),
+    /// Layer `l`'s query projection.
+    Q(usize),
+    /// Layer `l`'s key projection.
+    K(usize),
+    /// Layer `l`'s value projection.
+    V(usize),
+    /// Layer `l`'s Q, K and V projections as one tensor, rows in that order.
+    Qkv(usize),
+    /// Layer `l`'s attention output projection.
+    O(usize),
+    /// Layer `l`'s norm before the MLP.
+    MlpNorm(usize),
+    /// Layer `l`'s MLP gate projection.
+    Gate(usize),
+    /// Layer `l`'s MLP up projection.
+    Up(usize),
+    /// Layer `l`'s MLP down projection.
+    Down(usize),
+}
+
+/// Where a family's checkpoints keep the decoder's tensors, in the Hugging Face layout.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// The checkpoint prefix of a tensor, `None` for one the family does not have.
+    pub prefix: fn(Tensor) -> Option<String>,
+    /// Linear weights stored (in, out) as `Conv1D` rather than `nn.Linear`'s (out, in).
+    pub conv1d: bool,
+    /// Q, K and V stored as one [`Tensor::Qkv`] rather than three.
+    pub fused_qkv: bool,
+}
+
+/// Writes the whole decoder graph into `g`, reading weights from `src` where `layout` says
+/// they are; `progress` is called after the embeddings, after each layer and after the
+/// head (`layers + 2` times).
+pub fn write_graph(
+    mut g: GraphBuilder,
+    p: &DecoderParams,
+    layout: &Layout,
+    quant: Quant,
+    src: &dyn WeightSource,
+    progress: &mut dyn FnMut(),
+) -> Result<GraphBuilder> {
+    p.validate()?;
+    let (kvh, hd) = (p.kv_heads as i64, p.head_dim as i64);
+    let batch = Dim::Sym("batch_size");
+    let seq = Dim::Sym("sequence_length");
+    let past = Dim::Sym("past_sequence_length");
+    let total = Dim::Sym("past_sequence_length + sequence_length");
+    g.input("input_ids", Elem::I64, &[batch.clone(), seq.clone()]);
+    g.input("attention_mask", Elem::I64, &[batch.clone(), total.clone()]);
+    g.input("position_ids", Elem::I64, &[batch.clone(), seq.clone()]);
+    for i in 0..p.layers {
+        for kv in ["key", "value"] {
+            let dims = [batch.clone(), Dim::Fixed(kvh), past.clone(), Dim::Fixed(hd)];
+            g.input(&format!("past_key_values.{i}.{kv}"), Elem::F32, &dims);
+        }
+    }
+    let mut w = Writer {
+        g,
+        p,
+        layout,
+        quant,
+        src,
+        progress,
+    };
+    w.body()?;
+    let mut g = w.g;
+    let logits_dims = [batch.clone(), seq, Dim::Fixed(p.vocab as i64)];
+    g.output("logits", "logits", Elem::F32, &logits_dims);
+    for i in 0..p.layers {
+        for kv in ["key", "value"] {
+            let name = format!("present.{i}.{kv}");
+            let dims = [
+                batch.clone(),
+                Dim::Fixed(kvh),
+                total.clone(),
+                Dim::Fixed(hd),
+            ];
+            g.output(&name, &name, Elem::F32, &dims);
+        }
+    }
+    Ok(g)
+}
+
+/// The graph being written and where its weights come from.
+struct Writer<'a> {
+    g: GraphBuilder,
+    p: &'a DecoderParams,
+    layout: &'a Layout,
+    quant: Quant,
+    src: &'a dyn WeightSource,
+    progress: &'a mut dyn FnMut(),
+}
+
+impl Writer<'_> {
+    /// From `input_ids`/`position_ids` to `logits`.
+    fn body(&mut self) -> Result<()> {
+        let p = self.p;
+        let (emb, table) = self.embedding()?;
+        let mut x = self.g.node(
+            "Gather",
+            &[&table, "input_ids"],
+            vec![("axis", Attr::Int(0))],
+        );
+        let rope = match p.positions {
+            Positions::Rope { theta } => Some(self.rope_tables(theta)),
+            Positions::Learned => {
+                x = self.add_learned_positions(&x)?;
+                None
+            }
+        };
+        (self.progress)();
+
+        let mask = self.causal_mask();
+        let scale = 1.0 / (p.head_dim as f32).sqrt();
+        for l in 0..p.layers {
+            let h = self.norm(&x, Tensor::AttnNorm(l))?;
+            let [q, k, v] = self.qkv(&h, l)?;
+            let rope = rope.as_ref().map(|(cos, sin)| (cos.as_str(), sin.as_str()));
+            let o = self.attention(l, [&q, &k, &v], rope, &mask, scale);
+            let qn = p.heads * p.head_dim;
+            let o = self.linear(&o, Tensor::O(l), p.hidden, qn, p.bias.output)?;
+            x = self.g.node("Add", &[&x, &o], vec![]);
+
+            let h = self.norm(&x, Tensor::MlpNorm(l))?;
+            let o = self.mlp(&h, l)?;
+            x = self.g.node("Add", &[&x, &o], vec![]);
+            (self.progress)();
+        }
+        let x = self.norm(&x, Tensor::FinalNorm)?;
+        self.lm_head(&x, emb, &table)?;
+        (self.progress)();
+        Ok(())
+    }
+
+    /// The checkpoint prefix of `t`.
+    fn prefix(&self, t: Tensor) -> Result<String> {
+        (self.layout.prefix)(t).ok_or_else(|| anyhow!("this model family has no tensor {t:?}"))
+    }
+
+    fn load(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let Some(w) = self.src.tensor(name)? else {
+            bail!("checkpoint has no tensor \"{name}\"");
+        };
+        ensure!(
+            w.shape == shape,
+            "tensor \"{name}\" has shape {:?}, expected {shape:?}",
+            w.shape
+        );
+        Ok(w)
+    }
+
+    /// The linear weight `{prefix}.weight` as (n out, k in), whichever way it is stored.
+    fn load_linear(&mut self, prefix: &str, n: usize, k: usize) -> Result<Weight> {
+        let name = format!("{prefix}.weight");
+        if self.layout.conv1d {
+            Ok(self.load(&name, &[k, n])?.transposed())
+        } else {
+            self.load(&name, &[n, k])
+        }
+    }
+
+    fn ints(&mut self, hint: &str, v: &[i64]) -> String {
+        self.g.const_i64(hint, &[v.len() as i64], v)
+    }
+
+    /// An (out, in) weight as the right-hand side of `MatMul`: (in, out) in value.
+    fn matmul_rhs(&mut self, name: &str, w: &Weight) -> Result<String> {
+        match self.quant {
+            Quant::F32 => {
+                let t = w.transposed(); // (k, n)
+                let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                self.g.weight_f32(name, &dims, &t.data)
+            }
+            Quant::Int8 => {
+                let deq = self.dequantized(name, w)?;
+                Ok(self.g.node("Transpose", &[&deq], perm(&[1, 0])))
+            }
+        }
+    }
+
+    /// Stores an (n, k) weight as int8 blocks and returns its `DequantizeLinear` output.
+    fn dequantized(&mut self, name: &str, w: &Weight) -> Result<String> {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let (q, scales) = quantize_q8_fitted(&w.data, n, k);
+        let q_bytes: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+        let q_name = self.g.weight(
+            &format!("{name}.q8"),
+            Elem::I8,
+            &[n as i64, k as i64],
+            &q_bytes,
+        )?;
+        let nb = k.div_ceil(BLOCK) as i64;
+        let s_name = self
+            .g
+            .weight_f32(&format!("{name}.scale"), &[n as i64, nb], &scales)?;
+        let attrs = vec![
+            ("axis", Attr::Int(1)),
+            ("block_size", Attr::Int(BLOCK as i64)),
+        ];
+        Ok(self.g.node("DequantizeLinear", &[&q_name, &s_name], attrs))
+    }
+
+    /// `x · w^T` for an (out, in) weight `w` stored under `name`.
+    fn project(&mut self, x: &str, name: &str, w: &Weight) -> Result<String> {
+        let rhs = self.matmul_rhs(name, w)?;
+        Ok(self.g.node("MatMul", &[x, &rhs], vec![]))
+    }
+
+    /// `x · W^T (+ b)` for the (n out, k in) linear layer `t`.
+    fn linear(&mut self, x: &str, t: Tensor, n: usize, k: usize, bias: bool) -> Result<String> {
+        let prefix = self.prefix(t)?;
+        let w = self.load_linear(&prefix, n, k)?;
+        let y = self.project(x, &format!("{prefix}.weight"), &w)?;
+        if !bias {
+            return Ok(y);
+        }
+        let b = self.load(&format!("{prefix}.bias"), &[n])?;
+        Ok(self.add_bias(&y, &b.data))
+    }
+
+    /// `y + b` with `b` (n) broadcast over the rows.
+    fn add_bias(&mut self, y: &str, b: &[f32]) -> String {
+        let bias = self.g.const_f32("bias", &[b.len() as i64], b);
+        self.g.node("Add", &[y, &bias], vec![])
+    }
+
+    /// Layer `l`'s Q (b, s, heads*hd), K and V (b, s, kv_heads*hd) from the normed `x`.
+    fn qkv(&mut self, x: &str, l: usize) -> Result<[String; 3]> {
+        let p = self.p;
+        let (qn, kvn, bias) = (p.heads * p.head_dim, p.kv_heads * p.head_dim, p.bias.qkv);
+        if !self.layout.fused_qkv {
+            let q = self.linear(x, Tensor::Q(l), qn, p.hidden, bias)?;
+            let k = self.linear(x, Tensor::K(l), kvn, p.hidden, bias)?;
+            let v = self.linear(x, Tensor::V(l), kvn, p.hidden, bias)?;
+            return Ok([q, k, v]);
+        }
+        // One fused tensor, split into the three weights the attention pattern expects.
+        let prefix = self.prefix(Tensor::Qkv(l))?;
+        let rows = qn + 2 * kvn;
+        let w = self.load_linear(&prefix, rows, p.hidden)?; // (rows, hidden)
+        let b = if bias {
+            Some(self.load(&format!("{prefix}.bias"), &[rows])?)
+        } else {
+            None
+        };
+        let q = self.fused_part(x, &prefix, "q", &w, b.as_ref(), 0..qn)?;
+        let k = self.fused_part(x, &prefix, "k", &w, b.as_ref(), qn..qn + kvn)?;
+        let v = self.fused_part(x, &prefix, "v", &w, b.as_ref(), qn + kvn..rows)?;
+        Ok([q, k, v])
+    }
+
+    /// The projection by `rows` of the fused (rows, hidden) weight `w` and bias `b`, stored
+    /// as `{prefix}.{part}.weight`.
+    fn fused_part(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        part: &str,
+        w: &Weight,
+        b: Option<&Weight>,
+        rows: Range<usize>,
+    ) -> Result<String> {
+        let k = w.shape[1];
+        let part_w = Weight {
+            shape: vec![rows.len(), k],
+            data: w.data[rows.start * k..rows.end * k].to_vec(),
+        };
+        let y = self.project(x, &format!("{prefix}.{part}.weight"), &part_w)?;
+        Ok(match b {
+            Some(b) => self.add_bias(&y, &b.data[rows]),
+            None => y,
+        })
+    }
+
+    /// Layer `l`'s MLP on the normed `x`.
+    fn mlp(&mut self, x: &str, l: usize) -> Result<String> {
+        let p = self.p;
+        let (n, k, bias) = (p.ffn, p.hidden, p.bias.mlp);
+        let h = if p.mlp.gated {
+            let gate = self.linear(x, Tensor::Gate(l), n, k, bias)?;
+            let up = self.linear(x, Tensor::Up(l), n, k, bias)?;
+            let act = self.activation(&gate);
+            self.g.node("Mul", &[&act, &up], vec![])
+        } else {
+            let up = self.linear(x, Tensor::Up(l), n, k, bias)?;
+            self.activation(&up)
+        };
+        self.linear(&h, Tensor::Down(l), k, n, bias)
+    }
+
+    fn activation(&mut self, x: &str) -> String {
+        match self.p.mlp.activation {
+            Activation::Silu => {
+                let sig = self.g.node("Sigmoid", &[x], vec![]);
+                self.g.node("Mul", &[x, &sig], vec![])
+            }
+            Activation::GeluTanh => self.gelu_tanh(x),
+        }
+    }
+
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    fn gelu_tanh(&mut self, x: &str) -> String {
+        let c = self
+            .g
+            .const_f32("gelu_c", &[], &[(2.0 / std::f32::consts::PI).sqrt()]);
+        let a = self.g.const_f32("gelu_a", &[], &[0.044715]);
+        let half = self.g.const_f32("half", &[], &[0.5]);
+        let one = self.g.const_f32("one", &[], &[1.0]);
+        let x2 = self.g.node("Mul", &[x, x], vec![]);
+        let x3 = self.g.node("Mul", &[&x2, x], vec![]);
+        let ax3 = self.g.node("Mul", &[&a, &x3], vec![]);
+        let inner = self.g.node("Add", &[x, &ax3], vec![]);
+        let inner = self.g.node("Mul", &[&c, &inner], vec![]);
+        let t = self.g.node("Tanh", &[&inner], vec![]);
+        let t = self.g.node("Add", &[&one, &t], vec![]);
+        let hx = self.g.node("Mul", &[&half, x], vec![]);
+        self.g.node("Mul", &[&hx, &t], vec![])
+    }
+
+    /// The norm `t` over the last axis.
+    fn norm(&mut self, x: &str, t: Tensor) -> Result<String> {
+        let prefix = self.prefix(t)?;
+        let n = self.p.hidden;
+        let eps = self.p.norm_eps;
+        let w = self.load(&format!("{prefix}.weight"), &[n])?;
+        match self.p.norm {
+            Norm::Rms => {
+                let weight = self.g.const_f32("norm_w", &[n as i64], &w.data);
+                let eps = self.g.const_f32("eps", &[], &[eps]);
+                let axes = self.ints("axes", &[-1]);
+                let sq = self.g.node("Mul", &[x, x], vec![]);
+                let mean = self.g.node(
+                    "ReduceMean",
+                    &[&sq, &axes],
+                    vec![("keepdims", Attr::Int(1))],
+                );
+                let var = self.g.node("Add", &[&mean, &eps], vec![]);
+                let std = self.g.node("Sqrt", &[&var], vec![]);
+                let inv = self.g.node("Reciprocal", &[&std], vec![]);
+                let normed = self.g.node("Mul", &[x, &inv], vec![]);
+                Ok(self.g.node("Mul", &[&weight, &normed], vec![]))
+            }
+            Norm::Layer => {
+                let b = self.load(&format!("{prefix}.bias"), &[n])?;
+                let w = self.g.const_f32("ln_w", &[n as i64], &w.data);
+                let b = self.g.const_f32("ln_b", &[n as i64], &b.data);
+                let attrs = vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))];
+                Ok(self.g.node("LayerNormalization", &[x, &w, &b], attrs))
+            }
+        }
+    }
+
+    /// The token embedding (vocab, hidden) and the graph value holding it (f32 or int8).
+    fn embedding(&mut self) -> Result<(Weight, String)> {
+        let p = self.p;
+        let name = format!("{}.weight", self.prefix(Tensor::Embedding)?);
+        let emb = self.load(&name, &[p.vocab, p.hidden])?;
+        let table = match self.quant {
+            Quant::F32 => {
+                self.g
+                    .weight_f32(&name, &[p.vocab as i64, p.hidden as i64], &emb.data)?
+            }
+            Quant::Int8 => self.dequantized(&name, &emb)?,
+        };
+        Ok((emb, table))
+    }
+
+    /// `x` plus the learned position table at `position_ids`. The table stays f32 in every
+    /// bundle: (max_positions, hidden) is small.
+    fn add_learned_positions(&mut self, x: &str) -> Result<String> {
+        let p = self.p;
+        let name = format!("{}.weight", self.prefix(Tensor::Positions)?);
+        let table = self.load(&name, &[p.max_positions, p.hidden])?;
+        let dims = [p.max_positions as i64, p.hidden as i64];
+        let table = self.g.weight_f32(&name, &dims, &table.data)?;
+        let positions = self.g.node(
+            "Gather",
+            &[&table, "position_ids"],
+            vec![("axis", Attr::Int(0))],
+        );
+        Ok(self.g.node("Add", &[x, &positions], vec![]))
+    }
+
+    /// RoPE's (cos, sin), each (b, 1, s, head_dim), from `position_ids`, computed in f32 as
+    /// transformers does.
+    fn rope_tables(&mut self, theta: f32) -> (String, String) {
+        let hd = self.p.head_dim;
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let inv_freq = self.g.const_f32("inv_freq", &[hd as i64 / 2], &inv_freq);
+        let pos = self
+            .g
+            .node("Cast", &["position_ids"], vec![("to", Attr::Int(1))]);
+        let ax2 = self.ints("axes", &[2]);
+        let pos = self.g.node("Unsqueeze", &[&pos, &ax2], vec![]);
+        let freqs = self.g.node("Mul", &[&pos, &inv_freq], vec![]);
+        let angles = self
+            .g
+            .node("Concat", &[&freqs, &freqs], vec![("axis", Attr::Int(-1))]);
+        let ax1 = self.ints("axes", &[1]);
+        let cos = self.g.node("Cos", &[&angles], vec![]);
+        let cos = self.g.node("Unsqueeze", &[&cos, &ax1], vec![]);
+        let sin = self.g.node("Sin", &[&angles], vec![]);
+        let sin = self.g.node("Unsqueeze", &[&sin, &ax1], vec![]);
+        (cos, sin)
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on (batch, heads, seq, head_dim).
+    fn rope(&mut self, x: &str, cos: &str, sin: &str) -> String {
+        let half = (self.p.head_dim / 2) as i64;
+        let axes = self.ints("axes", &[-1]);
+        let (z, h, end) = (
+            self.ints("s", &[0]),
+            self.ints("s", &[half]),
+            self.ints("e", &[i64::MAX]),
+        );
+        let x1 = self.g.node("Slice", &[x, &z, &h, &axes], vec![]);
+        let x2 = self.g.node("Slice", &[x, &h, &end, &axes], vec![]);
+        let neg = self.g.node("Neg", &[&x2], vec![]);
+        let rot = self
+            .g
+            .node("Concat", &[&neg, &x1], vec![("axis", Attr::Int(-1))]);
+        let a = self.g.node("Mul", &[x, cos], vec![]);
+        let b = self.g.node("Mul", &[&rot, sin], vec![]);
+        self.g.node("Add", &[&a, &b], vec![])
+    }
+
+    /// The attention mask (b, 1, 1, s, total): key j is visible to query i iff
+    /// j <= past + i and `attention_mask[j] != 0`.
+    fn causal_mask(&mut self) -> String {
+        let one_idx = self.g.const_i64("idx", &[], &[1]);
+        let ids_shape = self.g.node("Shape", &["input_ids"], vec![]);
+        let seq_len = self.g.node(
+            "Gather",
+            &[&ids_shape, &one_idx],
+            vec![("axis", Attr::Int(0))],
+        );
+        let am_shape = self.g.node("Shape", &["attention_mask"], vec![]);
+        let total = self.g.node(
+            "Gather",
+            &[&am_shape, &one_idx],
+            vec![("axis", Attr::Int(0))],
+        );
+        let past = self.g.node("Sub", &[&total, &seq_len], vec![]);
+        let zero = self.g.const_i64("zero", &[], &[0]);
+        let one = self.g.const_i64("one", &[], &[1]);
+        let kpos = self.g.node("Range", &[&zero, &total, &one], vec![]);
+        let qpos = self.g.node("Range", &[&past, &total, &one], vec![]);
+        let ax0 = self.ints("axes", &[0]);
+        let ax1 = self.ints("axes", &[1]);
+        let kpos = self.g.node("Unsqueeze", &[&kpos, &ax0], vec![]);
+        let qpos = self.g.node("Unsqueeze", &[&qpos, &ax1], vec![]);
+        let causal = self.g.node("LessOrEqual", &[&kpos, &qpos], vec![]); // (s, total)
+        let am = self
+            .g
+            .node("Cast", &["attention_mask"], vec![("to", Attr::Int(9))]);
+        let ax123 = self.ints("axes", &[1, 2, 3]);
+        let am = self.g.node("Unsqueeze", &[&am, &ax123], vec![]); // (b, 1, 1, 1, total)
+        self.g.node("And", &[&causal, &am], vec![])
+    }
+
+    /// Layer `l`'s attention: `q` (b, s, heads*hd), `k`/`v` (b, s, kv_heads*hd), RoPE'd with
+    /// `rope` = (cos, sin) if given, appended to the layer's cache inputs (which become its
+    /// `present` outputs); returns (b, s, heads*hd). This exact pattern is what
+    /// `attention::fuse` replaces by the ring-buffer op.
+    fn attention(
+        &mut self,
+        l: usize,
+        [q, k, v]: [&str; 3],
+        rope: Option<(&str, &str)>,
+        mask: &str,
+        scale: f32,
+    ) -> String {
+        let p = self.p;
+        let (h, kvh, hd) = (p.heads as i64, p.kv_heads as i64, p.head_dim as i64);
+        let split_heads = self.ints("shape", &[0, 0, h, hd]);
+        let split_kv = self.ints("shape", &[0, 0, kvh, hd]);
+        let grouped = self.ints("shape", &[0, kvh, h / kvh, -1, hd]);
+        let merged = self.ints("shape", &[0, h, -1, hd]);
+        let flat = self.ints("shape", &[0, 0, h * hd]);
+        let ax2 = self.ints("axes", &[2]);
+        let bhsd = [0, 2, 1, 3];
+        let q = self.g.node("Reshape", &[q, &split_heads], vec![]);
+        let q = self.g.node("Transpose", &[&q], perm(&bhsd));
+        let k = self.g.node("Reshape", &[k, &split_kv], vec![]);
+        let k = self.g.node("Transpose", &[&k], perm(&bhsd));
+        let v = self.g.node("Reshape", &[v, &split_kv], vec![]);
+        let v = self.g.node("Transpose", &[&v], perm(&bhsd));
+        let (q, k) = match rope {
+            Some((cos, sin)) => (self.rope(&q, cos, sin), self.rope(&k, cos, sin)),
+            None => (q, k),
+        };
+        let (pk, pv) = (
+            format!("past_key_values.{l}.key"),
+            format!("past_key_values.{l}.value"),
+        );
+        let (ok, ov) = (format!("present.{l}.key"), format!("present.{l}.value"));
+        self.g
+            .node_named("Concat", &[&pk, &k], vec![("axis", Attr::Int(2))], &ok);
+        self.g
+            .node_named("Concat", &[&pv, &v], vec![("axis", Attr::Int(2))], &ov);
+
+        let neg = self.g.const_f32("neg", &[], &[f32::MIN]);
+        let scale = self.g.const_f32("scale", &[], &[scale]);
+        let q5 = self.g.node("Reshape", &[&q, &grouped], vec![]); // (b, kvh, g, s, hd)
+        let k5 = self.g.node("Unsqueeze", &[&ok, &ax2], vec![]); // (b, kvh, 1, t, hd)
+        let kt = self.g.node("Transpose", &[&k5], perm(&[0, 1, 2, 4, 3]));
+        let v5 = self.g.node("Unsqueeze", &[&ov, &ax2], vec![]);
+        let scores = self.g.node("MatMul", &[&q5, &kt], vec![]); // (b, kvh, g, s, t)
+        let scores = self.g.node("Mul", &[&scores, &scale], vec![]);
+        let scores = self.g.node("Where", &[mask, &scores, &neg], vec![]);
+        let probs = self
+            .g
+            .node("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        let o = self.g.node("MatMul", &[&probs, &v5], vec![]); // (b, kvh, g, s, hd)
+        let o = self.g.node("Reshape", &[&o, &merged], vec![]);
+        let o = self.g.node("Transpose", &[&o], perm(&bhsd));
+        self.g.node("Reshape", &[&o, &flat], vec![])
+    }
+
+    /// The `logits` output from the final hidden state `x`: the embedding `emb` (graph value
+    /// `table`) when tied, else the LM head's own weight.
+    fn lm_head(&mut self, x: &str, emb: Weight, table: &str) -> Result<()> {
+        let p = self.p;
+        let name = format!("{}.weight", self.prefix(Tensor::LmHead)?);
+        let head = if p.tied_embeddings {
+            match self.quant {
+                Quant::F32 => self.matmul_rhs(&name, &emb)?,
+                Quant::Int8 => self.g.node("Transpose", &[table], perm(&[1, 0])),
+            }
+        } else {
+            drop(emb);
+            let w = self.load(&name, &[p.vocab, p.hidden])?;
+            self.matmul_rhs(&name, &w)?
+        };
+        self.g.node_named("MatMul", &[x, &head], vec![], "logits");
+        Ok(())
+    }
+}
+
+fn perm(p: &[i64]) -> Vec<(&'static str, Attr)> {
+    vec![("perm", Attr::Ints(p.to_vec()))]
+}
