@@ -7,8 +7,10 @@ use log::{LevelFilter, Metadata, Record};
 struct StderrLogger;
 
 impl log::Log for StderrLogger {
-    fn enabled(&self, _: &Metadata) -> bool {
-        true
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        // tract's own warnings concern its CPU detection (under qemu-user /proc/cpuinfo is the
+        // host's) and are no business of the user's at the default level: shown from -v on.
+        !metadata.target().starts_with("tract") || log::max_level() >= LevelFilter::Info
     }
 
     fn log(&self, record: &Record) {

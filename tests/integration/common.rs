@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use edgelm::convert::{convert, ConvertOptions, Quant};
 use edgelm::model::{LoadOptions, Model, State};
@@ -132,6 +133,16 @@ pub fn reference(model: &str) -> Reference {
 /// `EDGELM_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`) and it is run through it.
 /// `EDGELM_TEST_BIN` replaces the test build's binary with another one, so that
 /// `cross/test.sh TARGET --board` tests the board binary (`[profile.pi]`) users copy over.
+/// A time limit for waiting on a child process: `native` times `EDGELM_TEST_SLOWDOWN`
+/// (default 1; `cross/test.sh` sets it for emulated runs, which are ten or more times slower).
+pub fn patience(native: Duration) -> Duration {
+    let factor = std::env::var("EDGELM_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1);
+    native * factor.max(1)
+}
+
 pub fn edgelm_command() -> Command {
     let bin = std::env::var_os("EDGELM_TEST_BIN")
         .map(PathBuf::from)

@@ -34,10 +34,12 @@ fn scratch(name: &str) -> PathBuf {
 
 /// How long one capped run may take; each takes well under a second natively and a few
 /// under qemu.
-const RUN_LIMIT: Duration = Duration::from_secs(120);
+fn run_limit() -> Duration {
+    common::patience(Duration::from_secs(120))
+}
 
 /// `edgelm` with `args`, its data segment capped at `DATA_LIMIT`, killed (and the test
-/// failed) if still running after `RUN_LIMIT`.
+/// failed) if still running after `run_limit()`.
 fn edgelm_capped(args: &[&std::ffi::OsStr]) -> Output {
     let mut cmd = common::edgelm_command();
     cmd.args(args)
@@ -70,7 +72,7 @@ fn edgelm_capped(args: &[&std::ffi::OsStr]) -> Output {
     };
     let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + RUN_LIMIT;
+    let deadline = Instant::now() + run_limit();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -78,7 +80,7 @@ fn edgelm_capped(args: &[&std::ffi::OsStr]) -> Output {
         if Instant::now() > deadline {
             child.kill().unwrap();
             child.wait().unwrap();
-            panic!("edgelm {args:?} still running after {RUN_LIMIT:?}");
+            panic!("edgelm {args:?} still running after {:?}", run_limit());
         }
         thread::sleep(Duration::from_millis(10));
     };

@@ -26,7 +26,9 @@ use edgelm::template::Message;
 use crate::chat::{tiny_replies, SYSTEM};
 
 /// Generous: a debug build loading a model on a busy 2-core machine.
-const TIMEOUT: Duration = Duration::from_secs(60);
+fn timeout() -> Duration {
+    common::patience(Duration::from_secs(60))
+}
 
 /// The tiny Llama int8 bundle plus SmolLM2's chat template (the fixture has none), so
 /// `CHAT` works.
@@ -126,14 +128,15 @@ impl Client {
     }
 
     fn line(&mut self) -> String {
-        match self.rx.recv_timeout(TIMEOUT) {
+        match self.rx.recv_timeout(timeout()) {
             Ok(l) => {
                 self.seen.push(l.clone());
                 l
             }
             Err(RecvTimeoutError::Timeout) => {
                 panic!(
-                    "no line from the server within {TIMEOUT:?}; lines so far: {:#?}",
+                    "no line from the server within {:?}; lines so far: {:#?}",
+                    timeout(),
                     self.seen
                 )
             }
@@ -622,7 +625,7 @@ fn signal(server: &Server, sig: libc::c_int) {
     assert_eq!(unsafe { libc::kill(server.0.id() as libc::pid_t, sig) }, 0);
 }
 
-/// Waits for the server to exit, failing after `TIMEOUT` instead of hanging.
+/// Waits for the server to exit, failing after `timeout()` instead of hanging.
 fn wait_exit(server: &mut Server) -> std::process::ExitStatus {
     let started = std::time::Instant::now();
     loop {
@@ -630,8 +633,9 @@ fn wait_exit(server: &mut Server) -> std::process::ExitStatus {
             return status;
         }
         assert!(
-            started.elapsed() < TIMEOUT,
-            "the server did not exit within {TIMEOUT:?}"
+            started.elapsed() < timeout(),
+            "the server did not exit within {:?}",
+            timeout()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
