@@ -130,8 +130,9 @@ fn assert_all_tokens_equal(runs: &[(String, Vec<u32>, Vec<u32>)], what: &str) {
     );
 }
 
-/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens, with f32 and with int16
-/// activations, are exactly transformers' from the f32 weights.
+/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens, with f32, int16 and
+/// (prompts on the tiled GEMM) 15-bit activations, are exactly transformers' from the f32
+/// weights.
 #[test]
 fn int8_bundle_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(&greedy_runs(Quant::Int8), "int8");
@@ -176,8 +177,10 @@ fn int8_agrees_with_f32_on_807_of_813_positions() {
 fn int8_on_the_tiled_gemm_agrees_with_f32_on_807_of_813_positions() {
     let (agree, positions, ppl_f, ppl_q) = teacher_forced(engine_scheme(Scheme::Q8Q15));
     eprintln!(
-        "q8q15 teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.10}, int8 {ppl_q:.10}",
+        "q8q15 teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
     );
+    // Measured 808/813 (99.38%) and perplexity 25.110, as the default's; one position under
+    // it, as there.
     assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
     assert!(
         ppl_q < ppl_f * 1.001,
