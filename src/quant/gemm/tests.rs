@@ -298,7 +298,8 @@ fn q15_split_goldens() {
     // -130 = -2 * 128 + 126; -1 = -1 * 128 + 127; 127 = 0 * 128 + 127.
     assert_eq!(a.bytes[..6], [127, -127, 1, -2, -1, 0]);
     assert_eq!(a.bytes[32..38], [0, 0, 2, 126, 127, 127]);
-    assert_eq!(a.bias, [-(16256 - 16256 + 130 - 130 - 1 + 127)]);
+    // bias = -sum(v) = -(16256 - 16256 + 130 - 130 - 1 + 127).
+    assert_eq!(a.bias, [-126]);
     let a = QuantRows::new(&x, 1, 32, Acts::Q8, Form::Unsigned, &ThreadPool::single());
     assert_eq!(a.scales, [16256.0 / 127.0]);
     // 129.5 / 128 -> 1.01 -> 1; 127 / 128 -> 0.99 -> 1; -1 / 128 -> 0.
