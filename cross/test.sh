@@ -142,12 +142,16 @@ if [[ $board == 1 ]]; then
 fi
 
 if [[ "$target" == aarch64-* ]]; then
-  step "kernels, QEMU_CPU=max (NEON + dotprod)" \
-    run "QEMU_CPU=max EDGELM_EXPECT_KERNELS=scalar,neon,dotprod" lib quant
+  step "kernels, QEMU_CPU=max (NEON + dotprod + i8mm)" \
+    run "QEMU_CPU=max EDGELM_EXPECT_KERNELS=scalar,neon,dotprod EDGELM_EXPECT_GEMM_ISAS=scalar,neon,dotprod,i8mm" lib quant
   step "kernel selection, EDGELM_KERNEL=dotprod" \
     run "QEMU_CPU=max EDGELM_KERNEL=dotprod" lib quant::tests::select_follows_the_environment
   step "kernels, QEMU_CPU=cortex-a57 (NEON, no dotprod)" \
-    run "QEMU_CPU=cortex-a57 EDGELM_EXPECT_KERNELS=scalar,neon" lib quant
+    run "QEMU_CPU=cortex-a57 EDGELM_EXPECT_KERNELS=scalar,neon EDGELM_EXPECT_GEMM_ISAS=scalar,neon" lib quant
+  step "GEMM kernels, QEMU_CPU=cortex-a76 (the Pi 5: dotprod, no i8mm)" \
+    run "QEMU_CPU=cortex-a76 EDGELM_EXPECT_GEMM_ISAS=scalar,neon,dotprod" lib quant::gemm
+  step "GEMM kernels, QEMU_CPU=cortex-a53 (the Pi 3 and Zero 2 W: NEON)" \
+    run "QEMU_CPU=cortex-a53 EDGELM_EXPECT_GEMM_ISAS=scalar,neon" lib quant::gemm
   step "kernel selection, EDGELM_KERNEL=neon" \
     run "QEMU_CPU=cortex-a57 EDGELM_KERNEL=neon" lib quant::tests::select_follows_the_environment
   step "library" run "QEMU_CPU=$cpu" lib --skip quant::
@@ -158,7 +162,8 @@ if [[ "$target" == aarch64-* ]]; then
     step "integration: all" run "QEMU_CPU=$cpu" integration
   fi
 else
-  step "kernels (portable)" run "QEMU_CPU=cortex-a7 EDGELM_EXPECT_KERNELS=scalar" lib quant
+  step "kernels (portable)" \
+    run "QEMU_CPU=cortex-a7 EDGELM_EXPECT_KERNELS=scalar EDGELM_EXPECT_GEMM_ISAS=scalar" lib quant
   step "library" run "QEMU_CPU=$cpu" lib --skip quant::
   step "integration: tiny models, malformed models" \
     run "QEMU_CPU=$cpu" integration "${ci_integration[@]}"

@@ -124,8 +124,9 @@ pub struct ModelArgs {
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
     /// How int8 weights run: f32 activations (q8f32), int16 activations (q8q16), int8
-    /// activations as llama.cpp (q8q8), or dequantized to f32 by tract at load (fold).
-    #[arg(long, value_name = "q8f32|q8q16|q8q8|fold", default_value_t = Scheme::Q8F32,
+    /// activations as llama.cpp (q8q8), prompts on the tiled GEMM with 15-bit activations
+    /// (q8q15; its weights copied to the heap), or dequantized to f32 by tract at load (fold).
+    #[arg(long, value_name = "q8f32|q8q16|q8q8|q8q15|fold", default_value_t = Scheme::Q8F32,
           value_parser = clap::value_parser!(Scheme))]
     pub int8: Scheme,
     /// Force a kernel variant for the int8 products and the attention (scalar, avx2, avx512,

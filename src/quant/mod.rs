@@ -48,6 +48,7 @@
 
 mod fit;
 mod format;
+pub mod gemm;
 pub mod op;
 pub mod pool;
 mod scalar;
@@ -140,7 +141,7 @@ pub enum QuantError {
     #[error("unknown kernel \"{0}\": expected scalar, avx2, avx512, neon or dotprod")]
     UnknownKernel(String),
     /// A scheme name that is not one of ours.
-    #[error("unknown int8 scheme \"{0}\": expected q8f32, q8q16, q8q8 or fold")]
+    #[error("unknown int8 scheme \"{0}\": expected q8f32, q8q16, q8q8, q8q15 or fold")]
     UnknownScheme(String),
     /// [`Scheme::Fold`] asked of a product: folded weights are f32, multiplied by tract.
     #[error("the fold scheme has no int8 product (its weights are dequantized at load)")]
@@ -148,6 +149,12 @@ pub enum QuantError {
     /// A kernel this CPU (or this build's target) cannot run.
     #[error("kernel {0} is not supported on this CPU")]
     KernelUnavailable(Kernel),
+    /// A GEMM instruction-set variant this CPU (or this build's target) cannot run.
+    #[error("GEMM kernel {0} is not supported on this CPU")]
+    IsaUnavailable(&'static str),
+    /// [`Scheme::Q8Q15`] asked of a row-major matrix: its products run on the tiled layout.
+    #[error("the q8q15 scheme runs on the tiled layout (quant::gemm), not a row-major matrix")]
+    TiledOnly,
 }
 
 /// How int8 weights are computed with: the arithmetic of our products (see the module
@@ -161,6 +168,10 @@ pub enum Scheme {
     Q8Q16,
     /// Activations quantized to int8 per block; int8·int8 dot products in i32 (llama.cpp's).
     Q8Q8,
+    /// Products of more than one row on the tiled GEMM ([`gemm`]) with activations quantized
+    /// per block to 15-bit integers in two int8 parts ([`gemm::Acts::Q15`]); one-row products
+    /// (decode) as [`Scheme::Q8F32`]. The tiled weights are made on the heap at first use.
+    Q8Q15,
     /// No int8 product: the weights are dequantized to f32 at load and tract multiplies them
     /// (the reference; about 4 times the memory).
     Fold,
@@ -168,7 +179,13 @@ pub enum Scheme {
 
 impl Scheme {
     /// Every scheme, in the order the flag lists them.
-    pub const ALL: [Scheme; 4] = [Scheme::Q8F32, Scheme::Q8Q16, Scheme::Q8Q8, Scheme::Fold];
+    pub const ALL: [Scheme; 5] = [
+        Scheme::Q8F32,
+        Scheme::Q8Q16,
+        Scheme::Q8Q8,
+        Scheme::Q8Q15,
+        Scheme::Fold,
+    ];
 
     /// The name used by `--int8`.
     pub fn name(self) -> &'static str {
@@ -176,6 +193,7 @@ impl Scheme {
             Scheme::Q8F32 => "q8f32",
             Scheme::Q8Q16 => "q8q16",
             Scheme::Q8Q8 => "q8q8",
+            Scheme::Q8Q15 => "q8q15",
             Scheme::Fold => "fold",
         }
     }
@@ -368,6 +386,7 @@ impl Q8Matrix<'_> {
             Scheme::Q8Q8 => Input::Quant(quantize_acts(x, m, k, kernel)),
             Scheme::Q8Q16 => Input::Quant16(quantize_acts(x, m, k, kernel)),
             Scheme::Q8F32 => Input::F32(x),
+            Scheme::Q8Q15 => return Err(QuantError::TiledOnly),
             Scheme::Fold => return Err(QuantError::NoProduct),
         };
         let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads());

@@ -12,13 +12,14 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
+use super::gemm::{self, Acts, Isa, Q8Tiled};
 use super::{blocks_per_row, Kernel, Q8Matrix, Scheme, ThreadPool};
 
 /// ONNX domain of our nodes (not a standard op: only edgelm's loader writes them).
@@ -106,6 +107,9 @@ pub struct Q8Weights {
     k: usize,
     q: Slice<i8>,       // (n, k)
     scales: Slice<f32>, // (n, nb)
+    /// The weights in the GEMM's tiled layout for [`Scheme::Q8Q15`], made on the heap at
+    /// first use (`quant::gemm` describes the bundle form that would be read in place).
+    tiled: OnceLock<(Vec<i8>, Vec<f32>)>, // (G, nb, 8, 16, 4), (G, nb, 16)
 }
 
 impl fmt::Debug for Q8Weights {
@@ -142,6 +146,7 @@ impl Q8Weights {
             k,
             q,
             scales,
+            tiled: OnceLock::new(),
         };
         w.matrix()?;
         Ok(w)
@@ -168,6 +173,7 @@ impl Q8Weights {
             k,
             q: Slice::Owned(q),
             scales: Slice::Owned(scales),
+            tiled: OnceLock::new(),
         };
         w.matrix()?;
         Ok(w)
@@ -181,6 +187,14 @@ impl Q8Weights {
             self.n,
             self.k,
         )?)
+    }
+
+    /// The weights in the GEMM's tiled layout (made on the heap at the first call).
+    pub fn tiled(&self) -> TractResult<Q8Tiled<'_>> {
+        let (q, s) = self
+            .tiled
+            .get_or_init(|| gemm::tile_q8(self.q.get(), self.scales.get(), self.n, self.k));
+        Ok(Q8Tiled::new(q, s, self.n, self.k)?)
     }
 
     /// Whether both tensors are used in place from the mapped file (no heap copy).
@@ -365,10 +379,26 @@ impl EvalOp for Q8MatMul {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?; // (m, n)
             let exec = &bound.exec;
-            bound
-                .weights
-                .matrix()?
-                .matmul(x, y, exec.scheme, exec.kernel, &exec.pool)?;
+            let rows = x.len() / self.0.k;
+            match exec.scheme {
+                Scheme::Q8Q15 if rows > 1 => bound.weights.tiled()?.matmul(
+                    x,
+                    y,
+                    Acts::Q15,
+                    Isa::for_kernel(exec.kernel),
+                    &exec.pool,
+                )?,
+                Scheme::Q8Q15 => {
+                    bound
+                        .weights
+                        .matrix()?
+                        .matmul(x, y, Scheme::Q8F32, exec.kernel, &exec.pool)?
+                }
+                scheme => bound
+                    .weights
+                    .matrix()?
+                    .matmul(x, y, scheme, exec.kernel, &exec.pool)?,
+            }
         }
         Ok(tvec!(out.into_tvalue()))
     }

@@ -24,12 +24,19 @@ fn engine(quant: Quant) -> &'static Engine {
     cell.get_or_init(|| Engine::load(&common::default_bundle(quant), &Default::default()).unwrap())
 }
 
-/// The int8 bundle run with `--int8 q8q16` (int16 activations).
-fn engine_q8q16() -> &'static Engine {
+/// The int8 bundle run with `--int8 q8q16` (int16 activations) or `--int8 q8q15` (prompts
+/// on the tiled GEMM, 15-bit activations).
+fn engine_scheme(int8: Scheme) -> &'static Engine {
     static Q8Q16: OnceLock<Engine> = OnceLock::new();
-    Q8Q16.get_or_init(|| {
+    static Q8Q15: OnceLock<Engine> = OnceLock::new();
+    let cell = match int8 {
+        Scheme::Q8Q16 => &Q8Q16,
+        Scheme::Q8Q15 => &Q8Q15,
+        other => panic!("no engine cell for {other}"),
+    };
+    cell.get_or_init(|| {
         let opts = LoadOptions {
-            int8: Scheme::Q8Q16,
+            int8,
             ..Default::default()
         };
         Engine::load(&common::default_bundle(Quant::Int8), &opts).unwrap()
@@ -123,8 +130,9 @@ fn assert_all_tokens_equal(runs: &[(String, Vec<u32>, Vec<u32>)], what: &str) {
     );
 }
 
-/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens, with f32 and with int16
-/// activations, are exactly transformers' from the f32 weights.
+/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens, with f32, int16 and
+/// (prompts on the tiled GEMM) 15-bit activations, are exactly transformers' from the f32
+/// weights.
 #[test]
 fn int8_bundle_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(&greedy_runs(Quant::Int8), "int8");
@@ -132,16 +140,60 @@ fn int8_bundle_matches_transformers_for_all_tokens() {
 
 #[test]
 fn int8_with_int16_activations_matches_transformers_for_all_tokens() {
-    assert_all_tokens_equal(&greedy_runs_with(engine_q8q16()), "int8 --int8 q8q16");
+    assert_all_tokens_equal(
+        &greedy_runs_with(engine_scheme(Scheme::Q8Q16)),
+        "int8 --int8 q8q16",
+    );
+}
+
+#[test]
+fn int8_on_the_tiled_gemm_with_15_bit_activations_matches_transformers_for_all_tokens() {
+    assert_all_tokens_equal(
+        &greedy_runs_with(engine_scheme(Scheme::Q8Q15)),
+        "int8 --int8 q8q15",
+    );
 }
 
 /// Teacher-forced over a fixed 814-token text: top-1 agreement and perplexities.
 #[test]
 fn int8_agrees_with_f32_on_807_of_813_positions() {
+    let (agree, positions, ppl_f, ppl_q) = teacher_forced(engine(Quant::Int8));
+    eprintln!(
+        "teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
+    );
+    // Measured 808/813 (99.38%) with lattice-fitted scales, the same with the AVX2 and AVX-512
+    // kernels (plain Q8_0 rounding of the Q4_1 weights: 97.79%); one position under it, so
+    // that a near-tie flipping on another architecture is no failure.
+    assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
+    // Measured f32 25.107, int8 25.110 (+0.012%).
+    assert!(
+        ppl_q < ppl_f * 1.001,
+        "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
+    );
+}
+
+/// The same with the whole text (one 814-row product per layer) on the tiled GEMM.
+#[test]
+fn int8_on_the_tiled_gemm_agrees_with_f32_on_807_of_813_positions() {
+    let (agree, positions, ppl_f, ppl_q) = teacher_forced(engine_scheme(Scheme::Q8Q15));
+    eprintln!(
+        "q8q15 teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
+    );
+    // Measured 808/813 (99.38%) and perplexity 25.110, as the default's; one position under
+    // it, as there.
+    assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
+    assert!(
+        ppl_q < ppl_f * 1.001,
+        "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
+    );
+}
+
+/// Teacher-forced over `eval_text.txt`: positions where `q`'s top-1 equals the f32 bundle's,
+/// positions, and the perplexities of f32 and `q`.
+fn teacher_forced(q: &Engine) -> (usize, usize, f64, f64) {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();
     let f = engine(Quant::F32);
-    let q = engine(Quant::Int8);
     let ids = f.tokenizer.encode(&text, true).unwrap();
     assert_eq!(ids.len(), 814, "evaluation text tokens");
     let vocab = f.model.config().vocab_size;
@@ -162,24 +214,12 @@ fn int8_agrees_with_f32_on_807_of_813_positions() {
         nll_f += nll(rf, ids[t + 1]);
         nll_q += nll(rq, ids[t + 1]);
     }
-    let rate = agree as f64 / positions as f64;
-    let (ppl_f, ppl_q) = (
+    (
+        agree,
+        positions,
         (nll_f / positions as f64).exp(),
         (nll_q / positions as f64).exp(),
-    );
-    eprintln!(
-        "teacher-forced over {positions} positions: top-1 agreement {:.2}%, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
-        rate * 100.0
-    );
-    // Measured 808/813 (99.38%) with lattice-fitted scales, the same with the AVX2 and AVX-512
-    // kernels (plain Q8_0 rounding of the Q4_1 weights: 97.79%); one position under it, so
-    // that a near-tie flipping on another architecture is no failure.
-    assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
-    // Measured f32 25.107, int8 25.110 (+0.012%).
-    assert!(
-        ppl_q < ppl_f * 1.001,
-        "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
-    );
+    )
 }
 
 fn nll(logits: &[f32], target: u32) -> f64 {
