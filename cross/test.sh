@@ -156,7 +156,7 @@ if [[ "$target" == aarch64-* ]]; then
     run "QEMU_CPU=cortex-a57 EDGELM_KERNEL=neon" lib quant::tests::select_follows_the_environment
   step "library" run "QEMU_CPU=$cpu" lib --skip quant::
   if [[ $ci == 1 ]]; then
-    step "integration: all but golden_smollm2 (golden int8 tokens vs x86_64 included)" \
+    step "integration: the --ci set (golden int8 tokens vs x86_64 included)" \
       run "QEMU_CPU=$cpu" integration "${ci_integration[@]}"
   else
     step "integration: all" run "QEMU_CPU=$cpu" integration
