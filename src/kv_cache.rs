@@ -210,6 +210,14 @@ impl RingLayout {
         })
     }
 
+    /// Assigns slots to `tokens` one at a time: one step per token, each with the stamps as
+    /// that token sees them. A sliding-window layer's ring of exactly its window needs this
+    /// for a chunk: a later token of the chunk overwrites a key an earlier one still sees,
+    /// so each token attends before the next is written. Any number of tokens.
+    pub fn place_each(&mut self, tokens: &[u32]) -> Result<Vec<Step>> {
+        tokens.iter().map(|&t| self.place(&[t])).collect()
+    }
+
     /// Undoes the bookkeeping of a step whose forward failed: back to `before`.
     pub fn restore(&mut self, before: RingLayout) {
         *self = before;
