@@ -124,3 +124,38 @@ fn session_keeps_rings_of_different_sizes() {
         assert_eq!(b.forward(&[id]).unwrap(), a.forward(&[id]).unwrap());
     }
 }
+
+/// The converted graph alone, run by tract without the ring rewrite (as another ONNX runtime
+/// would run it: all 122 ids at once, empty pasts), gives transformers' logits: the window
+/// is in the local layers' attention mask, not only in edgelm's rings.
+#[test]
+fn the_graph_alone_masks_local_layers_to_the_window() {
+    use tract_onnx::prelude::*;
+    let (dir, m) = bundle("graph");
+    let r = reference(MODEL);
+    let n = r.ids.len();
+    let ids: Vec<i64> = r.ids.iter().map(|&t| i64::from(t)).collect();
+    let positions: Vec<i64> = (0..n as i64).collect();
+    let mut inputs: TVec<TValue> = tvec![
+        tensor1(&ids).into_shape(&[1, n]).unwrap().into(),
+        tensor1(&vec![1i64; n]).into_shape(&[1, n]).unwrap().into(),
+        tensor1(&positions).into_shape(&[1, n]).unwrap().into(),
+    ];
+    for _ in 0..2 * m.config().num_hidden_layers {
+        inputs.push(Tensor::zero::<f32>(&[1, 1, 0, 32]).unwrap().into());
+    }
+    let mut model = tract_onnx::onnx()
+        .model_for_path(dir.join("model.onnx"))
+        .unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        let fact = InferenceFact::dt_shape(t.datum_type(), t.shape());
+        model.set_input_fact(i, fact).unwrap();
+    }
+    let plan = model.into_typed().unwrap().into_runnable().unwrap();
+    let out = plan.run(inputs).unwrap();
+    let logits = out[0].try_as_plain_ram().unwrap();
+    let logits = logits.as_slice::<f32>().unwrap();
+    let diff = max_abs_diff(logits, &r.logits.concat());
+    eprintln!("graph without the ring: max |logits - transformers| = {diff:e}");
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+}
