@@ -44,7 +44,7 @@ pub struct Config {
     pub tie_word_embeddings: bool,
     /// Per layer: the window of a local layer (`layer_types` entry `sliding_attention`,
     /// window `sliding_window`: a query sees its own position and the `window - 1` before
-    /// it), `None` for full attention; (layers).
+    /// it), `None` for full attention; (layers), or empty when no layer has a window.
     pub layer_windows: Vec<Option<usize>>,
     /// Beginning-of-sequence token id, when the model has one.
     pub bos_token_id: Option<u32>,
@@ -107,6 +107,11 @@ struct RawGenerationConfig {
 }
 
 impl Config {
+    /// Layer `l`'s sliding window, `None` for a global layer.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        self.layer_windows.get(l).copied().flatten()
+    }
+
     /// Reads and validates `config.json` and (if present) `generation_config.json` in `dir`.
     pub fn load(dir: &Path) -> Result<Config> {
         let config_path = dir.join(CONFIG_FILE);
@@ -188,7 +193,8 @@ impl Config {
         }
 
         let layer_windows = match &raw.layer_types {
-            None => vec![None; num_hidden_layers],
+            // Not sized by `num_hidden_layers`: it is checked against the graph later.
+            None => Vec::new(),
             Some(types) => {
                 if types.len() != num_hidden_layers {
                     bail!(

@@ -93,18 +93,18 @@ fn kv_lines(model: &Model) -> Vec<String> {
         return vec!["KV ring: none (the graph's explicit past/present tensors)".into()];
     }
     let per_slot = 2 * c.num_key_value_heads * c.head_dim * 4; // key and value, f32
-    let global = c.layer_windows.iter().filter(|w| w.is_none()).count();
+    let global = (0..slots.len())
+        .filter(|&l| c.layer_window(l).is_none())
+        .count();
     let list: Vec<String> = slots.iter().map(usize::to_string).collect();
     let mut lines = vec![format!(
         "KV ring slots per layer (--ctx {}): {}",
         state.capacity(),
         list.join(" ")
     )];
-    let local: usize = slots
-        .iter()
-        .zip(&c.layer_windows)
-        .filter(|(_, w)| w.is_some())
-        .map(|(&n, _)| n * per_slot)
+    let local: usize = (0..slots.len())
+        .filter(|&l| c.layer_window(l).is_some())
+        .map(|l| slots[l] * per_slot)
         .sum();
     let mut bytes = format!(
         "KV bytes per token: {} (f32; {global} of {} layers keep every token)",

@@ -582,6 +582,9 @@ impl Ring {
             repositioned: true,
         });
         self.layout.reset();
+        for r in &mut self.local {
+            r.layout.reset();
+        }
         self.next_pos = 0;
         for chunk in kept.chunks(self.layout.max_chunk()) {
             self.run_chunk(g, chunk, false)?;
