@@ -159,3 +159,30 @@ fn the_graph_alone_masks_local_layers_to_the_window() {
     eprintln!("graph without the ring: max |logits - transformers| = {diff:e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
+
+/// When the positions reach the model's 1024, the kept tokens are re-prefilled at fresh
+/// positions: the local rings start over with them as the global ring does, so the next
+/// chunk's logits equal, bit for bit, those of a fresh conversation fed the kept tokens.
+#[test]
+fn re_positioning_starts_the_local_rings_over() {
+    let (_, m) = bundle("reposition");
+    let r = reference(MODEL);
+    let text: Vec<u32> = r.ids.iter().cycle().take(1100).copied().collect();
+    let mut a = m.new_state_with(cache(64)).unwrap();
+    let chunk = 60; // the ring's longest chunk: 64 slots - 4 sinks
+    let mut at = 0;
+    while at + chunk <= 1024 {
+        a.forward(&text[at..at + chunk]).unwrap();
+        at += chunk;
+    }
+    let kept = a.ring().unwrap().kept_tokens();
+    a.take_shifts();
+    let next = &text[at..at + chunk];
+    let got = a.forward_all(next).unwrap();
+    let shifts = a.take_shifts();
+    assert!(shifts.first().is_some_and(|s| s.repositioned), "{shifts:?}");
+    let mut b = m.new_state_with(cache(64)).unwrap();
+    b.forward(&kept).unwrap();
+    assert_eq!(got, b.forward_all(next).unwrap());
+    assert_eq!(a.local_rings()[0].layout, b.local_rings()[0].layout);
+}
