@@ -530,6 +530,28 @@ mod tests {
         tokens.map(|t| ring.place(&[t]).unwrap()).collect()
     }
 
+    /// A sliding-window ring (4 slots, no sinks) takes a chunk of 7 one token at a time:
+    /// each step sees exactly its own token and the 3 before it.
+    #[test]
+    fn place_each_gives_every_token_exactly_its_window() {
+        let mut ring = RingLayout::new(4, 0).unwrap();
+        let steps = ring.place_each(&[10, 11, 12, 13, 14, 15, 16]).unwrap();
+        for (i, step) in steps.iter().enumerate() {
+            let i = i as u64;
+            let mut seen: Vec<u64> = step
+                .stamps
+                .iter()
+                .copied()
+                .filter(|&s| s != EMPTY)
+                .collect();
+            seen.sort_unstable();
+            let want: Vec<u64> = (i.saturating_sub(3)..=i).collect();
+            assert_eq!(seen, want, "token {i}");
+            assert_eq!(step.new_stamps, [i]);
+        }
+        assert_eq!(ring.kept_tokens(), [13, 14, 15, 16]);
+    }
+
     #[test]
     fn fills_in_order_then_wraps_past_the_sinks() {
         let mut ring = RingLayout::new(6, 2).unwrap();
