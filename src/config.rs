@@ -42,6 +42,10 @@ pub struct Config {
     pub rope_theta: Option<f64>,
     /// Whether the LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Per layer: the window of a local layer (`layer_types` entry `sliding_attention`,
+    /// window `sliding_window`: a query sees its own position and the `window - 1` before
+    /// it), `None` for full attention; (layers), or empty when no layer has a window.
+    pub layer_windows: Vec<Option<usize>>,
     /// Beginning-of-sequence token id, when the model has one.
     pub bos_token_id: Option<u32>,
     /// Every end-of-sequence id named by either file, sorted, without duplicates.
@@ -88,6 +92,8 @@ struct RawConfig {
     layer_norm_epsilon: Option<f64>,
     rope_theta: Option<f64>,
     tie_word_embeddings: Option<bool>,
+    sliding_window: Option<usize>,
+    layer_types: Option<Vec<String>>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
     edgelm: Option<serde_json::Map<String, serde_json::Value>>,
@@ -101,6 +107,11 @@ struct RawGenerationConfig {
 }
 
 impl Config {
+    /// Layer `l`'s sliding window, `None` for a global layer.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        self.layer_windows.get(l).copied().flatten()
+    }
+
     /// Reads and validates `config.json` and (if present) `generation_config.json` in `dir`.
     pub fn load(dir: &Path) -> Result<Config> {
         let config_path = dir.join(CONFIG_FILE);
@@ -181,6 +192,35 @@ impl Config {
             }
         }
 
+        let layer_windows = match &raw.layer_types {
+            // Not sized by `num_hidden_layers`: it is checked against the graph later.
+            None => Vec::new(),
+            Some(types) => {
+                if types.len() != num_hidden_layers {
+                    bail!(
+                        "layer_types has {} entries for {num_hidden_layers} layers",
+                        types.len()
+                    );
+                }
+                let window = || match raw.sliding_window {
+                    Some(0) => bail!("sliding_window is 0"),
+                    Some(w) => Ok(Some(w)),
+                    None => bail!("layer_types has sliding_attention but no sliding_window"),
+                };
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(None),
+                        "sliding_attention" => window(),
+                        other => bail!(
+                            "layer type \"{other}\" is not supported \
+                             (supported: full_attention, sliding_attention)"
+                        ),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+
         let bos_token_id = raw.bos_token_id.or(generation.bos_token_id);
         let mut eos_token_ids: Vec<u32> = raw
             .eos_token_id
@@ -213,6 +253,7 @@ impl Config {
             rms_norm_eps,
             rope_theta,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+            layer_windows,
             bos_token_id,
             eos_token_ids,
             edgelm: raw.edgelm,

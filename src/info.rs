@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::engine::Engine;
-use crate::model::{LoadOptions, LoadSummary};
+use crate::model::{LoadOptions, LoadSummary, Model};
 
 /// Which bundle `edgelm info` describes, loaded how.
 #[derive(Clone, Debug)]
@@ -74,10 +74,51 @@ pub fn run(args: &InfoOptions, out: &mut dyn Write) -> Result<()> {
             "no"
         }
     )?;
+    for line in kv_lines(&engine.model) {
+        writeln!(out, "{line}")?;
+    }
     for line in fast_paths(s) {
         writeln!(out, "{line}")?;
     }
     Ok(())
+}
+
+/// Each layer's ring slots at the default context and the f32 KV bytes a token adds: every
+/// global layer keeps one more token, a sliding-window layer's ring stays its window.
+fn kv_lines(model: &Model) -> Vec<String> {
+    let c = model.config();
+    let state = model.new_state();
+    let slots = state.layer_capacities();
+    if slots.is_empty() {
+        return vec!["KV ring: none (the graph's explicit past/present tensors)".into()];
+    }
+    let per_slot = 2 * c.num_key_value_heads * c.head_dim * 4; // key and value, f32
+    let global = (0..slots.len())
+        .filter(|&l| c.layer_window(l).is_none())
+        .count();
+    let list: Vec<String> = slots.iter().map(usize::to_string).collect();
+    let mut lines = vec![format!(
+        "KV ring slots per layer (--ctx {}): {}",
+        state.capacity(),
+        list.join(" ")
+    )];
+    let local: usize = (0..slots.len())
+        .filter(|&l| c.layer_window(l).is_some())
+        .map(|l| slots[l] * per_slot)
+        .sum();
+    let mut bytes = format!(
+        "KV bytes per token: {} (f32; {global} of {} layers keep every token)",
+        global * per_slot,
+        slots.len()
+    );
+    if local > 0 {
+        let n = slots.len() - global;
+        bytes.push_str(&format!(
+            ", plus {local} bytes for the {n} sliding-window layers' rings"
+        ));
+    }
+    lines.push(bytes);
+    lines
 }
 
 /// How the weights are stored, from our converter's config section or the graph's ops.

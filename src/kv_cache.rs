@@ -210,6 +210,14 @@ impl RingLayout {
         })
     }
 
+    /// Assigns slots to `tokens` one at a time: one step per token, each with the stamps as
+    /// that token sees them. A sliding-window layer's ring of exactly its window needs this
+    /// for a chunk: a later token of the chunk overwrites a key an earlier one still sees,
+    /// so each token attends before the next is written. Any number of tokens.
+    pub fn place_each(&mut self, tokens: &[u32]) -> Result<Vec<Step>> {
+        tokens.iter().map(|&t| self.place(&[t])).collect()
+    }
+
     /// Undoes the bookkeeping of a step whose forward failed: back to `before`.
     pub fn restore(&mut self, before: RingLayout) {
         *self = before;
@@ -520,6 +528,28 @@ mod tests {
     /// Feeds tokens `first..first+n` one chunk at a time.
     fn feed(ring: &mut RingLayout, tokens: std::ops::Range<u32>) -> Vec<Step> {
         tokens.map(|t| ring.place(&[t]).unwrap()).collect()
+    }
+
+    /// A sliding-window ring (4 slots, no sinks) takes a chunk of 7 one token at a time:
+    /// each step sees exactly its own token and the 3 before it.
+    #[test]
+    fn place_each_gives_every_token_exactly_its_window() {
+        let mut ring = RingLayout::new(4, 0).unwrap();
+        let steps = ring.place_each(&[10, 11, 12, 13, 14, 15, 16]).unwrap();
+        for (i, step) in steps.iter().enumerate() {
+            let i = i as u64;
+            let mut seen: Vec<u64> = step
+                .stamps
+                .iter()
+                .copied()
+                .filter(|&s| s != EMPTY)
+                .collect();
+            seen.sort_unstable();
+            let want: Vec<u64> = (i.saturating_sub(3)..=i).collect();
+            assert_eq!(seen, want, "token {i}");
+            assert_eq!(step.new_stamps, [i]);
+        }
+        assert_eq!(ring.kept_tokens(), [13, 14, 15, 16]);
     }
 
     #[test]

@@ -182,6 +182,7 @@ impl Model {
             self.config.max_position_embeddings,
             opts,
             ctx,
+            &self.config.layer_windows,
         )
     }
 }

@@ -4,15 +4,17 @@
 //! Layout, little-endian: magic `EDGELMS\0`, version `u32`, twelve `u64`s (layers, kv_heads,
 //! head_dim, vocab_size, max_positions, capacity, n_keep, kv type 0=f32/1=f16, used slots,
 //! oldest slot, tokens written, next position), the token of each slot (capacity × `u32`), the
-//! stamp of each slot (capacity × `u64`), per layer a `u64` byte count and the keys then values
-//! of the used slots; then what the cache holds, a `u64`: 0 for a raw completion (nothing
+//! stamp of each slot (capacity × `u64`); a `u64` count of sliding-window rings and for each
+//! its capacity, used slots, oldest slot and tokens written (`u64`s), tokens and stamps as
+//! above (no sinks); per layer a `u64` byte count and the keys then values of the used
+//! slots of its own ring; then what the cache holds, a `u64`: 0 for a raw completion (nothing
 //! follows), 1 for a conversation, followed by its system prompt (`u64` 0 for the template's
 //! own, or 1 and a string), a `u64` message count and each message's role and content
 //! (strings), and a `u64` count and the ids the cache holds (`u32` each, in order); last an
 //! FNV-1a 64 checksum of everything before it. A string is a `u64` byte count and UTF-8.
 //!
 //! Version 1 files (all of them raw completions: nothing after the layers) are read as raw
-//! completions.
+//! completions; version 1 and 2 files have no sliding-window rings (and no count of them).
 
 use std::fs;
 use std::io::Write;
@@ -28,7 +30,7 @@ use crate::template::Message;
 /// First bytes of a session file.
 pub const MAGIC: &[u8; 8] = b"EDGELMS\0";
 /// The format version this build writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest version this build reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -83,9 +85,26 @@ pub fn save(model: &Model, state: &State, chat: Option<&Transcript>, path: &Path
         .ring()
         .context("cannot save a session: this model has no ring KV cache")?
         .to_parts();
+    let local: Vec<LayoutParts> = state
+        .local_rings()
+        .iter()
+        .map(|r| r.layout.to_parts())
+        .collect();
+    // Each layer's used slots, in its own ring.
+    let used: Vec<usize> = (0..config.num_hidden_layers)
+        .map(|l| {
+            let ring = state.local_rings().iter().zip(&local);
+            let mut own = ring.filter(|(r, _)| r.layers.contains(&l));
+            own.next().map_or(parts.used, |(_, p)| p.used)
+        })
+        .collect();
     // Storage exists from the first forward on; before it the ring is empty.
     let layers = match state.layer_kv() {
-        Some(layers) => layers.iter().map(|kv| kv.export(parts.used)).collect(),
+        Some(layers) => layers
+            .iter()
+            .zip(&used)
+            .map(|(kv, &used)| kv.export(used))
+            .collect(),
         None if parts.used == 0 => vec![Vec::new(); config.num_hidden_layers],
         None => bail!("cannot save a session: the cache has no storage"),
     };
@@ -120,6 +139,14 @@ pub fn save(model: &Model, state: &State, chat: Option<&Transcript>, path: &Path
         .stamps
         .iter()
         .for_each(|s| out.extend(s.to_le_bytes()));
+    out.extend((local.len() as u64).to_le_bytes());
+    for p in &local {
+        for v in [p.capacity as u64, p.used as u64, p.oldest as u64, p.written] {
+            out.extend(v.to_le_bytes());
+        }
+        p.tokens.iter().for_each(|t| out.extend(t.to_le_bytes()));
+        p.stamps.iter().for_each(|s| out.extend(s.to_le_bytes()));
+    }
     for bytes in layers {
         out.extend((bytes.len() as u64).to_le_bytes());
         out.extend(bytes);
@@ -336,6 +363,41 @@ fn parse(model: &Model, bytes: &[u8]) -> Result<Saved> {
         oldest,
         written,
     })?;
+    let rings = match version {
+        1 | 2 => 0,
+        _ => r.usize()?,
+    };
+    ensure!(
+        rings <= config.num_hidden_layers,
+        "{rings} sliding-window rings for {} layers",
+        config.num_hidden_layers
+    );
+    let mut local = Vec::with_capacity(rings);
+    for _ in 0..rings {
+        let capacity = r.usize()?;
+        ensure!(
+            capacity > 0 && capacity <= config.max_position_embeddings,
+            "sliding-window ring of {capacity} slots does not fit the model's context"
+        );
+        let (used, oldest, written) = (r.usize()?, r.usize()?, r.u64()?);
+        let tokens = (0..capacity).map(|_| r.u32()).collect::<Result<Vec<_>>>()?;
+        let stamps = (0..capacity).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+        ensure!(
+            tokens[..used.min(capacity)]
+                .iter()
+                .all(|&t| (t as usize) < config.vocab_size),
+            "a token is outside the vocabulary"
+        );
+        local.push(RingLayout::from_parts(LayoutParts {
+            capacity,
+            n_keep: 0,
+            tokens,
+            stamps,
+            used,
+            oldest,
+            written,
+        })?);
+    }
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for _ in 0..config.num_hidden_layers {
         let n = r.usize()?;
@@ -359,6 +421,6 @@ fn parse(model: &Model, bytes: &[u8]) -> Result<Saved> {
         kv,
         keep: n_keep,
     })?;
-    state.restore(layout, next_pos, &layers)?;
+    state.restore(layout, local, next_pos, &layers)?;
     Ok(Saved { state, chat })
 }

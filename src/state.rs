@@ -8,7 +8,10 @@
 //!   keys and values in a fixed-capacity ring ([`crate::kv_cache`]). This file gives every
 //!   step its slots and RoPE positions, reports the tokens dropped when the ring is full, and
 //!   re-prefills the kept tokens at fresh positions before the positions pass the model's
-//!   context;
+//!   context. A local (sliding-window) layer has a ring of its own of exactly its window,
+//!   without sinks: keys leaving the window are the model's own semantics, never a shift;
+//!   a chunk gives it one step per token, so no token's key is overwritten before every
+//!   query of the chunk that sees it has attended;
 //! - explicit past/present: for a graph the rewrite does not match, every forward feeds the
 //!   previous `present.*` outputs back as `past_key_values.*` inputs, bounded by the model's
 //!   context (and copied every step).
@@ -105,14 +108,28 @@ enum Cache {
 struct Ring {
     /// Per layer: the plan node of its `RingAttention` op.
     nodes: Vec<usize>,
-    /// Which slot holds which token.
+    /// Which slot holds which token, on the global layers.
     layout: RingLayout,
+    /// The local (sliding-window) layers' rings, one per window size.
+    local: Vec<LocalRing>,
     /// RoPE position of the next token.
     next_pos: usize,
     /// Storage type of the keys and values.
     kv: KvType,
     /// Shifts not yet taken by the caller.
     shifts: Vec<Shift>,
+}
+
+/// The ring of the local layers with one window: as many slots as the window (at most the
+/// global ring's), no sinks.
+#[derive(Debug, Clone)]
+pub struct LocalRing {
+    /// The window, in tokens.
+    pub window: usize,
+    /// The layers (indices into `Ring::nodes`) that use it.
+    pub layers: Vec<usize>,
+    /// Which slot holds which token.
+    pub layout: RingLayout,
 }
 
 /// The explicit path: the previous presents, fed back as pasts.
@@ -131,6 +148,7 @@ struct Explicit {
 impl State {
     /// An empty conversation over `plan`, with a ring of `ctx` slots when the graph has one
     /// (`ctx` and `opts.keep` already checked against the model).
+    /// `windows` is each layer's sliding window, `None` for a global layer.
     pub(crate) fn new(
         plan: Arc<Plan>,
         io: Arc<Bindings>,
@@ -138,12 +156,14 @@ impl State {
         max_positions: usize,
         opts: CacheOptions,
         ctx: usize,
+        windows: &[Option<usize>],
     ) -> State {
         let cache = match &io.kv {
             KvIo::Ring { nodes } => Cache::Ring(Ring {
                 nodes: nodes.clone(),
                 // In range already; clamping only guards the types.
                 layout: RingLayout::clamped(ctx, opts.keep),
+                local: local_rings(windows, ctx),
                 next_pos: 0,
                 kv: opts.kv,
                 shifts: Vec::new(),
@@ -245,19 +265,40 @@ impl State {
         (layers.len() == r.nodes.len() && !layers.is_empty()).then_some(layers)
     }
 
-    /// Replaces the conversation by a saved one: its ring layout, the next RoPE position and
-    /// each layer's exported keys and values ([`LayerKv::export`] of `layout.len()` slots).
+    /// The local layers' rings, one per window size (none on the explicit path or for a
+    /// model without sliding windows).
+    pub fn local_rings(&self) -> &[LocalRing] {
+        match &self.cache {
+            Cache::Ring(r) => &r.local,
+            Cache::Explicit(_) => &[],
+        }
+    }
+
+    /// Slots of each layer's ring, in layer order (empty on the explicit path).
+    pub fn layer_capacities(&self) -> Vec<usize> {
+        match &self.cache {
+            Cache::Ring(r) => (0..r.nodes.len())
+                .map(|i| r.layout_of(i).capacity())
+                .collect(),
+            Cache::Explicit(_) => Vec::new(),
+        }
+    }
+
+    /// Replaces the conversation by a saved one: its global ring layout, its local rings'
+    /// layouts (in [`State::local_rings`] order), the next RoPE position and each layer's
+    /// exported keys and values ([`LayerKv::export`] of its own layout's `len()` slots).
     /// On error the conversation is empty.
     pub fn restore(
         &mut self,
         layout: RingLayout,
+        local: Vec<RingLayout>,
         next_pos: usize,
         layers: &[Vec<u8>],
     ) -> Result<()> {
         let Cache::Ring(ring) = &mut self.cache else {
             bail!("this model has no ring KV cache to restore");
         };
-        ring.restore(&mut self.graph, layout, next_pos, layers)
+        ring.restore(&mut self.graph, layout, local, next_pos, layers)
     }
 
     /// The cache shifts (evictions, re-positionings) since the last call, oldest first.
@@ -365,7 +406,32 @@ fn last_or_all(logits: &TValue, all: bool, vocab: usize) -> Result<Vec<f32>> {
     Ok(rows[from..].to_vec())
 }
 
+/// One ring per distinct window, each of `min(window, ctx)` slots.
+fn local_rings(windows: &[Option<usize>], ctx: usize) -> Vec<LocalRing> {
+    let mut rings: Vec<LocalRing> = Vec::new();
+    for (l, w) in windows.iter().enumerate() {
+        let Some(window) = *w else { continue };
+        match rings.iter_mut().find(|r| r.window == window) {
+            Some(r) => r.layers.push(l),
+            None => rings.push(LocalRing {
+                window,
+                layers: vec![l],
+                layout: RingLayout::clamped(window.min(ctx), 0),
+            }),
+        }
+    }
+    rings
+}
+
 impl Ring {
+    /// The layout layer `i` (an index into `nodes`) is kept by.
+    fn layout_of(&self, i: usize) -> &RingLayout {
+        self.local
+            .iter()
+            .find(|r| r.layers.contains(&i))
+            .map_or(&self.layout, |r| &r.layout)
+    }
+
     fn run(&mut self, g: &mut Graph, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
         self.start(g)?;
         let mut out = Vec::new();
@@ -386,8 +452,9 @@ impl Ring {
     fn start<'g>(&self, g: &'g mut Graph) -> Result<&'g mut Runner> {
         if g.runner.is_none() {
             let mut runner = g.plan.spawn()?;
-            let (kvh, hd, cap) = (g.io.kv_heads, g.io.head_dim, self.layout.capacity());
-            for &node in &self.nodes {
+            let (kvh, hd) = (g.io.kv_heads, g.io.head_dim);
+            for (i, &node) in self.nodes.iter().enumerate() {
+                let cap = self.layout_of(i).capacity();
                 ring_state_mut(&mut runner, node)?.kv = Some(LayerKv::new(kvh, cap, hd, self.kv));
             }
             g.runner = Some(runner);
@@ -405,6 +472,9 @@ impl Ring {
 
     fn reset(&mut self) {
         self.layout.reset();
+        for r in &mut self.local {
+            r.layout.reset();
+        }
         self.next_pos = 0;
         self.shifts.clear();
     }
@@ -413,9 +483,30 @@ impl Ring {
         &mut self,
         g: &mut Graph,
         layout: RingLayout,
+        local: Vec<RingLayout>,
         next_pos: usize,
         layers: &[Vec<u8>],
     ) -> Result<()> {
+        ensure!(
+            local.len() == self.local.len(),
+            "the saved cache has {} sliding-window rings, this model {}",
+            local.len(),
+            self.local.len()
+        );
+        for (saved, r) in local.iter().zip(&self.local) {
+            ensure!(
+                saved.capacity() == r.layout.capacity() && saved.n_keep() == 0,
+                "the saved sliding-window ring has {} slots keeping {}, this one {} keeping 0",
+                saved.capacity(),
+                saved.n_keep(),
+                r.layout.capacity()
+            );
+            ensure!(
+                saved.len() <= layout.len().max(next_pos),
+                "the saved sliding-window ring holds {} tokens, more than the conversation",
+                saved.len()
+            );
+        }
         ensure!(
             layout.capacity() == self.layout.capacity() && layout.n_keep() == self.layout.n_keep(),
             "the saved cache has {} slots keeping {}, this one {} keeping {}",
@@ -438,15 +529,26 @@ impl Ring {
             g.max_positions
         );
         self.reset();
+        let used: Vec<usize> = (0..self.nodes.len())
+            .map(
+                |i| match self.local.iter().position(|r| r.layers.contains(&i)) {
+                    Some(r) => local[r].len(),
+                    None => layout.len(),
+                },
+            )
+            .collect();
         let runner = self.start(g)?;
-        for (&node, bytes) in self.nodes.iter().zip(layers) {
+        for ((&node, bytes), used) in self.nodes.iter().zip(layers).zip(used) {
             let kv = ring_state_mut(runner, node)?
                 .kv
                 .as_mut()
                 .context("no cache storage")?;
-            kv.import(layout.len(), bytes)?;
+            kv.import(used, bytes)?;
         }
         self.layout = layout;
+        for (r, saved) in self.local.iter_mut().zip(local) {
+            r.layout = saved;
+        }
         self.next_pos = next_pos;
         Ok(())
     }
@@ -480,6 +582,9 @@ impl Ring {
             repositioned: true,
         });
         self.layout.reset();
+        for r in &mut self.local {
+            r.layout.reset();
+        }
         self.next_pos = 0;
         for chunk in kept.chunks(self.layout.max_chunk()) {
             self.run_chunk(g, chunk, false)?;
@@ -492,7 +597,16 @@ impl Ring {
     fn run_chunk(&mut self, g: &mut Graph, tokens: &[u32], all: bool) -> Result<TValue> {
         let n = tokens.len();
         let before = self.layout.clone();
-        let step = Arc::new(self.layout.place(tokens)?);
+        let local_before: Vec<RingLayout> = self.local.iter().map(|r| r.layout.clone()).collect();
+        let step = Arc::new(vec![self.layout.place(tokens)?]);
+        let mut steps = vec![Arc::clone(&step); self.nodes.len()];
+        for r in &mut self.local {
+            let each = Arc::new(r.layout.place_each(tokens)?);
+            for &i in &r.layers {
+                steps[i] = Arc::clone(&each);
+            }
+        }
+        let step = &step[0];
         // The mask is unused once fused; its length only has to agree with itself.
         let (inputs, rows) = g.inputs(tokens, self.next_pos, n, all)?;
         let inputs = complete(inputs)?;
@@ -500,21 +614,25 @@ impl Ring {
             .runner
             .as_mut()
             .context("the model state was not started")?;
-        for &node in &self.nodes {
-            ring_state_mut(runner, node)?.step = Some(Arc::clone(&step));
+        for (&node, steps) in self.nodes.iter().zip(steps) {
+            ring_state_mut(runner, node)?.steps = Some(steps);
         }
         let mut outputs = match runner.run(inputs) {
             Ok(outputs) => outputs,
             Err(e) => {
                 for &node in &self.nodes {
                     if let Ok(state) = ring_state_mut(runner, node) {
-                        state.step = None;
+                        state.steps = None;
                     }
                 }
                 runner.reset_turn()?;
-                if step.dropped == 0 {
+                let local_dropped = local_before.iter().any(|b| b.len() + n > b.capacity());
+                if step.dropped == 0 && !local_dropped {
                     // Only empty slots were written: the cache is as it was.
                     self.layout.restore(before);
+                    for (r, before) in self.local.iter_mut().zip(local_before) {
+                        r.layout.restore(before);
+                    }
                     return Err(e.context("running the model"));
                 }
                 self.reset();

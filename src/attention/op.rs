@@ -60,7 +60,7 @@ impl EvalOp for RingAttention {
         Ok(Some(Box::new(RingState {
             layer: self.layer,
             kv: None,
-            step: None,
+            steps: None,
             scratch: Scratch::default(),
         })))
     }
@@ -82,8 +82,10 @@ pub struct RingState {
     pub layer: usize,
     /// Keys and values; installed by the owner before the first run.
     pub kv: Option<LayerKv>,
-    /// Where this run's tokens go; set by the owner before every run, consumed by it.
-    pub step: Option<Arc<Step>>,
+    /// Where this run's tokens go: one step for the whole chunk, or one per token (a local
+    /// layer's ring of exactly its window, see [`crate::kv_cache::RingLayout::place_each`]);
+    /// set by the owner before every run, consumed by it.
+    pub steps: Option<Arc<Vec<Step>>>,
     /// Buffers reused from run to run.
     scratch: Scratch,
 }
@@ -99,27 +101,48 @@ impl OpState for RingState {
             .downcast_ref::<RingAttention>()
             .context("RingState driven by another op")?;
         let (q, k_new, v_new) = args_3!(inputs);
-        let step = self
-            .step
+        let steps = self
+            .steps
             .take()
             .with_context(|| format!("layer {}: no cache step was set", self.layer))?;
+        let layer = self.layer;
         let kv = self
             .kv
             .as_mut()
-            .with_context(|| format!("layer {}: no cache storage", self.layer))?;
-        let out = attend(
-            kv,
-            &step,
-            op.scale,
-            &q,
-            &k_new,
-            &v_new,
-            &mut self.scratch,
-            op.kernel,
-            Some(&op.pool),
-            self.layer,
-        )?;
-        Ok(tvec!(out.into_tvalue()))
+            .with_context(|| format!("layer {layer}: no cache storage"))?;
+        let mut run = |step: &Step, q: &Tensor, k: &Tensor, v: &Tensor| {
+            let pool = Some(&*op.pool);
+            attend(
+                kv,
+                step,
+                op.scale,
+                q,
+                k,
+                v,
+                &mut self.scratch,
+                op.kernel,
+                pool,
+                layer,
+            )
+        };
+        if let [step] = steps.as_slice() {
+            return Ok(tvec!(run(step, &q, &k_new, &v_new)?.into_tvalue()));
+        }
+        // One token at a time: its key and value written, then its query attended.
+        let axis = q.rank().saturating_sub(2);
+        ensure!(
+            q.rank() >= 3 && q.shape()[axis] == steps.len() && k_new.rank() == 4,
+            "layer {layer}: {} steps for queries {:?}",
+            steps.len(),
+            q.shape()
+        );
+        let mut outs = Vec::with_capacity(steps.len());
+        for (i, step) in steps.iter().enumerate() {
+            let qi = q.slice(axis, i, i + 1)?;
+            let (ki, vi) = (k_new.slice(2, i, i + 1)?, v_new.slice(2, i, i + 1)?);
+            outs.push(run(step, &qi, &ki, &vi)?);
+        }
+        Ok(tvec!(Tensor::stack_tensors(axis, &outs)?.into_tvalue()))
     }
 
     fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {

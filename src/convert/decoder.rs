@@ -20,172 +20,9 @@ use super::split::quantize_rows;
 use super::{Q8Blocks, Quant, Weight, WeightSource};
 use crate::quant::BLOCK;
 
-/// Hyper-parameters and block structure of a decoder, whatever family it comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DecoderParams {
-    /// Vocabulary size.
-    pub vocab: usize,
-    /// Hidden size (embedding width).
-    pub hidden: usize,
-    /// Number of decoder layers.
-    pub layers: usize,
-    /// Number of query heads.
-    pub heads: usize,
-    /// Number of key/value heads (grouped-query attention).
-    pub kv_heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-    /// Inner width of the MLP.
-    pub ffn: usize,
-    /// Trained context length.
-    pub max_positions: usize,
-    /// How token positions enter the model.
-    pub positions: Positions,
-    /// How RoPE's frequencies are rescaled (rotary models only).
-    pub rope_scaling: RopeScaling,
-    /// RMSNorm over each head's query and key before RoPE (Qwen3's `q_norm`/`k_norm`).
-    pub qk_norm: bool,
-    /// The normalization before attention, before the MLP and after the last block.
-    pub norm: Norm,
-    /// The normalization's epsilon.
-    pub norm_eps: f32,
-    /// The MLP's shape and activation.
-    pub mlp: Mlp,
-    /// Which linear layers carry a bias.
-    pub bias: Biases,
-    /// Whether the LM head shares the embedding matrix.
-    pub tied_embeddings: bool,
-}
-
-/// How token positions enter the model.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Positions {
-    /// Rotary embeddings (rotate-half form) on Q and K, with this base frequency.
-    Rope { theta: f32 },
-    /// A learned (max_positions, hidden) table added to the token embeddings.
-    Learned,
-}
-
-/// A normalization layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Norm {
-    /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`.
-    Rms,
-    /// LayerNorm: `(x - mean) / sqrt(var + eps) * weight + bias`.
-    Layer,
-}
-
-/// The MLP: `down(act(gate(x)) * up(x))` when gated, else `down(act(up(x)))`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mlp {
-    /// The activation.
-    pub activation: Activation,
-    /// Whether a gate projection multiplies the activation (SwiGLU, GeGLU).
-    pub gated: bool,
-}
-
-/// An MLP activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `x * sigmoid(x)`.
-    Silu,
-    /// The tanh approximation of GELU (GPT-2's `gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-}
-
-/// Which linear layers carry a bias.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Biases {
-    /// The Q, K and V projections.
-    pub qkv: bool,
-    /// The attention output projection.
-    pub output: bool,
-    /// The MLP projections.
-    pub mlp: bool,
-}
-
-impl DecoderParams {
-    /// The RoPE base frequency, for rotary models.
-    pub fn rope_theta(&self) -> Option<f32> {
-        match self.positions {
-            Positions::Rope { theta } => Some(theta),
-            Positions::Learned => None,
-        }
-    }
-
-    /// Checks the shapes agree with each other.
-    pub fn validate(&self) -> Result<()> {
-        ensure!(
-            self.vocab > 0 && self.hidden > 0 && self.layers > 0 && self.ffn > 0,
-            "model has a zero dimension: {self:?}"
-        );
-        ensure!(
-            self.heads > 0 && self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
-            "{} attention heads is not a multiple of {} key/value heads",
-            self.heads,
-            self.kv_heads
-        );
-        let rope = matches!(self.positions, Positions::Rope { .. });
-        ensure!(
-            self.head_dim > 0 && (!rope || self.head_dim.is_multiple_of(2)),
-            "head dimension {} must be even for RoPE",
-            self.head_dim
-        );
-        Ok(())
-    }
-}
-
-/// A tensor of the decoder, by what it does. Weights are `{prefix}.weight` in the
-/// checkpoint, biases `{prefix}.bias`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tensor {
-    /// Token embedding (vocab, hidden).
-    Embedding,
-    /// Learned position table (max_positions, hidden).
-    Positions,
-    /// Norm after the last block.
-    FinalNorm,
-    /// LM head (vocab, hidden), when not tied.
-    LmHead,
-    /// Per-pair RoPE frequency divisors (head_dim / 2), with [`RopeScaling::FreqFactors`];
-    /// only llama.cpp's checkpoints have one.
-    RopeFreqs,
-    /// Layer `l`'s norm before attention.
-    AttnNorm(usize),
-    /// Layer `l`'s query projection.
-    Q(usize),
-    /// Layer `l`'s key projection.
-    K(usize),
-    /// Layer `l`'s value projection.
-    V(usize),
-    /// Layer `l`'s Q, K and V projections as one tensor, rows in that order.
-    Qkv(usize),
-    /// Layer `l`'s attention output projection.
-    O(usize),
-    /// Layer `l`'s RMSNorm weight (head_dim) over each query head.
-    QNorm(usize),
-    /// Layer `l`'s RMSNorm weight (head_dim) over each key head.
-    KNorm(usize),
-    /// Layer `l`'s norm before the MLP.
-    MlpNorm(usize),
-    /// Layer `l`'s MLP gate projection.
-    Gate(usize),
-    /// Layer `l`'s MLP up projection.
-    Up(usize),
-    /// Layer `l`'s MLP down projection.
-    Down(usize),
-}
-
-/// Where a family's checkpoints keep the decoder's tensors, in the Hugging Face layout.
-#[derive(Clone, Copy, Debug)]
-pub struct Layout {
-    /// The checkpoint prefix of a tensor, `None` for one the family does not have.
-    pub prefix: fn(Tensor) -> Option<String>,
-    /// Linear weights stored (in, out) as `Conv1D` rather than `nn.Linear`'s (out, in).
-    pub conv1d: bool,
-    /// Q, K and V stored as one [`Tensor::Qkv`] rather than three.
-    pub fused_qkv: bool,
-}
+pub use super::params::{
+    Activation, Biases, DecoderParams, Layout, Mlp, Norm, Positions, SlidingWindow, Tensor,
+};
 
 /// Writes the whole decoder graph into `g`, reading weights from `src` where `layout` says
 /// they are and quantizing on `threads` threads; `progress` is called after the embeddings,
@@ -263,17 +100,33 @@ impl Writer<'_> {
             &[&table, "input_ids"],
             vec![("axis", Attr::Int(0))],
         );
+        if let Some(k) = p.embed_scale {
+            let k = self.g.const_f32("embed_scale", &[], &[k]);
+            x = self.g.node("Mul", &[&x, &k], vec![]);
+        }
         let rope = match p.positions {
-            Positions::Rope { theta } => Some(self.rope_tables(theta)?),
+            Positions::Rope { theta } => Some(self.rope_tables(theta, p.rope_scaling)?),
             Positions::Learned => {
                 x = self.add_learned_positions(&x)?;
                 None
             }
         };
+        // Local layers: their own unscaled RoPE base, and a mask that also hides keys
+        // `window` or more positions back.
+        let local = match &p.window {
+            Some(w) => {
+                let rope = self.rope_tables(w.rope_theta, RopeScaling::None)?;
+                Some((rope, w.size))
+            }
+            None => None,
+        };
         (self.progress)();
 
         let mask = self.causal_mask();
-        let scale = 1.0 / (p.head_dim as f32).sqrt();
+        let local_mask = local
+            .as_ref()
+            .map(|(_, size)| self.window_mask(&mask, *size));
+        let scale = p.attn_scale.unwrap_or(1.0 / (p.head_dim as f32).sqrt());
         for l in 0..p.layers {
             let h = self.norm(&x, Tensor::AttnNorm(l))?;
             let [mut q, mut k, v] = self.qkv(&h, l)?;
@@ -281,14 +134,24 @@ impl Writer<'_> {
                 q = self.head_norm(&q, Tensor::QNorm(l), p.heads)?;
                 k = self.head_norm(&k, Tensor::KNorm(l), p.kv_heads)?;
             }
-            let rope = rope.as_ref().map(|(cos, sin)| (cos.as_str(), sin.as_str()));
-            let o = self.attention(l, [&q, &k, &v], rope, &mask, scale);
+            let (rope, mask) = match (&local, &local_mask, p.layer_window(l)) {
+                (Some((rope, _)), Some(mask), Some(_)) => (Some(rope), mask),
+                _ => (rope.as_ref(), &mask),
+            };
+            let rope = rope.map(|(cos, sin)| (cos.as_str(), sin.as_str()));
+            let o = self.attention(l, [&q, &k, &v], rope, mask, scale);
             let qn = p.heads * p.head_dim;
-            let o = self.linear(&o, Tensor::O(l), p.hidden, qn, p.bias.output)?;
+            let mut o = self.linear(&o, Tensor::O(l), p.hidden, qn, p.bias.output)?;
+            if p.post_norms {
+                o = self.norm(&o, Tensor::PostAttnNorm(l))?;
+            }
             x = self.g.node("Add", &[&x, &o], vec![]);
 
             let h = self.norm(&x, Tensor::MlpNorm(l))?;
-            let o = self.mlp(&h, l)?;
+            let mut o = self.mlp(&h, l)?;
+            if p.post_norms {
+                o = self.norm(&o, Tensor::PostMlpNorm(l))?;
+            }
             x = self.g.node("Add", &[&x, &o], vec![]);
             (self.progress)();
         }
@@ -520,7 +383,7 @@ impl Writer<'_> {
         let eps = self.p.norm_eps;
         let w = self.load(&format!("{prefix}.weight"), &[n])?;
         match self.p.norm {
-            Norm::Rms => Ok(self.rms_norm(x, &w.data)),
+            Norm::Rms => Ok(self.rms_norm(x, &self.rms_weight(w))),
             Norm::Layer => {
                 let b = self.load(&format!("{prefix}.bias"), &[n])?;
                 let w = self.g.const_f32("ln_w", &[n as i64], &w.data);
@@ -556,8 +419,14 @@ impl Writer<'_> {
         let split = self.ints("shape", &[0, 0, heads as i64, hd as i64]);
         let flat = self.ints("shape", &[0, 0, (heads * hd) as i64]);
         let x = self.g.node("Reshape", &[x, &split], vec![]);
-        let x = self.rms_norm(&x, &w.data);
+        let x = self.rms_norm(&x, &self.rms_weight(w));
         Ok(self.g.node("Reshape", &[&x, &flat], vec![]))
+    }
+
+    /// An RMSNorm weight as the graph multiplies by it: `offset + w`.
+    fn rms_weight(&self, w: Weight) -> Vec<f32> {
+        let offset = self.p.norm_offset;
+        w.data.into_iter().map(|v| offset + v).collect()
     }
 
     /// The graph value holding the token embedding (vocab, hidden), f32 or int8, and the
@@ -595,13 +464,14 @@ impl Writer<'_> {
         Ok(self.g.node("Add", &[x, &positions], vec![]))
     }
 
-    /// RoPE's (cos, sin), each (b, 1, s, head_dim), from `position_ids`, computed in f32 as
-    /// transformers does.
-    fn rope_tables(&mut self, theta: f32) -> Result<(String, String)> {
+    /// RoPE's (cos, sin), each (b, 1, s, head_dim), from `position_ids` with base `theta`
+    /// rescaled by `scaling`, computed in f32 as transformers does.
+    fn rope_tables(&mut self, theta: f32, scaling: RopeScaling) -> Result<(String, String)> {
         let hd = self.p.head_dim;
         let base = rope::default_inv_freq(theta, hd);
-        let inv_freq = match self.p.rope_scaling {
+        let inv_freq = match scaling {
             RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -690,6 +560,38 @@ impl Writer<'_> {
         let ax123 = self.ints("axes", &[1, 2, 3]);
         let am = self.g.node("Unsqueeze", &[&am, &ax123], vec![]); // (b, 1, 1, 1, total)
         self.g.node("And", &[&causal, &am], vec![])
+    }
+
+    /// `mask` (b, 1, 1, s, total) with the keys `size` or more positions before each query
+    /// hidden too: key j is visible to query i iff past + i - size < j.
+    fn window_mask(&mut self, mask: &str, size: usize) -> String {
+        let one_idx = self.g.const_i64("idx", &[], &[1]);
+        let am_shape = self.g.node("Shape", &["attention_mask"], vec![]);
+        let total = self.g.node(
+            "Gather",
+            &[&am_shape, &one_idx],
+            vec![("axis", Attr::Int(0))],
+        );
+        let ids_shape = self.g.node("Shape", &["input_ids"], vec![]);
+        let seq_len = self.g.node(
+            "Gather",
+            &[&ids_shape, &one_idx],
+            vec![("axis", Attr::Int(0))],
+        );
+        let past = self.g.node("Sub", &[&total, &seq_len], vec![]);
+        let zero = self.g.const_i64("zero", &[], &[0]);
+        let one = self.g.const_i64("one", &[], &[1]);
+        let size = self.g.const_i64("window", &[], &[size as i64]);
+        // Key positions shifted by the window: j + size > q  <=>  j > q - size.
+        let kpos = self.g.node("Range", &[&zero, &total, &one], vec![]);
+        let kpos = self.g.node("Add", &[&kpos, &size], vec![]);
+        let qpos = self.g.node("Range", &[&past, &total, &one], vec![]);
+        let ax0 = self.ints("axes", &[0]);
+        let ax1 = self.ints("axes", &[1]);
+        let kpos = self.g.node("Unsqueeze", &[&kpos, &ax0], vec![]);
+        let qpos = self.g.node("Unsqueeze", &[&qpos, &ax1], vec![]);
+        let near = self.g.node("Greater", &[&kpos, &qpos], vec![]); // (s, total)
+        self.g.node("And", &[mask, &near], vec![])
     }
 
     /// Layer `l`'s attention: `q` (b, s, heads*hd), `k`/`v` (b, s, kv_heads*hd), RoPE'd with

@@ -84,6 +84,11 @@ fn block(hidden: usize, heads: usize, norm_eps: f32) -> Result<DecoderParams> {
         positions: Positions::Learned,
         rope_scaling: RopeScaling::None,
         qk_norm: false,
+        norm_offset: 0.0,
+        post_norms: false,
+        embed_scale: None,
+        attn_scale: None,
+        window: None,
         norm: Norm::Layer,
         norm_eps,
         mlp: Mlp {
@@ -118,7 +123,9 @@ fn prefix(t: Tensor) -> Option<String> {
         | Tensor::Gate(_)
         | Tensor::QNorm(_)
         | Tensor::KNorm(_)
-        | Tensor::RopeFreqs => return None,
+        | Tensor::RopeFreqs
+        | Tensor::PostAttnNorm(_)
+        | Tensor::PostMlpNorm(_) => return None,
     })
 }
 

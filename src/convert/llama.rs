@@ -94,6 +94,11 @@ pub fn block(positions: Positions, norm_eps: f32, bias: Biases) -> DecoderParams
         positions,
         rope_scaling: RopeScaling::None,
         qk_norm: false,
+        norm_offset: 0.0,
+        post_norms: false,
+        embed_scale: None,
+        attn_scale: None,
+        window: None,
         norm: Norm::Rms,
         norm_eps,
         mlp: Mlp {
@@ -123,7 +128,9 @@ fn prefix(t: Tensor) -> Option<String> {
         Tensor::Gate(l) => layer(l, "mlp.gate_proj"),
         Tensor::Up(l) => layer(l, "mlp.up_proj"),
         Tensor::Down(l) => layer(l, "mlp.down_proj"),
-        Tensor::Positions | Tensor::Qkv(_) => return None,
+        Tensor::Positions | Tensor::Qkv(_) | Tensor::PostAttnNorm(_) | Tensor::PostMlpNorm(_) => {
+            return None
+        }
     })
 }
 
@@ -227,8 +234,8 @@ impl HfConfig {
     }
 }
 
-/// `rope_scaling` of `config.json`: absent, null, `default` or `llama3`.
-fn rope_scaling(v: Option<&Value>, max_positions: usize) -> Result<RopeScaling> {
+/// `rope_scaling` of `config.json`: absent, null, `default`, `linear` or `llama3`.
+pub fn rope_scaling(v: Option<&Value>, max_positions: usize) -> Result<RopeScaling> {
     let Some(obj) = v.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
     };
@@ -255,6 +262,9 @@ fn rope_scaling(v: Option<&Value>, max_positions: usize) -> Result<RopeScaling> 
     };
     match kind {
         "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => {
             let original = match obj.get("original_max_position_embeddings") {
                 Some(_) => num("original_max_position_embeddings")?,
@@ -272,7 +282,7 @@ fn rope_scaling(v: Option<&Value>, max_positions: usize) -> Result<RopeScaling> 
                 original_max_positions: original,
             })
         }
-        other => bail!("RoPE scaling \"{other}\" is not supported (supported: llama3)"),
+        other => bail!("RoPE scaling \"{other}\" is not supported (supported: linear, llama3)"),
     }
 }
 
@@ -434,6 +444,7 @@ pub fn config_json_as(
 ) -> Value {
     let rope_scaling = match p.rope_scaling {
         RopeScaling::None => None,
+        RopeScaling::Linear { factor } => Some(json!({"rope_type": "linear", "factor": factor})),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -570,7 +581,7 @@ mod tests {
         };
         assert_eq!(
             err(json!({"type": "yarn", "factor": 4.0})),
-            "RoPE scaling \"yarn\" is not supported (supported: llama3)"
+            "RoPE scaling \"yarn\" is not supported (supported: linear, llama3)"
         );
         assert_eq!(
             err(

@@ -17,10 +17,12 @@
 pub mod decoder;
 pub mod family;
 pub mod from_gguf;
+pub mod gemma;
 pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod onnx;
+pub mod params;
 mod progress;
 pub mod qwen;
 pub mod rope;
@@ -42,7 +44,13 @@ use onnx::{ExternalData, GraphBuilder};
 use progress::Progress;
 
 /// The model families `edgelm convert` reads, in the order error messages list them.
-pub const FAMILIES: [&Family; 4] = [&llama::FAMILY, &qwen::QWEN2, &qwen::QWEN3, &gpt2::FAMILY];
+pub const FAMILIES: [&Family; 5] = [
+    &llama::FAMILY,
+    &qwen::QWEN2,
+    &qwen::QWEN3,
+    &gemma::GEMMA3,
+    &gpt2::FAMILY,
+];
 
 /// How the bundle stores linear-layer and embedding weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

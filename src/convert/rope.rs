@@ -19,6 +19,11 @@ pub enum RopeScaling {
         /// The context length the model was pre-trained with.
         original_max_positions: f32,
     },
+    /// Every frequency divided by `factor` (transformers' `rope_type: linear`).
+    Linear {
+        /// Divisor of every frequency.
+        factor: f32,
+    },
     /// Each frequency divided by the checkpoint's own factor for its pair: llama.cpp's
     /// `rope_freqs.weight`, which its converter writes for `llama3` scaling.
     FreqFactors,

@@ -14,6 +14,7 @@ mod convert_hf;
 mod families;
 mod faults;
 mod fuzz_regressions;
+mod gemma3;
 mod gguf;
 mod golden_cross_arch;
 mod golden_smollm2;

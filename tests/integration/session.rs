@@ -135,7 +135,7 @@ fn wrong_magic_version_or_model_are_named() {
     other[8] = 9;
     fs::write(&path, &other).unwrap();
     assert!(
-        load_error(&model, &path).ends_with("format version 9; this edgelm reads versions 1 to 2")
+        load_error(&model, &path).ends_with("format version 9; this edgelm reads versions 1 to 3")
     );
 
     fs::write(&path, &bytes).unwrap();
