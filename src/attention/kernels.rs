@@ -3,8 +3,9 @@
 //! Each key and value row is read once for the whole group.
 //!
 //! The scalar code defines the arithmetic and the SIMD twins compute the same bits. Which
-//! code runs follows the model's [`Kernel`]: AVX2 for `avx2` and `avx512` (x86_64, with F16C),
-//! NEON for `neon` and `dotprod` (aarch64), the scalar code for `scalar` and on armv7:
+//! code runs follows the model's [`Kernel`]: AVX2 for `avx2` and AVX-512 for `avx512` (x86_64,
+//! with F16C), NEON for `neon` and `dotprod` (aarch64), the scalar code for `scalar` and on
+//! armv7:
 //! - `dot(a, b)`: 8 lanes, lane l sums `a[j] * b[j]` for j ≡ l (mod 8), j increasing, each
 //!   product rounded and then added (no FMA), the first 8 products starting the lanes; the
 //!   lanes are reduced in [`reduce8`]'s order.
@@ -33,6 +34,20 @@ pub trait Row: Elem + 'static {
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 
+    /// The 8 elements at `a` in the low half and the 8 at `b` in the high half, as f32.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `a` and `b` each point to 8 readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8x2(a: *const Self, b: *const Self) -> std::arch::x86_64::__m512;
+
+    /// The 16 elements at `p`, as f32.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `p` points to 16 readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
     /// The 4 elements at `p`, as f32.
     ///
     /// # Safety
@@ -48,6 +63,27 @@ impl Row for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: forwarded contract.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load8x2(a: *const f32, b: *const f32) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded contract.
+        unsafe {
+            let lo = _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a)));
+            let hi = _mm256_castps_pd(_mm256_loadu_ps(b));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(lo, hi))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -67,6 +103,28 @@ impl Row for f16 {
         use std::arch::x86_64::*;
         // SAFETY: forwarded contract; f16 is a plain 2-byte value, read unaligned.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn load8x2(a: *const f16, b: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded contract; f16 is a plain 2-byte value, read unaligned.
+        unsafe {
+            let lo = _mm256_castsi128_si256(_mm_loadu_si128(a.cast::<__m128i>()));
+            let hi = _mm_loadu_si128(b.cast::<__m128i>());
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(lo, hi))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded contract; f16 is a plain 2-byte value, read unaligned.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>())) }
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -100,6 +158,12 @@ fn x86_simd(kernel: Kernel) -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// Whether `kernel` runs the AVX-512 code (beside the AVX2 code it falls back on).
+#[cfg(target_arch = "x86_64")]
+fn x86_avx512(kernel: Kernel) -> bool {
+    kernel == Kernel::Avx512 && x86_simd(kernel)
+}
+
 /// Whether `kernel` runs the NEON code (neon and dotprod imply NEON).
 #[cfg(target_arch = "aarch64")]
 fn neon_simd(kernel: Kernel) -> bool {
@@ -116,6 +180,11 @@ pub(super) fn group_dots<E: Row>(
 ) {
     let (g, n) = (qs.len() / hd, keys.len() / hd);
     assert!(qs.len() == g * hd && keys.len() == n * hd && out.len() == g * n);
+    #[cfg(target_arch = "x86_64")]
+    if x86_avx512(kernel) {
+        // SAFETY: the guard checked AVX-512F, AVX2 and F16C; lengths checked above.
+        return unsafe { avx512::group_dots(qs, keys, hd, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if x86_simd(kernel) {
         // SAFETY: the guard checked AVX2 and F16C; lengths checked above.
@@ -148,6 +217,11 @@ pub(super) fn group_axpys<E: Row>(
     let (g, n) = (outs.len() / hd, values.len() / hd);
     assert!(outs.len() == g * hd && values.len() == n * hd && probs.len() == g * n);
     assert!(cols.start <= cols.end && cols.end <= hd);
+    #[cfg(target_arch = "x86_64")]
+    if x86_avx512(kernel) {
+        // SAFETY: the guard checked AVX-512F, AVX2 and F16C; lengths checked above.
+        return unsafe { avx512::group_axpys(probs, values, hd, cols, outs) };
+    }
     #[cfg(target_arch = "x86_64")]
     if x86_simd(kernel) {
         // SAFETY: the guard checked AVX2 and F16C; lengths checked above.
@@ -193,310 +267,13 @@ fn dot_tail<E: Elem>(lanes: &mut [f32; 8], a: &[f32], b: &[E], start: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-    use std::ops::Range;
+mod avx2;
 
-    use super::{dot_tail, Row};
-    use crate::quant::reduce8;
-
-    /// Queries handled together: one accumulator each, the key chunk loaded once.
-    const G: usize = 4;
-
-    /// # Safety
-    /// AVX2 and F16C are available; qs (g, hd), keys (n, hd), out (g, n).
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn group_dots<E: Row>(qs: &[f32], keys: &[E], hd: usize, out: &mut [f32]) {
-        let (g, n) = (qs.len() / hd, keys.len() / hd);
-        let mut g0 = 0;
-        while g0 < g {
-            let qs = &qs[g0 * hd..];
-            let out = &mut out[g0 * n..];
-            // SAFETY: forwarded contract; each instance reads its first `G'` queries.
-            unsafe {
-                match g - g0 {
-                    1 => dots::<1, E>(qs, keys, hd, n, out),
-                    2 => dots::<2, E>(qs, keys, hd, n, out),
-                    3 => dots::<3, E>(qs, keys, hd, n, out),
-                    _ => dots::<G, E>(qs, keys, hd, n, out),
-                }
-            }
-            g0 += G;
-        }
-    }
-
-    /// Scores of the first R queries of `qs` against the n keys into `out` (R, n).
-    ///
-    /// # Safety
-    /// AVX2 and F16C are available; qs holds R rows of hd, keys n rows, out R rows of n.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn dots<const R: usize, E: Row>(
-        qs: &[f32],
-        keys: &[E],
-        hd: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        assert!(qs.len() >= R * hd && keys.len() >= n * hd && out.len() >= R * n);
-        let full = hd / 8 * 8;
-        if full == 0 {
-            for slot in 0..n {
-                for r in 0..R {
-                    out[r * n + slot] = super::dot(&qs[r * hd..][..hd], &keys[slot * hd..][..hd]);
-                }
-            }
-            return;
-        }
-        let (qp, kp) = (qs.as_ptr(), keys.as_ptr());
-        for slot in 0..n {
-            // SAFETY: slot < n rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
-            let acc: [__m256; R] = unsafe {
-                let k = kp.add(slot * hd);
-                let k0 = E::load8(k);
-                let mut acc = [k0; R];
-                for r in 0..R {
-                    acc[r] = _mm256_mul_ps(_mm256_loadu_ps(qp.add(r * hd)), k0);
-                }
-                let mut c = 8;
-                while c < full {
-                    let kc = E::load8(k.add(c));
-                    for r in 0..R {
-                        let q = _mm256_loadu_ps(qp.add(r * hd + c));
-                        acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(q, kc));
-                    }
-                    c += 8;
-                }
-                acc
-            };
-            for r in 0..R {
-                out[r * n + slot] = if full == hd {
-                    reduce(acc[r])
-                } else {
-                    let mut lanes = [0f32; 8];
-                    // SAFETY: `lanes` holds 8 floats.
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
-                    dot_tail(
-                        &mut lanes,
-                        &qs[r * hd..][..hd],
-                        &keys[slot * hd..][..hd],
-                        full,
-                    );
-                    reduce8(&lanes)
-                };
-            }
-        }
-    }
-
-    /// [`reduce8`] of the 8 lanes of `v`, in the same order.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn reduce(v: __m256) -> f32 {
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)))
-    }
-
-    /// Output columns handled together per query (4 registers each).
-    const COLS: usize = 32;
-
-    /// # Safety
-    /// AVX2 and F16C are available; probs (g, n), values (n, hd), outs (g, hd),
-    /// cols.end <= hd.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn group_axpys<E: Row>(
-        probs: &[f32],
-        values: &[E],
-        hd: usize,
-        cols: Range<usize>,
-        outs: &mut [f32],
-    ) {
-        let (g, n) = (outs.len() / hd, values.len() / hd);
-        let mut g0 = 0;
-        while g0 < g {
-            let probs = &probs[g0 * n..];
-            let outs = &mut outs[g0 * hd..];
-            // SAFETY: forwarded contract; each instance updates its first `G'` outputs.
-            unsafe {
-                let cols = cols.clone();
-                match g - g0 {
-                    1 => axpys::<1, E>(probs, values, hd, n, cols, outs),
-                    2 => axpys::<2, E>(probs, values, hd, n, cols, outs),
-                    3 => axpys::<3, E>(probs, values, hd, n, cols, outs),
-                    _ => axpys::<G, E>(probs, values, hd, n, cols, outs),
-                }
-            }
-            g0 += G;
-        }
-    }
-
-    /// Columns `cols` of the first R outputs of `outs` (R, hd) += probs (R, n) times values
-    /// (n, hd).
-    ///
-    /// # Safety
-    /// AVX2 and F16C are available; the slices hold the rows named; cols.end <= hd.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn axpys<const R: usize, E: Row>(
-        probs: &[f32],
-        values: &[E],
-        hd: usize,
-        n: usize,
-        cols: Range<usize>,
-        outs: &mut [f32],
-    ) {
-        assert!(probs.len() >= R * n && values.len() >= n * hd && outs.len() >= R * hd);
-        assert!(cols.end <= hd);
-        let (pp, vp, op) = (probs.as_ptr(), values.as_ptr(), outs.as_mut_ptr());
-        let (mut c0, end) = (cols.start, cols.end);
-        // Column blocks of 32, then of 8, each kept in registers over all slots.
-        while c0 + COLS <= end {
-            // SAFETY: c0 + 32 <= hd columns of every row; slot < n, r < R.
-            unsafe {
-                let mut acc = [[_mm256_setzero_ps(); 4]; R];
-                for r in 0..R {
-                    for c in 0..4 {
-                        acc[r][c] = _mm256_loadu_ps(op.add(r * hd + c0 + 8 * c));
-                    }
-                }
-                for slot in 0..n {
-                    let v = vp.add(slot * hd + c0);
-                    let mut vs = [_mm256_setzero_ps(); 4];
-                    for c in 0..4 {
-                        vs[c] = E::load8(v.add(8 * c));
-                    }
-                    for r in 0..R {
-                        let p = _mm256_broadcast_ss(&*pp.add(r * n + slot));
-                        for c in 0..4 {
-                            acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_mul_ps(p, vs[c]));
-                        }
-                    }
-                }
-                for r in 0..R {
-                    for c in 0..4 {
-                        _mm256_storeu_ps(op.add(r * hd + c0 + 8 * c), acc[r][c]);
-                    }
-                }
-            }
-            c0 += COLS;
-        }
-        while c0 + 8 <= end {
-            // SAFETY: c0 + 8 <= hd columns of every row; slot < n, r < R.
-            unsafe {
-                let mut acc = [_mm256_setzero_ps(); R];
-                for r in 0..R {
-                    acc[r] = _mm256_loadu_ps(op.add(r * hd + c0));
-                }
-                for slot in 0..n {
-                    let v = E::load8(vp.add(slot * hd + c0));
-                    for r in 0..R {
-                        let p = _mm256_broadcast_ss(&*pp.add(r * n + slot));
-                        acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(p, v));
-                    }
-                }
-                for r in 0..R {
-                    _mm256_storeu_ps(op.add(r * hd + c0), acc[r]);
-                }
-            }
-            c0 += 8;
-        }
-        for c in c0..end {
-            for slot in 0..n {
-                let v = values[slot * hd + c].get();
-                for r in 0..R {
-                    outs[r * hd + c] += probs[r * n + slot] * v;
-                }
-            }
-        }
-    }
-}
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(target_arch = "aarch64")]
-mod neon {
-    use std::arch::aarch64::*;
-    use std::ops::Range;
-
-    use super::{dot_tail, Row};
-    use crate::quant::reduce8;
-
-    /// # Safety
-    /// NEON is available; qs (g, hd), keys (n, hd), out (g, n).
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn group_dots<E: Row>(qs: &[f32], keys: &[E], hd: usize, out: &mut [f32]) {
-        let (g, n) = (qs.len() / hd, keys.len() / hd);
-        let full = hd / 8 * 8;
-        for slot in 0..n {
-            let k = &keys[slot * hd..][..hd];
-            for r in 0..g {
-                let q = &qs[r * hd..][..hd];
-                if full == 0 {
-                    out[r * n + slot] = super::dot(q, k);
-                    continue;
-                }
-                // SAFETY: c + 8 <= full <= hd elements of both rows.
-                let (lo, hi) = unsafe {
-                    let (qp, kp) = (q.as_ptr(), k.as_ptr());
-                    let mut lo = vmulq_f32(vld1q_f32(qp), E::load4(kp));
-                    let mut hi = vmulq_f32(vld1q_f32(qp.add(4)), E::load4(kp.add(4)));
-                    let mut c = 8;
-                    while c < full {
-                        lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(qp.add(c)), E::load4(kp.add(c))));
-                        hi = vaddq_f32(
-                            hi,
-                            vmulq_f32(vld1q_f32(qp.add(c + 4)), E::load4(kp.add(c + 4))),
-                        );
-                        c += 8;
-                    }
-                    (lo, hi)
-                };
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds 8 floats.
-                unsafe {
-                    vst1q_f32(lanes.as_mut_ptr(), lo);
-                    vst1q_f32(lanes.as_mut_ptr().add(4), hi);
-                }
-                dot_tail(&mut lanes, q, k, full);
-                out[r * n + slot] = reduce8(&lanes);
-            }
-        }
-    }
-
-    /// # Safety
-    /// NEON is available; probs (g, n), values (n, hd), outs (g, hd), cols.end <= hd.
-    #[target_feature(enable = "neon")]
-    pub(super) unsafe fn group_axpys<E: Row>(
-        probs: &[f32],
-        values: &[E],
-        hd: usize,
-        cols: Range<usize>,
-        outs: &mut [f32],
-    ) {
-        let (g, n) = (outs.len() / hd, values.len() / hd);
-        let full = cols.start + (cols.end - cols.start) / 4 * 4;
-        for slot in 0..n {
-            let v = &values[slot * hd..][..hd];
-            for r in 0..g {
-                let p = probs[r * n + slot];
-                let o = &mut outs[r * hd..][..hd];
-                let mut c = cols.start;
-                while c < full {
-                    // SAFETY: c + 4 <= hd elements of both rows.
-                    unsafe {
-                        let y = vaddq_f32(
-                            vld1q_f32(o.as_ptr().add(c)),
-                            vmulq_n_f32(E::load4(v.as_ptr().add(c)), p),
-                        );
-                        vst1q_f32(o.as_mut_ptr().add(c), y);
-                    }
-                    c += 4;
-                }
-                for c in full..cols.end {
-                    o[c] += p * v[c].get();
-                }
-            }
-        }
-    }
-}
+mod neon;
 
 #[cfg(test)]
 mod tests {
