@@ -117,8 +117,11 @@ pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
     rss.sample();
 
     let config = engine.model.config();
-    let kv_bytes_per_token =
-        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4;
+    let kv_bytes_per_token = 2
+        * config.num_hidden_layers
+        * config.num_key_value_heads
+        * config.head_dim
+        * args.cache.kv.bytes();
     let report = json!({
         "model": args.model.display().to_string(),
         "threads": engine.model.threads(),
@@ -139,6 +142,7 @@ pub fn run(args: &BenchOptions, out: &mut dyn Write) -> Result<()> {
         "kv_bytes_per_token": kv_bytes_per_token,
         "kv_cache_bytes": kv_cache_bytes,
         "ctx": args.cache.ctx,
+        "kv": args.cache.kv.name(),
     });
     if args.json {
         writeln!(out, "{report}")?;

@@ -154,8 +154,8 @@ pub struct CacheArgs {
     /// oldest tokens after the first --keep are dropped (and reported).
     #[arg(long, default_value_t = 0)]
     pub ctx: usize,
-    /// KV cache storage: f16 halves its memory.
-    #[arg(long, value_parser = kv_type(), default_value_t = KvType::F32)]
+    /// KV cache storage: f16 (the default) takes half the memory of f32.
+    #[arg(long, value_parser = kv_type(), default_value_t = KvType::default())]
     pub kv: KvType,
     /// First tokens never dropped when the cache is full.
     #[arg(long, default_value_t = DEFAULT_KEEP)]
@@ -167,7 +167,9 @@ fn kv_type() -> impl TypedValueParser<Value = KvType> {
     PossibleValuesParser::new(KvType::ALL.map(|t| {
         PossibleValue::new(t.name()).help(match t {
             KvType::F32 => "4 bytes per value (exact)",
-            KvType::F16 => "2 bytes per value: half the memory, values rounded to half precision",
+            KvType::F16 => {
+                "2 bytes per value (the default): half the memory, values rounded to half precision"
+            }
         })
     }))
     .try_map(|name| name.parse::<KvType>())

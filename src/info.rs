@@ -168,7 +168,7 @@ fn fast_paths(s: &LoadSummary) -> Vec<String> {
     lines.push(format!(
         "fast path KV cache: {}",
         if s.ring_cache {
-            "ring buffer fused into the attention (RingAttention)"
+            "ring buffer fused into the attention (RingAttention), f16 keys and values by default"
         } else {
             "off: the graph's explicit past/present tensors, copied every step"
         }

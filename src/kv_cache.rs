@@ -17,8 +17,8 @@
 //!   was not trained for that gap, so quality can degrade, which is why every eviction is
 //!   reported). Within one chunk that wraps, the earlier tokens of the chunk also lose the old
 //!   tokens overwritten by the later ones; chunks are capped at `capacity - n_keep` tokens so a
-//!   token never overwrites another of its own chunk. With `--kv f16` keys and values are
-//!   rounded to half precision.
+//!   token never overwrites another of its own chunk. With f16 storage (the default) keys and
+//!   values are rounded to half precision; `--kv f32` keeps them exact.
 
 use anyhow::{ensure, Result};
 use tract_onnx::prelude::f16;
@@ -30,15 +30,25 @@ pub const EMPTY: u64 = u64::MAX;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
     /// 4 bytes per value (exact).
-    #[default]
     F32,
-    /// 2 bytes per value: half the memory, values rounded to half precision.
+    /// 2 bytes per value: half the memory and half the reads per token, values rounded to
+    /// half precision (the default: the golden tokens and the teacher-forced agreement are
+    /// those of f32 storage).
+    #[default]
     F16,
 }
 
 impl KvType {
     /// Every storage type, by the name `--kv` takes.
     pub const ALL: [KvType; 2] = [KvType::F32, KvType::F16];
+
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
 
     /// The name `--kv` takes.
     pub fn name(self) -> &'static str {
@@ -468,11 +478,7 @@ impl LayerKv {
 
     /// Bytes [`LayerKv::export`] writes for `used` slots.
     pub fn export_len(&self, used: usize) -> usize {
-        let size = match self.kv_type() {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
-        };
-        2 * self.kv_heads * used * self.head_dim * size
+        2 * self.kv_heads * used * self.head_dim * self.kv_type().bytes()
     }
 
     /// Reads back what [`LayerKv::export`] wrote for `used` slots.

@@ -153,7 +153,7 @@ impl Model {
         let ctx = self.config.max_position_embeddings.min(DEFAULT_CTX);
         let opts = CacheOptions {
             ctx,
-            kv: KvType::F32,
+            kv: KvType::default(),
             keep: DEFAULT_KEEP.min(ctx / 2),
         };
         self.state_with(opts, ctx)

@@ -46,7 +46,7 @@ impl Default for CacheOptions {
     fn default() -> Self {
         CacheOptions {
             ctx: 0,
-            kv: KvType::F32,
+            kv: KvType::default(),
             keep: DEFAULT_KEEP,
         }
     }

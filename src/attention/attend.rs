@@ -10,7 +10,7 @@ use anyhow::{ensure, Result};
 use tract_onnx::prelude::*;
 
 use super::kernels;
-use crate::kv_cache::{Elem, HeadRows, LayerKv, Step};
+use crate::kv_cache::{HeadRows, LayerKv, Step};
 use crate::quant::{Kernel, ThreadPool};
 
 /// Writes `k_new`/`v_new` at `step.slots` and attends `q` over the ring; returns q's shape.
@@ -253,7 +253,7 @@ fn normalize_blocks(
 /// `keys`/`values` (slot, head_dim) into `o` (group, head_dim), which starts at zero. Each key
 /// and value row is read once for the whole group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_attention<E: Elem + 'static>(
+pub(super) fn group_attention<E: kernels::Row>(
     kernel: Kernel,
     keys: &[E],
     values: &[E],

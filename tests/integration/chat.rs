@@ -100,7 +100,7 @@ fn tiny() -> Engine {
 fn tiny_chat(engine: &Engine) -> Conversation<'_> {
     let cache = CacheOptions {
         ctx: 256,
-        kv: KvType::F32,
+        kv: KvType::default(),
         keep: 4,
     };
     let state = engine.model.new_state_with(cache).unwrap();

@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use edgelm::convert::{convert, ConvertOptions, Quant};
-use edgelm::model::{LoadOptions, Model, State};
+use edgelm::kv_cache::KvType;
+use edgelm::model::{CacheOptions, LoadOptions, Model, State};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -42,6 +43,16 @@ pub fn load(dir: &Path) -> Model {
 /// Loads `tests/fixtures/<bundle>` on one thread.
 pub fn load_fixture(bundle: &str) -> Model {
     load(&fixture(bundle))
+}
+
+/// A fresh conversation at the default size with f32 keys and values: the exact arithmetic
+/// that comparisons with reference logits (transformers, one pass) hold to tight bounds.
+pub fn f32_state(model: &Model) -> State {
+    let opts = CacheOptions {
+        kv: KvType::F32,
+        ..Default::default()
+    };
+    model.new_state_with(opts).unwrap()
 }
 
 /// First index of the maximum, like `torch.argmax`.

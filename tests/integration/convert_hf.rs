@@ -50,13 +50,15 @@ fn check_f32(model_name: &str) {
 fn check_f32_from(model_name: &str, input: &str) {
     let model = converted_from(input, Quant::F32);
     let reference = reference(model_name);
-    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let logits = common::f32_state(&model)
+        .forward_all(&reference.ids)
+        .unwrap(); // (ids, vocab)
     let want = reference.logits.concat();
     assert_eq!(logits.len(), want.len());
     let diff = max_abs_diff(&logits, &want);
     eprintln!("{model_name} converted f32: max |logits - reference| = {diff:e}");
     assert!(diff <= 1e-3, "{model_name}: max abs diff {diff}");
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     for g in &reference.greedy {
         let got = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
         assert_eq!(got, g.generated_ids, "{model_name}: prompt {:?}", g.prompt);
@@ -71,22 +73,24 @@ fn check_int8(model_name: &str) -> (usize, usize) {
     let vocab = model.config().vocab_size;
     let reference = reference(model_name);
     let (mut agree, mut total) = (0, 0);
-    let got = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let got = common::f32_state(&model)
+        .forward_all(&reference.ids)
+        .unwrap(); // (ids, vocab)
     for (g, w) in got.chunks(vocab).zip(&reference.logits) {
         agree += usize::from(argmax(g) == argmax(w));
         total += 1;
     }
     for g in &reference.greedy {
         let ids = [&g.prompt_ids[..], &g.generated_ids[..]].concat();
-        let got = model.new_state().forward_all(&ids).unwrap(); // (ids, vocab)
-                                                                // Row prompt_len - 1 + i predicts generated_ids[i].
+        let got = common::f32_state(&model).forward_all(&ids).unwrap(); // (ids, vocab)
+                                                                        // Row prompt_len - 1 + i predicts generated_ids[i].
         for (i, &want) in g.generated_ids.iter().enumerate() {
             let row = &got[(g.prompt_ids.len() - 1 + i) * vocab..][..vocab];
             agree += usize::from(argmax(row) == want);
             total += 1;
         }
     }
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     for g in &reference.greedy {
         let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
         let same = tokens
@@ -228,7 +232,9 @@ fn qwen2_qkv_biases_are_read() {
     .unwrap();
     let model = common::load(&out);
     let reference = reference("tiny-llama");
-    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let logits = common::f32_state(&model)
+        .forward_all(&reference.ids)
+        .unwrap(); // (ids, vocab)
     let diff = max_abs_diff(&logits, &reference.logits.concat());
     assert!(diff <= 1e-3, "max abs diff {diff}");
 

@@ -102,11 +102,11 @@ fn converted(model: &str, input: &str, quant: Quant) -> (std::path::PathBuf, Mod
 fn check_f32(model: &str, input: &str) -> f32 {
     let (dir, m) = converted(model, input, Quant::F32);
     let r = reference(model);
-    let logits = m.new_state().forward_all(&r.ids).unwrap(); // (ids, vocab)
+    let logits = common::f32_state(&m).forward_all(&r.ids).unwrap(); // (ids, vocab)
     let diff = max_abs_diff(&logits, &r.logits.concat());
     eprintln!("{model}/{input} f32: max |logits - transformers| = {diff:e}");
     assert!(diff <= 1e-4, "{model}/{input}: max abs diff {diff}");
-    let mut state = m.new_state();
+    let mut state = common::f32_state(&m);
     for g in &r.greedy {
         let got = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
         assert_eq!(
@@ -149,7 +149,7 @@ fn check_int8(model: &str, input: &str, floor: Option<usize>) -> f64 {
     let (_, m) = converted(model, input, Quant::Int8);
     let r = reference(model);
     let vocab = m.config().vocab_size;
-    let got = m.new_state().forward_all(&r.ids).unwrap(); // (ids, vocab)
+    let got = common::f32_state(&m).forward_all(&r.ids).unwrap(); // (ids, vocab)
     let agree = got
         .chunks(vocab)
         .zip(&r.logits)

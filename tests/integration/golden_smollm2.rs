@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use edgelm::convert::Quant;
 use edgelm::engine::Engine;
 use edgelm::generate::{generate, Flow, GenerateOptions};
-use edgelm::model::LoadOptions;
+use edgelm::kv_cache::KvType;
+use edgelm::model::{CacheOptions, LoadOptions};
 use edgelm::quant::Scheme;
 use edgelm::sampler::SamplerConfig;
 
@@ -43,13 +44,13 @@ fn engine_scheme(int8: Scheme) -> &'static Engine {
     })
 }
 
-/// Greedy ids generated for each golden prompt, with the expected ids.
+/// Greedy ids generated for each golden prompt with the default cache, with the expected ids.
 fn greedy_runs(quant: Quant) -> Vec<(String, Vec<u32>, Vec<u32>)> {
-    greedy_runs_with(engine(quant))
+    greedy_runs_with(engine(quant), KvType::default())
 }
 
-/// [`greedy_runs`] with a given engine.
-fn greedy_runs_with(e: &Engine) -> Vec<(String, Vec<u32>, Vec<u32>)> {
+/// [`greedy_runs`] with a given engine and key/value storage.
+fn greedy_runs_with(e: &Engine, kv: KvType) -> Vec<(String, Vec<u32>, Vec<u32>)> {
     let g = golden();
     let n = g["new_tokens"].as_u64().unwrap() as usize;
     let opts = GenerateOptions {
@@ -65,7 +66,7 @@ fn greedy_runs_with(e: &Engine) -> Vec<(String, Vec<u32>, Vec<u32>)> {
         .iter()
         .map(|p| {
             let prompt = ids(&p["prompt_ids"]);
-            let mut state = e.model.new_state();
+            let mut state = e.model.new_state_with(cache(kv)).unwrap();
             let got = generate(&mut state, &e.tokenizer, &prompt, &opts, |_, _| {
                 Flow::Continue
             })
@@ -77,6 +78,14 @@ fn greedy_runs_with(e: &Engine) -> Vec<(String, Vec<u32>, Vec<u32>)> {
             )
         })
         .collect()
+}
+
+/// The default cache with keys and values stored as `kv`.
+fn cache(kv: KvType) -> CacheOptions {
+    CacheOptions {
+        kv,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -109,9 +118,19 @@ fn chat_template_renders_the_reference_prompt() {
     assert_eq!(e.encode_chat(&msgs).unwrap(), ids(&p["prompt_ids"]));
 }
 
+/// All 32 tokens of all 4 prompts, with the default f16 keys and values as with f32 ones.
 #[test]
 fn f32_bundle_matches_transformers_for_all_tokens() {
+    assert_eq!(KvType::default(), KvType::F16);
     assert_all_tokens_equal(&greedy_runs(Quant::F32), "f32");
+}
+
+#[test]
+fn f32_bundle_with_f32_keys_and_values_matches_transformers_for_all_tokens() {
+    assert_all_tokens_equal(
+        &greedy_runs_with(engine(Quant::F32), KvType::F32),
+        "f32 --kv f32",
+    );
 }
 
 /// Asserts every prompt's greedy ids equal transformers' f32 ones.
@@ -139,9 +158,17 @@ fn int8_bundle_matches_transformers_for_all_tokens() {
 }
 
 #[test]
+fn int8_with_f32_keys_and_values_matches_transformers_for_all_tokens() {
+    assert_all_tokens_equal(
+        &greedy_runs_with(engine(Quant::Int8), KvType::F32),
+        "int8 --kv f32",
+    );
+}
+
+#[test]
 fn int8_with_int16_activations_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(
-        &greedy_runs_with(engine_scheme(Scheme::Q8Q16)),
+        &greedy_runs_with(engine_scheme(Scheme::Q8Q16), KvType::default()),
         "int8 --int8 q8q16",
     );
 }
@@ -149,7 +176,7 @@ fn int8_with_int16_activations_matches_transformers_for_all_tokens() {
 #[test]
 fn int8_on_the_tiled_gemm_with_15_bit_activations_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(
-        &greedy_runs_with(engine_scheme(Scheme::Q8Q15)),
+        &greedy_runs_with(engine_scheme(Scheme::Q8Q15), KvType::default()),
         "int8 --int8 q8q15",
     );
 }
@@ -162,10 +189,12 @@ fn int8_agrees_with_f32_on_807_of_813_positions() {
         "teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
     );
     // Measured 808/813 (99.38%) with lattice-fitted scales, the same with the AVX2 and AVX-512
-    // kernels (plain Q8_0 rounding of the Q4_1 weights: 97.79%); one position under it, so
-    // that a near-tie flipping on another architecture is no failure.
+    // kernels and with f32 keys and values (plain Q8_0 rounding of the Q4_1 weights: 97.79%);
+    // one position under it, so that a near-tie flipping on another architecture is no
+    // failure.
     assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
-    // Measured f32 25.107, int8 25.110 (+0.012%).
+    // Measured f32 25.107, int8 25.110 (+0.012%; 25.1099 with f16 keys and values, 25.1098
+    // with f32 ones).
     assert!(
         ppl_q < ppl_f * 1.001,
         "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
@@ -188,8 +217,8 @@ fn int8_on_the_tiled_gemm_agrees_with_f32_on_807_of_813_positions() {
     );
 }
 
-/// Teacher-forced over `eval_text.txt`: positions where `q`'s top-1 equals the f32 bundle's,
-/// positions, and the perplexities of f32 and `q`.
+/// Teacher-forced over `eval_text.txt`: positions where `q`'s top-1 (default cache) equals
+/// the f32 bundle's with f32 keys and values, positions, and the perplexities of both.
 fn teacher_forced(q: &Engine) -> (usize, usize, f64, f64) {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();
@@ -197,7 +226,12 @@ fn teacher_forced(q: &Engine) -> (usize, usize, f64, f64) {
     let ids = f.tokenizer.encode(&text, true).unwrap();
     assert_eq!(ids.len(), 814, "evaluation text tokens");
     let vocab = f.model.config().vocab_size;
-    let lf = f.model.new_state().forward_all(&ids).unwrap();
+    let lf = f
+        .model
+        .new_state_with(cache(KvType::F32))
+        .unwrap()
+        .forward_all(&ids)
+        .unwrap();
     let lq = q.model.new_state().forward_all(&ids).unwrap();
     assert_eq!(lf.len(), ids.len() * vocab);
     assert_eq!(lq.len(), ids.len() * vocab);

@@ -49,7 +49,7 @@ fn info_describes_an_ort_int8_gpt2_export() {
     assert!(line(&text, "fast path int8: ").contains("8 rewritten from MatMulInteger"));
     assert_eq!(
         line(&text, "fast path KV cache: "),
-        "ring buffer fused into the attention (RingAttention)"
+        "ring buffer fused into the attention (RingAttention), f16 keys and values by default"
     );
     assert!(!text.contains("slow path"), "{text}");
 }
@@ -99,6 +99,6 @@ fn info_after_converting_the_hf_gpt2_shows_int8_weights_in_place() {
     );
     assert_eq!(
         line(&text, "fast path KV cache: "),
-        "ring buffer fused into the attention (RingAttention)"
+        "ring buffer fused into the attention (RingAttention), f16 keys and values by default"
     );
 }

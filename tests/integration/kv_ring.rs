@@ -67,7 +67,7 @@ fn generating_four_times_the_ring_is_constant_memory_and_reports_every_shift() {
 fn small_ring_without_wrapping_matches_one_pass() {
     let model = tiny_llama();
     let ids: Vec<u32> = (0..30).map(|i| (i * 37 + 11) % 384).collect();
-    let mut one = model.new_state();
+    let mut one = common::f32_state(&model);
     let all = one.forward_all(&ids).unwrap();
     let mut state = model
         .new_state_with(CacheOptions {
@@ -115,7 +115,7 @@ fn a_prompt_longer_than_the_ring_wraps_in_chunks() {
 fn f16_cache_halves_the_memory_and_stays_close() {
     let model = tiny_llama();
     let ids: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 384).collect();
-    let mut f32_state = model.new_state();
+    let mut f32_state = common::f32_state(&model);
     let opts = CacheOptions {
         ctx: 256,
         kv: KvType::F16,

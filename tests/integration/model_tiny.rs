@@ -26,7 +26,7 @@ fn check_one_pass_logits(model_name: &str) {
     let model = load(&format!("{model_name}/onnx-f32"));
     let reference = reference(model_name);
     let vocab = model.config().vocab_size;
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     let logits = state.forward_all(&reference.ids).unwrap(); // (ids, vocab)
     assert_eq!(state.len(), reference.ids.len());
     let want: Vec<f32> = reference.logits.concat();
@@ -40,10 +40,10 @@ fn check_incremental_equals_one_pass(model_name: &str) {
     let model = load(&format!("{model_name}/onnx-f32"));
     let ids = reference(model_name).ids;
     let vocab = model.config().vocab_size;
-    let one_pass = model.new_state().forward_all(&ids).unwrap(); // (ids, vocab)
+    let one_pass = common::f32_state(&model).forward_all(&ids).unwrap(); // (ids, vocab)
 
     let half = ids.len() / 2;
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     let prefill = state.forward_all(&ids[..half]).unwrap(); // (half, vocab)
     let mut diff = max_abs_diff(&prefill, &one_pass[..half * vocab]);
     for (pos, &id) in ids.iter().enumerate().skip(half) {
@@ -60,7 +60,7 @@ fn check_incremental_equals_one_pass(model_name: &str) {
 
 fn check_greedy(model_name: &str) {
     let model = load(&format!("{model_name}/onnx-f32"));
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     for g in reference(model_name).greedy {
         let got = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
         assert_eq!(got, g.generated_ids, "{model_name}: prompt {:?}", g.prompt);
@@ -124,15 +124,15 @@ fn int8_top1_agreement_with(model_name: &str, int8: Scheme) -> (usize, usize) {
 
     let (mut agree, mut total, mut diff) = (0, 0, 0f32);
     for ids in &sequences {
-        let want = f32_model.new_state().forward_all(ids).unwrap(); // (ids, vocab)
-        let got = int8_model.new_state().forward_all(ids).unwrap(); // (ids, vocab)
+        let want = common::f32_state(&f32_model).forward_all(ids).unwrap(); // (ids, vocab)
+        let got = common::f32_state(&int8_model).forward_all(ids).unwrap(); // (ids, vocab)
         diff = diff.max(max_abs_diff(&want, &got));
         for (w, g) in want.chunks(vocab).zip(got.chunks(vocab)) {
             agree += usize::from(argmax(w) == argmax(g));
             total += 1;
         }
     }
-    let mut state = int8_model.new_state();
+    let mut state = common::f32_state(&int8_model);
     for g in &reference.greedy {
         let tokens = greedy(&mut state, &g.prompt_ids, g.generated_ids.len());
         eprintln!(
@@ -220,7 +220,7 @@ fn ort_matmul_integer_runs_on_the_q8_operator() {
 fn reset_forgets_the_conversation() {
     let model = load("tiny-llama/onnx-f32");
     let ids = reference("tiny-llama").ids;
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     let first = state.forward(&ids[..5]).unwrap();
     state.forward(&ids[5..8]).unwrap();
     state.reset();
@@ -232,7 +232,7 @@ fn reset_forgets_the_conversation() {
 fn forward_errors_are_typed_and_leave_the_cache_alone() {
     let model = load("tiny-gpt2/onnx-f32");
     let config = model.config().clone();
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     let err = state.forward(&[]).unwrap_err();
     assert_eq!(
         err.downcast_ref::<ForwardError>(),
@@ -268,7 +268,7 @@ fn every_tiny_export_gets_the_ring_cache() {
 fn fills_the_whole_context() {
     let model = load("tiny-gpt2/onnx-f32");
     let max = model.config().max_position_embeddings;
-    let mut state = model.new_state();
+    let mut state = common::f32_state(&model);
     state.forward(&vec![7; max - 1]).unwrap();
     state.forward(&[8]).unwrap();
     assert_eq!(state.len(), max);
@@ -401,7 +401,9 @@ fn external_data_loads_and_matches_reference() {
     let dir = external_bundle("external-ok", |_, _| {});
     let model = common::load(&dir);
     let reference = reference("tiny-llama");
-    let logits = model.new_state().forward_all(&reference.ids).unwrap(); // (ids, vocab)
+    let logits = common::f32_state(&model)
+        .forward_all(&reference.ids)
+        .unwrap(); // (ids, vocab)
     assert!(max_abs_diff(&logits, &reference.logits.concat()) <= 1e-4);
 }
 

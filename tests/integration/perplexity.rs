@@ -37,7 +37,7 @@ fn chunks_are_scored_as_llama_cpp_scores_them() {
         if let Some(bos) = bos {
             chunk[0] = bos;
         }
-        let logits = e.model.new_state().forward_all(&chunk).unwrap(); // (ctx, vocab)
+        let logits = common::f32_state(&e.model).forward_all(&chunk).unwrap(); // (ctx, vocab)
         for p in ctx / 2..ctx - 1 {
             sums.push(nll(&logits[p * vocab..(p + 1) * vocab], chunk[p + 1]));
         }

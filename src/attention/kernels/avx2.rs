@@ -1,0 +1,218 @@
+//! AVX2 (with F16C for f16 rows): 8 lanes, one key row per register for the scores, 8
+//! columns per register for the value sums.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{dot_tail, Row};
+use crate::quant::reduce8;
+
+/// Queries handled together: one accumulator each, the key chunk loaded once.
+pub(super) const G: usize = 4;
+
+/// # Safety
+/// AVX2 and F16C are available; qs (g, hd), keys (n, hd), out (g, n).
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn group_dots<E: Row>(qs: &[f32], keys: &[E], hd: usize, out: &mut [f32]) {
+    let (g, n) = (qs.len() / hd, keys.len() / hd);
+    let mut g0 = 0;
+    while g0 < g {
+        let qs = &qs[g0 * hd..];
+        let out = &mut out[g0 * n..];
+        // SAFETY: forwarded contract; each instance reads its first `G'` queries.
+        unsafe {
+            match g - g0 {
+                1 => dots::<1, E>(qs, keys, hd, n, out),
+                2 => dots::<2, E>(qs, keys, hd, n, out),
+                3 => dots::<3, E>(qs, keys, hd, n, out),
+                _ => dots::<G, E>(qs, keys, hd, n, out),
+            }
+        }
+        g0 += G;
+    }
+}
+
+/// Scores of the first R queries of `qs` against the n keys into `out` (R, n).
+///
+/// # Safety
+/// AVX2 and F16C are available; qs holds R rows of hd, keys n rows, out R rows of n.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dots<const R: usize, E: Row>(
+    qs: &[f32],
+    keys: &[E],
+    hd: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(qs.len() >= R * hd && keys.len() >= n * hd && out.len() >= R * n);
+    let full = hd / 8 * 8;
+    if full == 0 {
+        for slot in 0..n {
+            for r in 0..R {
+                out[r * n + slot] = super::dot(&qs[r * hd..][..hd], &keys[slot * hd..][..hd]);
+            }
+        }
+        return;
+    }
+    let (qp, kp) = (qs.as_ptr(), keys.as_ptr());
+    for slot in 0..n {
+        // SAFETY: slot < n rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
+        let acc: [__m256; R] = unsafe {
+            let k = kp.add(slot * hd);
+            let k0 = E::load8(k);
+            let mut acc = [k0; R];
+            for r in 0..R {
+                acc[r] = _mm256_mul_ps(_mm256_loadu_ps(qp.add(r * hd)), k0);
+            }
+            let mut c = 8;
+            while c < full {
+                let kc = E::load8(k.add(c));
+                for r in 0..R {
+                    let q = _mm256_loadu_ps(qp.add(r * hd + c));
+                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(q, kc));
+                }
+                c += 8;
+            }
+            acc
+        };
+        for r in 0..R {
+            out[r * n + slot] = if full == hd {
+                reduce(acc[r])
+            } else {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+                dot_tail(
+                    &mut lanes,
+                    &qs[r * hd..][..hd],
+                    &keys[slot * hd..][..hd],
+                    full,
+                );
+                reduce8(&lanes)
+            };
+        }
+    }
+}
+
+/// [`reduce8`] of the 8 lanes of `v`, in the same order.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn reduce(v: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2)))
+}
+
+/// Output columns handled together per query (4 registers each).
+const COLS: usize = 32;
+
+/// # Safety
+/// AVX2 and F16C are available; probs (g, n), values (n, hd), outs (g, hd),
+/// cols.end <= hd.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn group_axpys<E: Row>(
+    probs: &[f32],
+    values: &[E],
+    hd: usize,
+    cols: Range<usize>,
+    outs: &mut [f32],
+) {
+    let (g, n) = (outs.len() / hd, values.len() / hd);
+    let mut g0 = 0;
+    while g0 < g {
+        let probs = &probs[g0 * n..];
+        let outs = &mut outs[g0 * hd..];
+        // SAFETY: forwarded contract; each instance updates its first `G'` outputs.
+        unsafe {
+            let cols = cols.clone();
+            match g - g0 {
+                1 => axpys::<1, E>(probs, values, hd, n, cols, outs),
+                2 => axpys::<2, E>(probs, values, hd, n, cols, outs),
+                3 => axpys::<3, E>(probs, values, hd, n, cols, outs),
+                _ => axpys::<G, E>(probs, values, hd, n, cols, outs),
+            }
+        }
+        g0 += G;
+    }
+}
+
+/// Columns `cols` of the first R outputs of `outs` (R, hd) += probs (R, n) times values
+/// (n, hd).
+///
+/// # Safety
+/// AVX2 and F16C are available; the slices hold the rows named; cols.end <= hd.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn axpys<const R: usize, E: Row>(
+    probs: &[f32],
+    values: &[E],
+    hd: usize,
+    n: usize,
+    cols: Range<usize>,
+    outs: &mut [f32],
+) {
+    assert!(probs.len() >= R * n && values.len() >= n * hd && outs.len() >= R * hd);
+    assert!(cols.end <= hd);
+    let (pp, vp, op) = (probs.as_ptr(), values.as_ptr(), outs.as_mut_ptr());
+    let (mut c0, end) = (cols.start, cols.end);
+    // Column blocks of 32, then of 8, each kept in registers over all slots.
+    while c0 + COLS <= end {
+        // SAFETY: c0 + 32 <= hd columns of every row; slot < n, r < R.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 4]; R];
+            for r in 0..R {
+                for c in 0..4 {
+                    acc[r][c] = _mm256_loadu_ps(op.add(r * hd + c0 + 8 * c));
+                }
+            }
+            for slot in 0..n {
+                let v = vp.add(slot * hd + c0);
+                let mut vs = [_mm256_setzero_ps(); 4];
+                for c in 0..4 {
+                    vs[c] = E::load8(v.add(8 * c));
+                }
+                for r in 0..R {
+                    let p = _mm256_broadcast_ss(&*pp.add(r * n + slot));
+                    for c in 0..4 {
+                        acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_mul_ps(p, vs[c]));
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..4 {
+                    _mm256_storeu_ps(op.add(r * hd + c0 + 8 * c), acc[r][c]);
+                }
+            }
+        }
+        c0 += COLS;
+    }
+    while c0 + 8 <= end {
+        // SAFETY: c0 + 8 <= hd columns of every row; slot < n, r < R.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                acc[r] = _mm256_loadu_ps(op.add(r * hd + c0));
+            }
+            for slot in 0..n {
+                let v = E::load8(vp.add(slot * hd + c0));
+                for r in 0..R {
+                    let p = _mm256_broadcast_ss(&*pp.add(r * n + slot));
+                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(p, v));
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(op.add(r * hd + c0), acc[r]);
+            }
+        }
+        c0 += 8;
+    }
+    for c in c0..end {
+        for slot in 0..n {
+            let v = values[slot * hd + c].get();
+            for r in 0..R {
+                outs[r * hd + c] += probs[r * n + slot] * v;
+            }
+        }
+    }
+}

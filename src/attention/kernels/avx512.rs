@@ -1,0 +1,200 @@
+//! AVX-512: the AVX2 arithmetic on 16 lanes. The scores take two key rows per register (8
+//! lanes each, so each row's lanes and reduction stay those of `dot`); the value sums take
+//! 16 columns per register (columns are independent). What does not fill a register runs
+//! the AVX2 code.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::{self, reduce, G};
+use super::Row;
+
+/// # Safety
+/// AVX-512F, AVX2 and F16C are available; qs (g, hd), keys (n, hd), out (g, n).
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(super) unsafe fn group_dots<E: Row>(qs: &[f32], keys: &[E], hd: usize, out: &mut [f32]) {
+    if !hd.is_multiple_of(8) {
+        // SAFETY: forwarded contract.
+        return unsafe { avx2::group_dots(qs, keys, hd, out) };
+    }
+    let (g, n) = (qs.len() / hd, keys.len() / hd);
+    let mut g0 = 0;
+    while g0 < g {
+        let qs = &qs[g0 * hd..];
+        let out = &mut out[g0 * n..];
+        // SAFETY: forwarded contract; each instance reads its first `G'` queries.
+        unsafe {
+            match g - g0 {
+                1 => dots::<1, E>(qs, keys, hd, n, out),
+                2 => dots::<2, E>(qs, keys, hd, n, out),
+                3 => dots::<3, E>(qs, keys, hd, n, out),
+                _ => dots::<G, E>(qs, keys, hd, n, out),
+            }
+        }
+        g0 += G;
+    }
+}
+
+/// The 8 floats at `p` in both halves.
+///
+/// # Safety
+/// AVX-512F is available; `p` points to 8 readable floats.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn twice(p: *const f32) -> __m512 {
+    // SAFETY: forwarded contract.
+    unsafe { _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p)))) }
+}
+
+/// Scores of the first R queries of `qs` against the n keys into `out` (R, n), two
+/// slots per register (an odd last slot fills both halves and keeps the low one).
+///
+/// # Safety
+/// AVX-512F, AVX2 and F16C are available; qs holds R rows of hd, keys n rows, out R rows
+/// of n; hd is a positive multiple of 8.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn dots<const R: usize, E: Row>(
+    qs: &[f32],
+    keys: &[E],
+    hd: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(qs.len() >= R * hd && keys.len() >= n * hd && out.len() >= R * n);
+    assert!(hd >= 8 && hd.is_multiple_of(8));
+    let (qp, kp) = (qs.as_ptr(), keys.as_ptr());
+    let mut slot = 0;
+    while slot < n {
+        let next = (slot + 1).min(n - 1);
+        // SAFETY: slot, next < n rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
+        let acc: [__m512; R] = unsafe {
+            let (ka, kb) = (kp.add(slot * hd), kp.add(next * hd));
+            let k0 = E::load8x2(ka, kb);
+            let mut acc = [k0; R];
+            for r in 0..R {
+                acc[r] = _mm512_mul_ps(twice(qp.add(r * hd)), k0);
+            }
+            let mut c = 8;
+            while c < hd {
+                let kc = E::load8x2(ka.add(c), kb.add(c));
+                for r in 0..R {
+                    let q = twice(qp.add(r * hd + c));
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(q, kc));
+                }
+                c += 8;
+            }
+            acc
+        };
+        for r in 0..R {
+            let lo = _mm512_castps512_ps256(acc[r]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
+            out[r * n + slot] = reduce(lo);
+            if next != slot {
+                out[r * n + next] = reduce(hi);
+            }
+        }
+        slot += 2;
+    }
+}
+
+/// # Safety
+/// AVX-512F, AVX2 and F16C are available; probs (g, n), values (n, hd), outs (g, hd),
+/// cols.end <= hd.
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(super) unsafe fn group_axpys<E: Row>(
+    probs: &[f32],
+    values: &[E],
+    hd: usize,
+    cols: Range<usize>,
+    outs: &mut [f32],
+) {
+    let (g, n) = (outs.len() / hd, values.len() / hd);
+    let split = cols.start + cols.len() / 16 * 16;
+    let mut g0 = 0;
+    while g0 < g {
+        let probs = &probs[g0 * n..];
+        let outs = &mut outs[g0 * hd..];
+        let wide = cols.start..split;
+        // SAFETY: forwarded contract; each instance updates its first `G'` outputs.
+        unsafe {
+            match g - g0 {
+                1 => axpys::<1, E>(probs, values, hd, n, wide, outs),
+                2 => axpys::<2, E>(probs, values, hd, n, wide, outs),
+                3 => axpys::<3, E>(probs, values, hd, n, wide, outs),
+                _ => axpys::<G, E>(probs, values, hd, n, wide, outs),
+            }
+        }
+        g0 += G;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { avx2::group_axpys(probs, values, hd, split..cols.end, outs) }
+}
+
+/// Columns `cols` (a multiple of 16 wide) of the first R outputs of `outs` (R, hd) +=
+/// probs (R, n) times values (n, hd).
+///
+/// # Safety
+/// AVX-512F, AVX2 and F16C are available; the slices hold the rows named; cols.end <= hd.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn axpys<const R: usize, E: Row>(
+    probs: &[f32],
+    values: &[E],
+    hd: usize,
+    n: usize,
+    cols: Range<usize>,
+    outs: &mut [f32],
+) {
+    assert!(probs.len() >= R * n && values.len() >= n * hd && outs.len() >= R * hd);
+    assert!(cols.end <= hd && cols.len().is_multiple_of(16));
+    let (pp, vp, op) = (probs.as_ptr(), values.as_ptr(), outs.as_mut_ptr());
+    let (mut c0, end) = (cols.start, cols.end);
+    // Column blocks of 32, then of 16, each kept in registers over all slots.
+    while c0 + 32 <= end {
+        // SAFETY: c0 + 32 <= hd columns of every row; slot < n, r < R.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for r in 0..R {
+                for c in 0..2 {
+                    acc[r][c] = _mm512_loadu_ps(op.add(r * hd + c0 + 16 * c));
+                }
+            }
+            for slot in 0..n {
+                let v = vp.add(slot * hd + c0);
+                let vs = [E::load16(v), E::load16(v.add(16))];
+                for r in 0..R {
+                    let p = _mm512_set1_ps(*pp.add(r * n + slot));
+                    for c in 0..2 {
+                        acc[r][c] = _mm512_add_ps(acc[r][c], _mm512_mul_ps(p, vs[c]));
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..2 {
+                    _mm512_storeu_ps(op.add(r * hd + c0 + 16 * c), acc[r][c]);
+                }
+            }
+        }
+        c0 += 32;
+    }
+    if c0 < end {
+        // SAFETY: c0 + 16 == end <= hd columns of every row; slot < n, r < R.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                acc[r] = _mm512_loadu_ps(op.add(r * hd + c0));
+            }
+            for slot in 0..n {
+                let v = E::load16(vp.add(slot * hd + c0));
+                for r in 0..R {
+                    let p = _mm512_set1_ps(*pp.add(r * n + slot));
+                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(p, v));
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(op.add(r * hd + c0), acc[r]);
+            }
+        }
+    }
+}
