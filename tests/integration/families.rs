@@ -70,9 +70,12 @@ fn reference(model: &str) -> Reference {
 /// Converts `tests/fixtures/<model>/<input>` into a fresh bundle; returns its directory and
 /// the loaded model.
 fn converted(model: &str, input: &str, quant: Quant) -> (std::path::PathBuf, Model) {
+    // A directory of its own per call: tests converting the same fixture run in parallel.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = scratch(
         "families",
-        &format!("{model}-{}-{quant}", input.replace('/', "-")),
+        &format!("{model}-{}-{quant}-{call}", input.replace('/', "-")),
     );
     convert(&ConvertOptions {
         input: fixture(model).join(input),
