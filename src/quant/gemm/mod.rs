@@ -85,6 +85,7 @@ mod avxvnni;
 mod dotprod;
 #[cfg(target_arch = "aarch64")]
 mod i8mm;
+mod matvec;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
