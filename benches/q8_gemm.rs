@@ -5,7 +5,8 @@
 //!   pass as in prefill (each layer's weights are read once per prompt); throughput in
 //!   multiply-adds (elements/s = MAC/s).
 //! - `gemv`: one activation row (decode) over rotating copies of the weights (> 64 MiB, so
-//!   they come from DRAM); throughput in weight bytes.
+//!   they come from DRAM); throughput in weight bytes. `rows-q8f32` (row-major) against
+//!   `tiled-q8f32` (the same arithmetic on the tiled layout) is decode's comparison.
 //!
 //! One thread is timed in thread CPU time, not wall time, so builds sharing the machine
 //! preempt but do not slow the figure (they still share caches and memory bandwidth);
@@ -132,6 +133,8 @@ impl Weights {
 enum Config {
     Rows(Scheme, Kernel),
     Tiled(Acts, Isa),
+    /// One f32 activation row on the tiled layout (decode).
+    TiledF32(Kernel),
 }
 
 impl Config {
@@ -139,16 +142,20 @@ impl Config {
         match self {
             Config::Rows(s, k) => format!("rows-{s:?}-{k}").to_lowercase(),
             Config::Tiled(a, i) => format!("{a:?}-{i}").to_lowercase(),
+            Config::TiledF32(k) => format!("tiled-q8f32-{k}"),
         }
     }
 }
 
-fn configs() -> Vec<Config> {
+fn configs(m: usize) -> Vec<Config> {
     let best = Kernel::best();
     let mut v = vec![
         Config::Rows(Scheme::Q8F32, best),
         Config::Rows(Scheme::Q8Q16, best),
     ];
+    if m == 1 {
+        v.push(Config::TiledF32(best));
+    }
     for isa in Isa::available() {
         if isa != Isa::Scalar {
             v.push(Config::Tiled(Acts::Q15, isa));
@@ -178,13 +185,14 @@ fn bench_group(c: &mut Criterion, group_name: &str, m: usize, arena: usize) {
         let mut y = vec![0f32; m * n]; // (m, n)
         for pool in &pools {
             let t = pool.threads();
-            for config in configs() {
+            for config in configs(m) {
                 let mut copy = 0;
                 let mut run = |y: &mut [f32]| {
                     copy = (copy + 1) % w.copies;
                     match config {
                         Config::Rows(s, kern) => w.rows(copy).matmul(&x, y, s, kern, pool),
                         Config::Tiled(a, i) => w.tiled(copy).matmul(&x, y, a, i, pool),
+                        Config::TiledF32(kern) => w.tiled(copy).matvec_f32(&x, y, kern, pool),
                     }
                     .unwrap();
                 };

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::bench::BenchOptions;
 use crate::chat::ChatOptions;
 use crate::constraint::FormatSource;
-use crate::convert::{ConvertOptions, Quant};
+use crate::convert::{ConvertOptions, Int8Layout, Quant};
 use crate::info::InfoOptions;
 use crate::kv_cache::KvType;
 use crate::model::{CacheOptions, LoadOptions, DEFAULT_KEEP};
@@ -123,10 +123,12 @@ pub struct ModelArgs {
     /// Compute threads, the main one included (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
-    /// How int8 weights run: f32 activations (q8f32), int16 activations (q8q16), int8
-    /// activations as llama.cpp (q8q8), prompts on the tiled GEMM with 15-bit activations
-    /// (q8q15; its weights copied to the heap), or dequantized to f32 by tract at load (fold).
-    #[arg(long, value_name = "q8f32|q8q16|q8q8|q8q15|fold", default_value_t = Scheme::Q8F32,
+    /// How int8 weights run: by their layout (auto: q8q15 on a tiled bundle, q8f32 on a
+    /// row-major one), f32 activations (q8f32), int16 activations (q8q16, row-major bundles
+    /// only), int8 activations as llama.cpp (q8q8), prompts on the tiled GEMM with 15-bit
+    /// activations (q8q15; a row-major bundle's weights copied to the heap), or dequantized
+    /// to f32 by tract at load (fold).
+    #[arg(long, value_name = "auto|q8f32|q8q16|q8q8|q8q15|fold", default_value_t = Scheme::Auto,
           value_parser = clap::value_parser!(Scheme))]
     pub int8: Scheme,
     /// Force a kernel variant for the int8 products and the attention (scalar, avx2, avx512,
@@ -409,6 +411,10 @@ pub struct ConvertArgs {
     /// Weight storage in the bundle.
     #[arg(long, default_value_t = Quant::Int8)]
     pub quant: Quant,
+    /// Layout of int8 matrices: `tiled` (the int8 GEMM's, read in place by prompts and
+    /// decode) or `rows` (row-major; the only one `--int8 q8q16` runs on).
+    #[arg(long, default_value_t = Int8Layout::Tiled)]
+    pub int8_layout: Int8Layout,
     /// Threads converting tensors, the main one included (0 = one per core).
     #[arg(short, long, default_value_t = 0)]
     pub threads: usize,
@@ -421,6 +427,7 @@ impl ConvertArgs {
             input: self.input.clone(),
             output: self.output.clone(),
             quant: self.quant,
+            int8_layout: self.int8_layout,
             threads: self.threads,
             progress: true,
         }

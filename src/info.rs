@@ -131,7 +131,10 @@ fn quantization(
         .and_then(|e| e.get("quantization"))
         .and_then(|q| q.as_str())
     {
-        Some("int8") => "int8, blocks of 32 with an f32 scale (edgelm)".into(),
+        Some("int8") => match edgelm.and_then(|e| e.get("int8_layout")?.as_str()) {
+            Some("tiled") => "int8, blocks of 32 with an f32 scale, tiled layout (edgelm)".into(),
+            _ => "int8, blocks of 32 with an f32 scale, row-major layout (edgelm)".into(),
+        },
         Some(other) => format!("{other} (edgelm)"),
         None if has("MatMulInteger") => {
             "int8, ONNX Runtime dynamic quantization (DynamicQuantizeLinear + MatMulInteger)".into()

@@ -18,7 +18,6 @@ use super::onnx::{Attr, Dim, Elem, GraphBuilder};
 use super::rope::{self, RopeScaling};
 use super::split::quantize_rows;
 use super::{Q8Blocks, Quant, Weight, WeightSource};
-use crate::quant::BLOCK;
 
 pub use super::params::{
     Activation, Biases, DecoderParams, Layout, Mlp, Norm, Positions, SlidingWindow, Tensor,
@@ -213,22 +212,10 @@ impl Writer<'_> {
         self.store_q8(name, &blocks)
     }
 
-    /// Stores int8 blocks as `{name}.q8` (n, k) and `{name}.scale` (n, k/32); returns their
-    /// `DequantizeLinear` output.
+    /// Stores int8 blocks under `name` (in the bundle's int8 layout); returns their
+    /// `DequantizeLinear` output, the (n, k) f32 matrix.
     fn store_q8(&mut self, name: &str, b: &Q8Blocks) -> Result<String> {
-        let [n, k] = b.shape;
-        let q_name = self
-            .g
-            .weight(&format!("{name}.q8"), Elem::I8, &[n as i64, k as i64], &b.q)?;
-        let nb = k.div_ceil(BLOCK) as i64;
-        let s_name = self
-            .g
-            .weight_f32(&format!("{name}.scale"), &[n as i64, nb], &b.scales)?;
-        let attrs = vec![
-            ("axis", Attr::Int(1)),
-            ("block_size", Attr::Int(BLOCK as i64)),
-        ];
-        Ok(self.g.node("DequantizeLinear", &[&q_name, &s_name], attrs))
+        self.g.dequantized_q8(name, b.shape, &b.q, &b.scales)
     }
 
     /// The (n, k) weight `name` as the checkpoint's own Q8_0 blocks, when an int8 bundle can

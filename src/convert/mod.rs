@@ -91,6 +91,48 @@ impl fmt::Display for Quant {
     }
 }
 
+/// How an int8 bundle lays out each matrix's blocks (the graph reads the same (n, k) values
+/// from either; see [`onnx::GraphBuilder::dequantized_q8`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Int8Layout {
+    /// The int8 GEMM's interleaved groups of 16 rows (`quant::gemm`), read in place by both
+    /// prompts and decode.
+    #[default]
+    Tiled,
+    /// Row-major (n, k) blocks.
+    Rows,
+}
+
+impl Int8Layout {
+    /// The name recorded in the bundle's config and taken by `--int8-layout`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Layout::Tiled => "tiled",
+            Int8Layout::Rows => "rows",
+        }
+    }
+}
+
+impl FromStr for Int8Layout {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Int8Layout, String> {
+        match s {
+            "tiled" => Ok(Int8Layout::Tiled),
+            "rows" => Ok(Int8Layout::Rows),
+            _ => Err(format!(
+                "unknown int8 layout \"{s}\" (expected tiled or rows)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Int8Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A dense f32 tensor in row-major order.
 pub struct Weight {
     /// Row-major shape.
@@ -172,6 +214,8 @@ pub struct ConvertOptions {
     pub output: PathBuf,
     /// Weight storage.
     pub quant: Quant,
+    /// Layout of int8 matrices (int8 bundles only).
+    pub int8_layout: Int8Layout,
     /// Threads converting tensors, the caller's included; 0 = one per core.
     pub threads: usize,
     /// Report progress on stderr: a bar on a terminal, plain lines otherwise.
@@ -200,8 +244,10 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         n => n,
     };
     let mut progress = Progress::new(p.layers + 2, opts.progress);
+    let mut g = GraphBuilder::new(data);
+    g.set_int8_layout(opts.int8_layout);
     let g = decoder::write_graph(
-        GraphBuilder::new(data),
+        g,
         p,
         &ckpt.family.layout,
         opts.quant,
@@ -222,7 +268,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     }
     let graph_name = ckpt.family.graph_name;
     let data_bytes = g.finish(&out.join("model.onnx"), graph_name)?;
-    write_json(&out.join("config.json"), &config_json(&ckpt, opts.quant))?;
+    write_json(&out.join("config.json"), &config_json(&ckpt, opts))?;
     let gen = json!({
         "bos_token_id": ckpt.bos_id,
         "eos_token_id": ckpt.eos_ids,
@@ -254,12 +300,15 @@ pub fn open_checkpoint(input: &Path) -> Result<Checkpoint> {
     from_gguf::open(input, &FAMILIES)
 }
 
-fn config_json(ckpt: &Checkpoint, quant: Quant) -> serde_json::Value {
-    let edgelm = json!({
-        "quantization": quant.name(),
+fn config_json(ckpt: &Checkpoint, opts: &ConvertOptions) -> serde_json::Value {
+    let mut edgelm = json!({
+        "quantization": opts.quant.name(),
         "block_size": BLOCK,
         "converter": format!("edgelm {}", env!("CARGO_PKG_VERSION")),
     });
+    if opts.quant == Quant::Int8 {
+        edgelm["int8_layout"] = json!(opts.int8_layout.name());
+    }
     (ckpt.family.config_json)(&ckpt.params, ckpt.bos_id, &ckpt.eos_ids, edgelm)
 }
 

@@ -11,6 +11,10 @@ use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 
+use super::Int8Layout;
+use crate::quant::gemm::{tile_q8, GROUP, QUAD};
+use crate::quant::BLOCK;
+
 /// Alignment of every tensor in the external-data file.
 pub const DATA_ALIGN: u64 = 64;
 
@@ -110,6 +114,7 @@ pub struct GraphBuilder {
     outputs: Vec<pb::ValueInfoProto>,
     data: ExternalData,
     next_id: usize,
+    int8_layout: Int8Layout,
 }
 
 /// An attribute value for [`GraphBuilder::node`].
@@ -132,7 +137,76 @@ impl GraphBuilder {
             outputs: vec![],
             data,
             next_id: 0,
+            int8_layout: Int8Layout::default(),
         }
+    }
+
+    /// Sets how [`GraphBuilder::dequantized_q8`] stores int8 matrices.
+    pub fn set_int8_layout(&mut self, layout: Int8Layout) {
+        self.int8_layout = layout;
+    }
+
+    /// Stores an (n, k) matrix of int8 blocks (`q` (n, k) two's-complement bytes, `scales`
+    /// (n, ceil(k / 32))) under `name` in this graph's int8 layout; returns the value of its
+    /// `DequantizeLinear(axis = 1, block_size = 32)`, the (n, k) f32 matrix, in either.
+    ///
+    /// Row-major: initializers `{name}.q8` (n, k) and `{name}.scale` (n, nb). Tiled:
+    /// `{name}.q8` (G, nb, 8, 16, 4) and `{name}.scale` (G, nb, 16) as `quant::gemm` lays
+    /// them out, each followed by the `Transpose`, `Reshape` and `Slice` that give the
+    /// row-major tensor back (standard ops, so any ONNX runtime reads the bundle).
+    pub fn dequantized_q8(
+        &mut self,
+        name: &str,
+        [n, k]: [usize; 2],
+        q: &[u8],
+        scales: &[f32],
+    ) -> Result<String> {
+        let nb = k.div_ceil(BLOCK) as i64;
+        let (q_name, s_name) = (format!("{name}.q8"), format!("{name}.scale"));
+        let (q, s) = match self.int8_layout {
+            Int8Layout::Rows => (
+                self.weight(&q_name, Elem::I8, &[n as i64, k as i64], q)?,
+                self.weight_f32(&s_name, &[n as i64, nb], scales)?,
+            ),
+            Int8Layout::Tiled => {
+                let signed: Vec<i8> = q.iter().map(|&v| v as i8).collect();
+                let (tq, ts) = tile_q8(&signed, scales, n, k);
+                let groups = n.div_ceil(GROUP) as i64;
+                let (g16, quads) = (GROUP as i64, (BLOCK / QUAD) as i64);
+                let bytes: Vec<u8> = tq.iter().map(|&v| v as u8).collect();
+                let dims = [groups, nb, quads, g16, QUAD as i64];
+                let tq = self.weight(&q_name, Elem::I8, &dims, &bytes)?;
+                let ts = self.weight_f32(&s_name, &[groups, nb, g16], &ts)?;
+                let rows = g16 * groups;
+                let q = self.untiled(
+                    &tq,
+                    &[0, 3, 1, 2, 4],
+                    [rows, BLOCK as i64 * nb],
+                    [n as i64, k as i64],
+                );
+                let s = self.untiled(&ts, &[0, 2, 1], [rows, nb], [n as i64, nb]);
+                (q, s)
+            }
+        };
+        let attrs = vec![
+            ("axis", Attr::Int(1)),
+            ("block_size", Attr::Int(BLOCK as i64)),
+        ];
+        Ok(self.node("DequantizeLinear", &[&q, &s], attrs))
+    }
+
+    /// `Slice(Reshape(Transpose(value, perm), reshaped), [0, 0], ends)`.
+    fn untiled(&mut self, value: &str, perm: &[i64], reshaped: [i64; 2], ends: [i64; 2]) -> String {
+        let t = self.node(
+            "Transpose",
+            &[value],
+            vec![("perm", Attr::Ints(perm.to_vec()))],
+        );
+        let shape = self.const_i64("shape", &[2], &reshaped);
+        let r = self.node("Reshape", &[&t, &shape], vec![]);
+        let starts = self.const_i64("starts", &[2], &[0, 0]);
+        let ends = self.const_i64("ends", &[2], &ends);
+        self.node("Slice", &[&r, &starts, &ends], vec![])
     }
 
     fn fresh(&mut self, hint: &str) -> String {

@@ -2,7 +2,8 @@
 //!
 //! tract-onnx 0.23.9 refuses blocked quantization. Every `DequantizeLinear` with a
 //! `block_size` that step 4 did not route (or all of them with `--int8 fold`) becomes an f32
-//! initializer, so tract constant-folds the `Transpose` / `MatMul` / `Gather` behind it.
+//! initializer, so tract constant-folds the `Transpose` / `MatMul` / `Gather` behind it
+//! (the tiled layout's are first pointed at row-major copies, `tiled.rs`).
 
 use std::collections::HashMap;
 
@@ -27,6 +28,7 @@ pub(super) fn fold_blocked(graph: &mut pb::GraphProto, external: &ExternalData) 
     if !graph.node.iter().any(is_blocked) {
         return Ok(0);
     }
+    super::tiled::untile_for_folding(graph, external)?;
     let index: HashMap<&str, usize> = graph
         .initializer
         .iter()

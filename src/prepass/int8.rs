@@ -3,7 +3,8 @@
 //! On the protobuf, two patterns become [`Q8MatMul`] / [`Q8Gather`] nodes (domain
 //! [`q8op::DOMAIN`]) naming their weight, and the weights are collected in a [`Q8Table`]:
 //! - our converter's blocks: `DequantizeLinear(block_size=32) -> Transpose -> MatMul` and
-//!   `DequantizeLinear -> Gather`, the weights used in place in the mapped file;
+//!   `DequantizeLinear -> Gather`, the weights (row-major, or tiled behind the subgraph
+//!   `tiled.rs` recognises) used in place in the mapped file;
 //! - ONNX Runtime's dynamic quantization: `DynamicQuantizeLinear -> MatMulInteger -> Cast ->
 //!   Mul`, the weights requantized into our blocks on the heap.
 //!
@@ -18,7 +19,7 @@ use tract_onnx::pb::{self, tensor_proto::DataType};
 use tract_onnx::prelude::*;
 
 use super::external::{is_external, tensor_floats, tensor_ints, ExternalData};
-use super::{int_attr, rewrite};
+use super::{int_attr, rewrite, tiled};
 use crate::model::LoadSummary;
 use crate::quant::op::{self as q8op, Q8Exec, Q8Gather, Q8MatMul, Q8Weights, WeightBytes};
 use crate::quant::{blocks_per_row, quantize_q8_fitted, BLOCK};
@@ -29,7 +30,9 @@ pub(super) type Q8Table = HashMap<String, Arc<Q8Weights>>;
 /// Replaces `DequantizeLinear(block_size=32) -> Transpose([1,0]) -> MatMul` (the weight on the
 /// right) by a `Q8MatMul` node and `DequantizeLinear -> Gather(axis=0)` by a `Q8Gather` node,
 /// for Q8 weights (int8 (n, k), f32 scales (n, ceil(k/32)), no zero point) held in
-/// initializers, and returns those weights, in place in the mapped file where possible.
+/// initializers, or in the tiled layout's initializers behind its exact undoing subgraph
+/// ([`tiled::match_tiled`]), and returns those weights, in place in the mapped file where
+/// possible.
 ///
 /// A `DequantizeLinear` with any other consumer stays, for [`super::dequantize`] to fold; so does anything that does not match exactly.
 pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> Result<Q8Table> {
@@ -45,13 +48,19 @@ pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> R
         }
     }
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let lookup = tiled::Lookup::of(graph);
     let none = Vec::new();
     let mut replace: HashMap<usize, pb::NodeProto> = HashMap::new();
     let mut remove: HashSet<usize> = HashSet::new();
     let mut table = Q8Table::new();
+    let mut tiled_routed = false;
     for (di, d) in graph.node.iter().enumerate() {
-        let Some((x, scale, n, k)) = q8_candidate(d, &inits, external)? else {
-            continue;
+        let (x, scale, n, k, is_tiled) = match q8_candidate(d, &inits, external)? {
+            Some((x, scale, n, k)) => (x, scale, n, k, false),
+            None => match tiled::match_tiled(d, &lookup, external)? {
+                Some(t) => (t.q, t.scales, t.n, t.k, true),
+                None => continue,
+            },
         };
         let out = d.output[0].as_str();
         if outputs.contains(out) {
@@ -106,20 +115,21 @@ pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> R
         if routed == 0 {
             continue;
         }
-        let weights = Q8Weights::new(
-            out,
-            n,
-            k,
-            weight_bytes(x, external)?,
-            weight_bytes(scale, external)?,
-        )?;
+        let (x, scale) = (weight_bytes(x, external)?, weight_bytes(scale, external)?);
+        let weights = if is_tiled {
+            Q8Weights::new_tiled(out, n, k, x, scale)?
+        } else {
+            Q8Weights::new(out, n, k, x, scale)?
+        };
         table.insert(out.to_string(), Arc::new(weights));
         if kept == 0 {
             remove.insert(di);
+            tiled_routed |= is_tiled;
         }
     }
     drop(consumers);
     drop(inits);
+    drop(lookup);
     let nodes = std::mem::take(&mut graph.node);
     graph.node = nodes
         .into_iter()
@@ -127,6 +137,10 @@ pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> R
         .filter(|(i, _)| !remove.contains(i))
         .map(|(i, node)| replace.remove(&i).unwrap_or(node))
         .collect();
+    if tiled_routed {
+        // The Transpose / Reshape / Slice nodes that undid the tiling are now unread.
+        rewrite::remove_dead_nodes(graph);
+    }
     Ok(table)
 }
 

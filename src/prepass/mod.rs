@@ -37,6 +37,7 @@ mod plan;
 mod rewrite;
 #[cfg(test)]
 mod tests;
+mod tiled;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -133,7 +134,7 @@ fn rewrite_protobuf(mut proto: pb::ModelProto, dir: &Path, int8: Scheme) -> Resu
     let q8 = match int8 {
         // 4
         Scheme::Fold => int8::Q8Table::new(),
-        Scheme::Q8F32 | Scheme::Q8Q16 | Scheme::Q8Q8 | Scheme::Q8Q15 => {
+        Scheme::Auto | Scheme::Q8F32 | Scheme::Q8Q16 | Scheme::Q8Q8 | Scheme::Q8Q15 => {
             let mut q8 =
                 int8::route_q8(graph, &external).with_context(|| format!("rewriting {path:?}"))?;
             let ort = int8::route_matmul_integer(graph, &external)

@@ -141,7 +141,7 @@ pub enum QuantError {
     #[error("unknown kernel \"{0}\": expected scalar, avx2, avx512, neon or dotprod")]
     UnknownKernel(String),
     /// A scheme name that is not one of ours.
-    #[error("unknown int8 scheme \"{0}\": expected q8f32, q8q16, q8q8, q8q15 or fold")]
+    #[error("unknown int8 scheme \"{0}\": expected auto, q8f32, q8q16, q8q8, q8q15 or fold")]
     UnknownScheme(String),
     /// [`Scheme::Fold`] asked of a product: folded weights are f32, multiplied by tract.
     #[error("the fold scheme has no int8 product (its weights are dequantized at load)")]
@@ -161,8 +161,12 @@ pub enum QuantError {
 /// documentation), or folded to f32 at load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Scheme {
-    /// Weights widened to f32 and multiplied into f32 activations.
+    /// By the weights' layout: [`Scheme::Q8Q15`] on tiled weights (prompts on the GEMM,
+    /// decode on the tiled one-row kernel, everything read in place), [`Scheme::Q8F32`] on
+    /// row-major ones (no heap copy).
     #[default]
+    Auto,
+    /// Weights widened to f32 and multiplied into f32 activations.
     Q8F32,
     /// Activations quantized to int16 per block; int8·int16 dot products in i32.
     Q8Q16,
@@ -170,7 +174,8 @@ pub enum Scheme {
     Q8Q8,
     /// Products of more than one row on the tiled GEMM ([`gemm`]) with activations quantized
     /// per block to 15-bit integers in two int8 parts ([`gemm::Acts::Q15`]); one-row products
-    /// (decode) as [`Scheme::Q8F32`]. The tiled weights are made on the heap at first use.
+    /// (decode) as [`Scheme::Q8F32`]. Row-major weights are copied into the tiled layout on
+    /// the heap at first use; a tiled bundle's are read in place.
     Q8Q15,
     /// No int8 product: the weights are dequantized to f32 at load and tract multiplies them
     /// (the reference; about 4 times the memory).
@@ -179,7 +184,8 @@ pub enum Scheme {
 
 impl Scheme {
     /// Every scheme, in the order the flag lists them.
-    pub const ALL: [Scheme; 5] = [
+    pub const ALL: [Scheme; 6] = [
+        Scheme::Auto,
         Scheme::Q8F32,
         Scheme::Q8Q16,
         Scheme::Q8Q8,
@@ -190,6 +196,7 @@ impl Scheme {
     /// The name used by `--int8`.
     pub fn name(self) -> &'static str {
         match self {
+            Scheme::Auto => "auto",
             Scheme::Q8F32 => "q8f32",
             Scheme::Q8Q16 => "q8q16",
             Scheme::Q8Q8 => "q8q8",
@@ -385,7 +392,7 @@ impl Q8Matrix<'_> {
         let input = match scheme {
             Scheme::Q8Q8 => Input::Quant(quantize_acts(x, m, k, kernel)),
             Scheme::Q8Q16 => Input::Quant16(quantize_acts(x, m, k, kernel)),
-            Scheme::Q8F32 => Input::F32(x),
+            Scheme::Q8F32 | Scheme::Auto => Input::F32(x),
             Scheme::Q8Q15 => return Err(QuantError::TiledOnly),
             Scheme::Fold => return Err(QuantError::NoProduct),
         };

@@ -1,6 +1,7 @@
 //! The int8 operators tract runs for us: [`Q8MatMul`] (`y = x Wᵀ`) and [`Q8Gather`] (rows
-//! of W, the embedding lookup), over Q8 weights read in place from the memory-mapped bundle
-//! (or, for weights requantized from another format at load, held on the heap).
+//! of W, the embedding lookup), over Q8 weights read in place from the memory-mapped bundle,
+//! row-major or in the GEMM's tiled layout (or, for weights requantized from another format
+//! at load, held on the heap).
 //!
 //! tract's own int8 matmul is far too slow for decode and its constant folding would copy
 //! every weight to the heap as f32, so the loader's pipeline ([`crate::prepass`]) replaces
@@ -100,33 +101,47 @@ impl<T: Copy> Slice<T> {
     }
 }
 
-/// One quantized matrix W (n, k): int8 values (n, k) and f32 block scales (n, ceil(k / 32)).
+/// One quantized matrix W (n, k) in one of two layouts (see [`Q8Weights::is_tiled`]).
 pub struct Q8Weights {
     name: String,
     n: usize,
     k: usize,
-    q: Slice<i8>,       // (n, k)
-    scales: Slice<f32>, // (n, nb)
-    /// The weights in the GEMM's tiled layout for [`Scheme::Q8Q15`], made on the heap at
-    /// first use (`quant::gemm` describes the bundle form that would be read in place).
-    tiled: OnceLock<(Vec<i8>, Vec<f32>)>, // (G, nb, 8, 16, 4), (G, nb, 16)
+    stored: Stored,
+}
+
+/// How a [`Q8Weights`] holds its values and scales.
+enum Stored {
+    /// Row-major: int8 (n, k), scales (n, nb). For [`Scheme::Q8Q15`]'s prompts, the tiled
+    /// copy is made on the heap at first use.
+    Rows {
+        q: Slice<i8>,                         // (n, k)
+        scales: Slice<f32>,                   // (n, nb)
+        tiled: OnceLock<(Vec<i8>, Vec<f32>)>, // (G, nb, 8, 16, 4), (G, nb, 16)
+    },
+    /// The GEMM's tiled layout as the converter writes it ([`gemm`]'s module documentation).
+    Tiled {
+        q: Slice<i8>,       // (G, nb, 8, 16, 4)
+        scales: Slice<f32>, // (G, nb, 16)
+    },
 }
 
 impl fmt::Debug for Q8Weights {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Q8Weights({:?}, {}x{}, {})",
+            "Q8Weights({:?}, {}x{}, {}, {})",
             self.name,
             self.n,
             self.k,
+            if self.is_tiled() { "tiled" } else { "rows" },
             if self.is_mapped() { "mapped" } else { "copied" }
         )
     }
 }
 
 impl Q8Weights {
-    /// Wraps the bytes of W's int8 values and scales, checking their sizes against (n, k).
+    /// Wraps the bytes of W's row-major int8 values (n, k) and scales (n, nb), checking their
+    /// sizes against (n, k).
     pub fn new(
         name: &str,
         n: usize,
@@ -144,11 +159,41 @@ impl Q8Weights {
             name: name.to_string(),
             n,
             k,
-            q,
-            scales,
-            tiled: OnceLock::new(),
+            stored: Stored::Rows {
+                q,
+                scales,
+                tiled: OnceLock::new(),
+            },
         };
         w.matrix()?;
+        Ok(w)
+    }
+
+    /// Wraps the bytes of W's int8 values (G, nb, 8, 16, 4) and scales (G, nb, 16) in the
+    /// GEMM's tiled layout, checking their sizes against (n, k).
+    pub fn new_tiled(
+        name: &str,
+        n: usize,
+        k: usize,
+        q: WeightBytes<'_>,
+        scales: WeightBytes<'_>,
+    ) -> TractResult<Q8Weights> {
+        let gb = n.div_ceil(gemm::GROUP).saturating_mul(blocks_per_row(k));
+        let (q_len, s_len) = (
+            gb.saturating_mul(gemm::GROUP_BLOCK),
+            gb.saturating_mul(gemm::GROUP),
+        );
+        let q = Slice::new(q, q_len, |w| w[0] as i8)
+            .with_context(|| format!("{name}: tiled int8 values are not {q_len} bytes"))?;
+        let scales = Slice::new(scales, s_len, f32::from_le_bytes)
+            .with_context(|| format!("{name}: tiled scales are not {s_len} f32"))?;
+        let w = Q8Weights {
+            name: name.to_string(),
+            n,
+            k,
+            stored: Stored::Tiled { q, scales },
+        };
+        w.tiled()?;
         Ok(w)
     }
 
@@ -171,40 +216,72 @@ impl Q8Weights {
             name: name.to_string(),
             n,
             k,
-            q: Slice::Owned(q),
-            scales: Slice::Owned(scales),
-            tiled: OnceLock::new(),
+            stored: Stored::Rows {
+                q: Slice::Owned(q),
+                scales: Slice::Owned(scales),
+                tiled: OnceLock::new(),
+            },
         };
         w.matrix()?;
         Ok(w)
     }
 
-    /// The weights as the kernels take them.
+    /// The row-major weights as the row-major kernels take them.
     pub fn matrix(&self) -> TractResult<Q8Matrix<'_>> {
-        Ok(Q8Matrix::new(
-            self.q.get(),
-            self.scales.get(),
-            self.n,
-            self.k,
-        )?)
+        match &self.stored {
+            Stored::Rows { q, scales, .. } => {
+                Ok(Q8Matrix::new(q.get(), scales.get(), self.n, self.k)?)
+            }
+            Stored::Tiled { .. } => bail!("{}: int8 weights are tiled, not row-major", self.name),
+        }
     }
 
-    /// The weights in the GEMM's tiled layout (made on the heap at the first call).
+    /// The weights in the GEMM's tiled layout: in place, or for row-major weights a copy
+    /// made on the heap at the first call.
     pub fn tiled(&self) -> TractResult<Q8Tiled<'_>> {
-        let (q, s) = self
-            .tiled
-            .get_or_init(|| gemm::tile_q8(self.q.get(), self.scales.get(), self.n, self.k));
+        let (q, s) = match &self.stored {
+            Stored::Rows { q, scales, tiled } => {
+                let (q, s) =
+                    tiled.get_or_init(|| gemm::tile_q8(q.get(), scales.get(), self.n, self.k));
+                (q.as_slice(), s.as_slice())
+            }
+            Stored::Tiled { q, scales } => (q.get(), scales.get()),
+        };
         Ok(Q8Tiled::new(q, s, self.n, self.k)?)
+    }
+
+    /// Whether the bundle stores these weights in the GEMM's tiled layout.
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.stored, Stored::Tiled { .. })
     }
 
     /// Whether both tensors are used in place from the mapped file (no heap copy).
     pub fn is_mapped(&self) -> bool {
-        self.q.is_mapped() && self.scales.is_mapped()
+        let (Stored::Rows { q, scales, .. } | Stored::Tiled { q, scales }) = &self.stored;
+        q.is_mapped() && scales.is_mapped()
     }
 
-    /// Bytes of weights and scales.
+    /// Bytes of weights and scales as stored.
     pub fn bytes(&self) -> usize {
-        self.q.get().len() + 4 * self.scales.get().len()
+        let (Stored::Rows { q, scales, .. } | Stored::Tiled { q, scales }) = &self.stored;
+        q.get().len() + 4 * scales.get().len()
+    }
+
+    /// Row r (< n) of W dequantized into `out` (k).
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) -> TractResult<()> {
+        match &self.stored {
+            Stored::Rows { .. } => {
+                let w = self.matrix()?;
+                let nb = blocks_per_row(self.k);
+                let q = &w.q()[r * self.k..(r + 1) * self.k];
+                let s = &w.scales()[r * nb..(r + 1) * nb];
+                for (j, (o, &v)) in out.iter_mut().zip(q).enumerate() {
+                    *o = v as f32 * s[j / super::BLOCK];
+                }
+            }
+            Stored::Tiled { .. } => self.tiled()?.dequantize_row(r, out),
+        }
+        Ok(())
     }
 }
 
@@ -297,6 +374,12 @@ impl WeightSlot {
             weights.n,
             weights.k
         );
+        ensure!(
+            !(weights.is_tiled() && exec.scheme == Scheme::Q8Q16),
+            "{}: the q8q16 scheme needs row-major int8 weights and this bundle stores them \
+             tiled (convert with --int8-layout rows)",
+            self.weight
+        );
         self.bound = Some(Bound { weights, exec });
         Ok(())
     }
@@ -378,27 +461,7 @@ impl EvalOp for Q8MatMul {
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?; // (m, n)
-            let exec = &bound.exec;
-            let rows = x.len() / self.0.k;
-            match exec.scheme {
-                Scheme::Q8Q15 if rows > 1 => bound.weights.tiled()?.matmul(
-                    x,
-                    y,
-                    Acts::Q15,
-                    Isa::for_kernel(exec.kernel),
-                    &exec.pool,
-                )?,
-                Scheme::Q8Q15 => {
-                    bound
-                        .weights
-                        .matrix()?
-                        .matmul(x, y, Scheme::Q8F32, exec.kernel, &exec.pool)?
-                }
-                scheme => bound
-                    .weights
-                    .matrix()?
-                    .matmul(x, y, scheme, exec.kernel, &exec.pool)?,
-            }
+            product(&bound.weights, &bound.exec, x, y)?;
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -449,6 +512,41 @@ impl TypedOp for Q8MatMul {
     as_op!();
 }
 
+/// `y = x Wᵀ` for x (m, k), y (m, n) as `exec` says, on either layout ([`Scheme::Auto`] is
+/// Q8Q15 on tiled weights and Q8F32 on row-major ones):
+/// - row-major weights: every scheme's row-major product, except that [`Scheme::Q8Q15`]
+///   runs prompts (m > 1) on the GEMM over a tiled heap copy and one row as Q8F32;
+/// - tiled weights: Q8F32 one row at a time on the tiled one-row kernel (the same bits as
+///   the row-major Q8F32 product; prompts re-read the weights per row), Q8Q15 the same for
+///   one row and the Q15 GEMM for prompts, Q8Q8 the GEMM with int8 activations for every
+///   row. Q8Q16 has no tiled product (refused when the node is bound).
+fn product(w: &Q8Weights, exec: &Q8Exec, x: &[f32], y: &mut [f32]) -> TractResult<()> {
+    let rows = x.len() / w.k;
+    let isa = Isa::for_kernel(exec.kernel);
+    let pool = &exec.pool;
+    match (w.is_tiled(), exec.scheme) {
+        (false, Scheme::Q8Q15) if rows > 1 => w.tiled()?.matmul(x, y, Acts::Q15, isa, pool)?,
+        (false, Scheme::Q8Q15 | Scheme::Auto) => {
+            w.matrix()?.matmul(x, y, Scheme::Q8F32, exec.kernel, pool)?
+        }
+        (false, scheme) => w.matrix()?.matmul(x, y, scheme, exec.kernel, pool)?,
+        (true, Scheme::Q8Q15 | Scheme::Auto) if rows > 1 => {
+            w.tiled()?.matmul(x, y, Acts::Q15, isa, pool)?
+        }
+        (true, Scheme::Q8Q8) => w.tiled()?.matmul(x, y, Acts::Q8, isa, pool)?,
+        (true, Scheme::Q8F32 | Scheme::Q8Q15 | Scheme::Auto) => {
+            let t = w.tiled()?;
+            for (xr, yr) in x.chunks_exact(w.k).zip(y.chunks_exact_mut(w.n)) {
+                t.matvec_f32(xr, yr, exec.kernel, pool)?;
+            }
+        }
+        (true, scheme @ (Scheme::Q8Q16 | Scheme::Fold)) => {
+            bail!("{}: no {scheme} product on tiled int8 weights", w.name)
+        }
+    }
+    Ok(())
+}
+
 /// Rows of W (n, k) for integer indices of any shape: output (indices..., k) f32.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Q8Gather(WeightSlot);
@@ -483,7 +581,6 @@ impl EvalOp for Q8Gather {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let bound = self.0.bound()?;
-        let w = bound.weights.matrix()?;
         let ids = input.cast_to::<i64>()?;
         let ids = ids.try_as_plain_ram()?;
         let ids = ids.as_slice::<i64>()?;
@@ -493,7 +590,6 @@ impl EvalOp for Q8Gather {
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let y = view.as_slice_mut::<f32>()?; // (ids, k)
-            let nb = blocks_per_row(self.0.k);
             for (&id, row) in ids.iter().zip(y.chunks_exact_mut(self.0.k)) {
                 // ONNX Gather counts negative indices from the end.
                 let r = if id < 0 { id + self.0.n as i64 } else { id };
@@ -503,11 +599,7 @@ impl EvalOp for Q8Gather {
                     .with_context(|| {
                         format!("{}: index {id} out of 0..{}", self.0.weight, self.0.n)
                     })?;
-                let q = &w.q()[r * self.0.k..(r + 1) * self.0.k];
-                let s = &w.scales()[r * nb..(r + 1) * nb];
-                for (j, (o, &v)) in row.iter_mut().zip(q).enumerate() {
-                    *o = v as f32 * s[j / super::BLOCK];
-                }
+                bound.weights.dequantize_row(r, row)?;
             }
         }
         Ok(tvec!(out.into_tvalue()))

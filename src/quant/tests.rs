@@ -373,6 +373,7 @@ fn kernel_names_parse() {
 
 #[test]
 fn scheme_names_parse() {
+    assert_eq!("auto".parse::<Scheme>().unwrap(), Scheme::Auto);
     assert_eq!("q8f32".parse::<Scheme>().unwrap(), Scheme::Q8F32);
     assert_eq!(" Q8Q16".parse::<Scheme>().unwrap(), Scheme::Q8Q16);
     assert_eq!("q8q8".parse::<Scheme>().unwrap(), Scheme::Q8Q8);
@@ -380,12 +381,12 @@ fn scheme_names_parse() {
     assert_eq!("fold".parse::<Scheme>().unwrap(), Scheme::Fold);
     assert_eq!(
         "q4".parse::<Scheme>().unwrap_err().to_string(),
-        "unknown int8 scheme \"q4\": expected q8f32, q8q16, q8q8, q8q15 or fold"
+        "unknown int8 scheme \"q4\": expected auto, q8f32, q8q16, q8q8, q8q15 or fold"
     );
     for scheme in Scheme::ALL {
         assert_eq!(scheme.to_string().parse::<Scheme>().unwrap(), scheme);
     }
-    assert_eq!(Scheme::default(), Scheme::Q8F32);
+    assert_eq!(Scheme::default(), Scheme::Auto);
 }
 
 #[test]

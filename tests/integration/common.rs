@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use edgelm::convert::{convert, ConvertOptions, Quant};
+use edgelm::convert::{convert, ConvertOptions, Int8Layout, Quant};
 use edgelm::kv_cache::KvType;
 use edgelm::model::{CacheOptions, LoadOptions, Model, State};
 
@@ -204,8 +204,22 @@ pub fn default_bundle(quant: Quant) -> PathBuf {
     dir
 }
 
+/// The int8 bundle of the default GGUF with row-major int8 matrices (`--int8-layout rows`),
+/// cached under `target/test-bundles/`.
+pub fn default_bundle_rows() -> PathBuf {
+    let gguf = default_gguf();
+    let dir = root().join("target/test-bundles/smollm2-int8-rows");
+    convert_once_with(&gguf, &dir, Quant::Int8, Int8Layout::Rows);
+    dir
+}
+
 /// Converts `input` into `dir` unless a previous run finished it (marker file written last).
 pub fn convert_once(input: &Path, dir: &Path, quant: Quant) {
+    convert_once_with(input, dir, quant, Int8Layout::default());
+}
+
+/// [`convert_once`] with a chosen int8 layout.
+pub fn convert_once_with(input: &Path, dir: &Path, quant: Quant, int8_layout: Int8Layout) {
     static CONVERT: Mutex<()> = Mutex::new(());
     let _guard = CONVERT.lock().unwrap_or_else(|e| e.into_inner());
     let marker = dir.join(".converted");
@@ -222,6 +236,7 @@ pub fn convert_once(input: &Path, dir: &Path, quant: Quant) {
         input: input.to_path_buf(),
         output: dir.to_path_buf(),
         quant,
+        int8_layout,
         threads: 0,
         progress: false,
     })

@@ -8,7 +8,7 @@ use common::{argmax, fixture, greedy, max_abs_diff, reference, scratch};
 use std::fs;
 use std::path::Path;
 
-use edgelm::convert::{convert, ConvertOptions, Quant};
+use edgelm::convert::{convert, ConvertOptions, Int8Layout, Quant};
 use edgelm::model::Model;
 
 /// Converts `tests/fixtures/<model>/hf` into a fresh bundle and loads it.
@@ -26,6 +26,7 @@ fn converted_from(input: &str, quant: Quant) -> Model {
         input: fixture(input),
         output: out.clone(),
         quant,
+        int8_layout: Int8Layout::Tiled,
         threads: 0,
         progress: false,
     })
@@ -161,6 +162,7 @@ fn unsupported_architecture_is_named() {
         input: dir.clone(),
         output: dir.join("out"),
         quant: Quant::F32,
+        int8_layout: Int8Layout::Tiled,
         threads: 0,
         progress: false,
     })
@@ -226,6 +228,7 @@ fn qwen2_qkv_biases_are_read() {
         input: dir.clone(),
         output: out.clone(),
         quant: Quant::F32,
+        int8_layout: Int8Layout::Tiled,
         threads: 0,
         progress: false,
     })
@@ -243,6 +246,7 @@ fn qwen2_qkv_biases_are_read() {
         input: dir.clone(),
         output: dir.join("bundle-bad"),
         quant: Quant::F32,
+        int8_layout: Int8Layout::Tiled,
         threads: 0,
         progress: false,
     })
@@ -250,5 +254,77 @@ fn qwen2_qkv_biases_are_read() {
     assert_eq!(
         format!("{err:#}"),
         "tensor \"model.layers.0.self_attn.q_proj.bias\" has shape [63], expected [64]"
+    );
+}
+
+/// The tiny Llama converted to int8 in both layouts, loaded with one int8 scheme.
+fn int8_layouts_loaded(
+    rows: &Path,
+    tiled: &Path,
+    scheme: edgelm::quant::Scheme,
+) -> (anyhow::Result<Model>, anyhow::Result<Model>) {
+    let opts = edgelm::model::LoadOptions {
+        threads: 1,
+        int8: scheme,
+        ..Default::default()
+    };
+    (Model::load(rows, &opts), Model::load(tiled, &opts))
+}
+
+/// The tiled layout is the row-major one rearranged: the same scheme gives the same logits
+/// bit for bit on both (f32 activations: the tiled one-row kernel has the row-major kernels'
+/// arithmetic; `fold`: the tiled subgraph undone to the same f32 weights; `auto` on the
+/// tiled bundle is `q8q15`, which tiles a row-major bundle on the heap), and `q8q16`, which
+/// has no tiled kernel, is a one-line load error.
+#[test]
+fn tiled_and_row_major_int8_bundles_give_the_same_logits() {
+    use edgelm::quant::Scheme;
+    let dirs = [Int8Layout::Rows, Int8Layout::Tiled].map(|layout| {
+        let out = scratch("convert_hf", &format!("tiny-llama-int8-{layout}"));
+        convert(&ConvertOptions {
+            input: fixture("tiny-llama/hf"),
+            output: out.clone(),
+            quant: Quant::Int8,
+            int8_layout: layout,
+            threads: 0,
+            progress: false,
+        })
+        .unwrap();
+        out
+    });
+    let ids = reference("tiny-llama").ids;
+    let logits = |m: &Model| -> Vec<u32> {
+        let mut state = m.new_state();
+        let mut all = state.forward_all(&ids).unwrap();
+        all.extend(state.forward_all(&ids[..1]).unwrap());
+        all.into_iter().map(f32::to_bits).collect()
+    };
+    for (rows_scheme, tiled_scheme) in [
+        (Scheme::Q8F32, Scheme::Q8F32),
+        (Scheme::Fold, Scheme::Fold),
+        (Scheme::Q8Q15, Scheme::Auto),
+        (Scheme::Q8Q15, Scheme::Q8Q15),
+    ] {
+        let rows = int8_layouts_loaded(&dirs[0], &dirs[1], rows_scheme)
+            .0
+            .unwrap();
+        let tiled = int8_layouts_loaded(&dirs[0], &dirs[1], tiled_scheme)
+            .1
+            .unwrap();
+        assert_eq!(
+            logits(&tiled),
+            logits(&rows),
+            "tiled {tiled_scheme} against rows {rows_scheme}"
+        );
+    }
+    let (rows, tiled) = int8_layouts_loaded(&dirs[0], &dirs[1], Scheme::Q8Q16);
+    rows.unwrap();
+    let err = format!("{:#}", tiled.err().unwrap());
+    assert!(
+        err.ends_with(
+            "the q8q16 scheme needs row-major int8 weights and this bundle stores them tiled \
+             (convert with --int8-layout rows)"
+        ) && !err.contains('\n'),
+        "{err}"
     );
 }

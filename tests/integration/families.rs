@@ -7,7 +7,7 @@ use crate::common;
 use std::path::Path;
 
 use common::{argmax, fixture, greedy, max_abs_diff, scratch};
-use edgelm::convert::{convert, ConvertOptions, Quant};
+use edgelm::convert::{convert, ConvertOptions, Int8Layout, Quant};
 use edgelm::model::Model;
 use edgelm::template::Message;
 use edgelm::tokenizer::Tokenizer;
@@ -70,17 +70,28 @@ fn reference(model: &str) -> Reference {
 /// Converts `tests/fixtures/<model>/<input>` into a fresh bundle; returns its directory and
 /// the loaded model.
 fn converted(model: &str, input: &str, quant: Quant) -> (std::path::PathBuf, Model) {
+    converted_with(model, input, quant, Int8Layout::Tiled)
+}
+
+/// [`converted`] with a chosen int8 layout.
+fn converted_with(
+    model: &str,
+    input: &str,
+    quant: Quant,
+    int8_layout: Int8Layout,
+) -> (std::path::PathBuf, Model) {
     // A directory of its own per call: tests converting the same fixture run in parallel.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = scratch(
         "families",
-        &format!("{model}-{}-{quant}-{call}", input.replace('/', "-")),
+        &format!("{model}-{}-{quant}-{int8_layout}-{call}", input.replace('/', "-")),
     );
     convert(&ConvertOptions {
         input: fixture(model).join(input),
         output: out.clone(),
         quant,
+        int8_layout,
         threads: 2,
         progress: false,
     })
@@ -255,7 +266,8 @@ fn bundle_weight(dir: &Path, name: &str) -> Vec<u8> {
 
 /// Converting a Q8_0 GGUF to an int8 bundle copies its blocks: every int8 value equal, each
 /// f16 scale widened to f32 exactly. Qwen2 keeps its rows in place; the V projection of
-/// Llama too, while its Q rows come back from llama.cpp's interleaving.
+/// Llama too, while its Q rows come back from llama.cpp's interleaving. (Read from a
+/// row-major bundle, whose initializers hold the blocks as the checkpoint does.)
 #[test]
 fn q8_0_blocks_are_carried_bit_for_bit() {
     let cases = [
@@ -281,7 +293,7 @@ fn q8_0_blocks_are_carried_bit_for_bit() {
         ),
     ];
     for (model, gguf_name, onnx_name) in cases {
-        let (dir, _) = converted(model, "gguf/model-q8_0.gguf", Quant::Int8);
+        let (dir, _) = converted_with(model, "gguf/model-q8_0.gguf", Quant::Int8, Int8Layout::Rows);
         let gguf = fixture(model).join("gguf/model-q8_0.gguf");
         let (scales, q) = gguf_q8_0_blocks(&gguf, gguf_name);
         let got_q = bundle_weight(&dir, &format!("{onnx_name}.q8"));
@@ -299,7 +311,7 @@ fn q8_0_blocks_are_carried_bit_for_bit() {
 #[test]
 fn q8_0_llama_q_rows_are_reordered_not_requantized() {
     let model = "tiny-llama32";
-    let (dir, _) = converted(model, "gguf/model-q8_0.gguf", Quant::Int8);
+    let (dir, _) = converted_with(model, "gguf/model-q8_0.gguf", Quant::Int8, Int8Layout::Rows);
     let (scales, q) = gguf_q8_0_blocks(
         &fixture(model).join("gguf/model-q8_0.gguf"),
         "blk.0.attn_q.weight",
@@ -335,6 +347,7 @@ fn unknown_gguf_keys_and_tensors_are_refused_by_name() {
             input: patched.to_path_buf(),
             output: out.join("bundle"),
             quant: Quant::F32,
+            int8_layout: Int8Layout::Tiled,
             threads: 1,
             progress: false,
         })
@@ -387,6 +400,7 @@ fn unknown_hf_keys_and_tensors_are_refused_by_name() {
             input: out.clone(),
             output: out.join("bundle"),
             quant: Quant::F32,
+            int8_layout: Int8Layout::Tiled,
             threads: 1,
             progress: false,
         })

@@ -24,6 +24,7 @@ fn bundle(name: &str) -> (std::path::PathBuf, Model) {
         input: fixture(MODEL).join("hf"),
         output: out.clone(),
         quant: Quant::F32,
+        int8_layout: Default::default(),
         threads: 2,
         progress: false,
     })

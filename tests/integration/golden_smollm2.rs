@@ -25,14 +25,14 @@ fn engine(quant: Quant) -> &'static Engine {
     cell.get_or_init(|| Engine::load(&common::default_bundle(quant), &Default::default()).unwrap())
 }
 
-/// The int8 bundle run with `--int8 q8q16` (int16 activations) or `--int8 q8q15` (prompts
-/// on the tiled GEMM, 15-bit activations).
-fn engine_scheme(int8: Scheme) -> &'static Engine {
+/// The int8 bundle with row-major matrices (`--int8-layout rows`) run with `--int8 q8f32`
+/// (the row-major kernels) or `--int8 q8q16` (int16 activations, row-major only).
+fn engine_rows(int8: Scheme) -> &'static Engine {
+    static Q8F32: OnceLock<Engine> = OnceLock::new();
     static Q8Q16: OnceLock<Engine> = OnceLock::new();
-    static Q8Q15: OnceLock<Engine> = OnceLock::new();
     let cell = match int8 {
+        Scheme::Q8F32 => &Q8F32,
         Scheme::Q8Q16 => &Q8Q16,
-        Scheme::Q8Q15 => &Q8Q15,
         other => panic!("no engine cell for {other}"),
     };
     cell.get_or_init(|| {
@@ -40,7 +40,7 @@ fn engine_scheme(int8: Scheme) -> &'static Engine {
             int8,
             ..Default::default()
         };
-        Engine::load(&common::default_bundle(Quant::Int8), &opts).unwrap()
+        Engine::load(&common::default_bundle_rows(), &opts).unwrap()
     })
 }
 
@@ -149,9 +149,10 @@ fn assert_all_tokens_equal(runs: &[(String, Vec<u32>, Vec<u32>)], what: &str) {
     );
 }
 
-/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens, with f32, int16 and
-/// (prompts on the tiled GEMM) 15-bit activations, are exactly transformers' from the f32
-/// weights.
+/// All 32 tokens of all 4 prompts: the int8 bundle's greedy tokens (by default: tiled
+/// matrices, prompts on the GEMM with 15-bit activations, decode with f32 activations), and
+/// the row-major bundle's with f32 and int16 activations, are exactly transformers' from the
+/// f32 weights.
 #[test]
 fn int8_bundle_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(&greedy_runs(Quant::Int8), "int8");
@@ -166,50 +167,78 @@ fn int8_with_f32_keys_and_values_matches_transformers_for_all_tokens() {
 }
 
 #[test]
+fn row_major_int8_bundle_matches_transformers_for_all_tokens() {
+    assert_all_tokens_equal(
+        &greedy_runs_with(engine_rows(Scheme::Q8F32), KvType::default()),
+        "int8 rows --int8 q8f32",
+    );
+}
+
+#[test]
 fn int8_with_int16_activations_matches_transformers_for_all_tokens() {
     assert_all_tokens_equal(
-        &greedy_runs_with(engine_scheme(Scheme::Q8Q16), KvType::default()),
-        "int8 --int8 q8q16",
+        &greedy_runs_with(engine_rows(Scheme::Q8Q16), KvType::default()),
+        "int8 rows --int8 q8q16",
     );
 }
 
+/// `--int8 q8f32` on the tiled bundle reads the tiled layout with the row-major kernels'
+/// arithmetic: a prompt and decode steps give the row-major bundle's logits bit for bit.
 #[test]
-fn int8_on_the_tiled_gemm_with_15_bit_activations_matches_transformers_for_all_tokens() {
-    assert_all_tokens_equal(
-        &greedy_runs_with(engine_scheme(Scheme::Q8Q15), KvType::default()),
-        "int8 --int8 q8q15",
+fn tiled_layout_with_f32_activations_gives_the_row_major_bundles_logits() {
+    let tiled = Engine::load(
+        &common::default_bundle(Quant::Int8),
+        &LoadOptions {
+            int8: Scheme::Q8F32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rows = engine_rows(Scheme::Q8F32);
+    let prompt = ids(&golden()["prompts"][0]["prompt_ids"]);
+    let (mut st, mut sr) = (tiled.model.new_state(), rows.model.new_state());
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let (lt, lr) = (
+        st.forward_all(&prompt).unwrap(),
+        sr.forward_all(&prompt).unwrap(),
     );
+    assert_eq!(bits(lt), bits(lr), "prompt logits");
+    for next in [1u32, 2, 3] {
+        let (lt, lr) = (
+            st.forward_all(&[next]).unwrap(),
+            sr.forward_all(&[next]).unwrap(),
+        );
+        assert_eq!(bits(lt), bits(lr), "decode logits after token {next}");
+    }
 }
 
-/// Teacher-forced over a fixed 814-token text: top-1 agreement and perplexities.
+/// Teacher-forced over a fixed 814-token text (one 814-row product per layer, so on the
+/// tiled GEMM by default): top-1 agreement and perplexities.
 #[test]
-fn int8_agrees_with_f32_on_807_of_813_positions() {
+fn int8_agrees_with_f32_on_808_of_813_positions() {
     let (agree, positions, ppl_f, ppl_q) = teacher_forced(engine(Quant::Int8));
     eprintln!(
         "teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
     );
-    // Measured 808/813 (99.38%) with lattice-fitted scales, the same with the AVX2 and AVX-512
-    // kernels and with f32 keys and values (plain Q8_0 rounding of the Q4_1 weights: 97.79%);
-    // one position under it, so that a near-tie flipping on another architecture is no
-    // failure.
-    assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
-    // Measured f32 25.107, int8 25.110 (+0.012%; 25.1099 with f16 keys and values, 25.1098
-    // with f32 ones).
+    // Measured 808/813 (99.38%) with lattice-fitted scales, f16 or f32 keys and values (plain
+    // Q8_0 rounding of the Q4_1 weights: 97.79%).
+    assert_eq!(agree, 808, "top-1 agreement {agree}/{positions}");
+    // Measured f32 25.107, int8 25.110 (+0.012%).
     assert!(
         ppl_q < ppl_f * 1.001,
         "int8 perplexity {ppl_q:.3} is more than 0.1% above f32 {ppl_f:.3}"
     );
 }
 
-/// The same with the whole text (one 814-row product per layer) on the tiled GEMM.
+/// The same with the row-major bundle and f32 activations.
 #[test]
-fn int8_on_the_tiled_gemm_agrees_with_f32_on_807_of_813_positions() {
-    let (agree, positions, ppl_f, ppl_q) = teacher_forced(engine_scheme(Scheme::Q8Q15));
+fn row_major_int8_agrees_with_f32_on_807_of_813_positions() {
+    let (agree, positions, ppl_f, ppl_q) = teacher_forced(engine_rows(Scheme::Q8F32));
     eprintln!(
-        "q8q15 teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
+        "rows q8f32 teacher-forced over {positions} positions: top-1 agreement {agree}, perplexity f32 {ppl_f:.3}, int8 {ppl_q:.3}",
     );
-    // Measured 808/813 (99.38%) and perplexity 25.110, as the default's; one position under
-    // it, as there.
+    // Measured 808/813 with the AVX2 and AVX-512 kernels; one position under it, so that a
+    // near-tie flipping on another architecture is no failure.
     assert!(agree >= 807, "top-1 agreement {agree}/{positions}");
     assert!(
         ppl_q < ppl_f * 1.001,
@@ -217,8 +246,8 @@ fn int8_on_the_tiled_gemm_agrees_with_f32_on_807_of_813_positions() {
     );
 }
 
-/// Teacher-forced over `eval_text.txt`: positions where `q`'s top-1 (default cache) equals
-/// the f32 bundle's with f32 keys and values, positions, and the perplexities of both.
+/// Teacher-forced over `eval_text.txt`: positions where `q`'s top-1 equals the f32 bundle's,
+/// positions, and the perplexities of f32 and `q`.
 fn teacher_forced(q: &Engine) -> (usize, usize, f64, f64) {
     let text =
         std::fs::read_to_string(common::root().join("tests/fixtures/eval_text.txt")).unwrap();

@@ -21,12 +21,9 @@
 //! two chunks gives; the int16 kernels widen a chunk and multiply pairs.
 //!
 //! # The layout in a bundle
-//! The converter writes row-major Q8 today, and [`Scheme::Q8Q15`](super::Scheme::Q8Q15)
-//! copies each matrix into this layout on the heap at its first product (about the int8
-//! bundle's size again in anonymous memory). The layout is designed to be written by the
-//! converter instead and read in place from the mapped file, as standard ONNX that other
-//! runtimes still read (the test `tiled_layout_reads_back_through_standard_onnx_ops` runs
-//! this subgraph through tract-onnx):
+//! `edgelm convert` writes every int8 matrix in this layout by default, as standard ONNX
+//! that other runtimes read (`convert::onnx::GraphBuilder::dequantized_q8`; the test
+//! `tiled_layout_reads_back_through_standard_onnx_ops` runs the subgraph through tract-onnx):
 //! - the int8 initializer has shape (G, nb, 8, 16, 4) and the scales initializer
 //!   (G, nb, 16), both in the external data file as they are in memory here;
 //! - `Transpose(perm = [0, 3, 1, 2, 4])` -> (G, 16, nb, 8, 4), `Reshape` -> (16 G, 32 nb),
@@ -35,16 +32,14 @@
 //! - then the `DequantizeLinear(axis = 1, block_size = 32)` -> `MatMul` (or `Gather`) that a
 //!   row-major bundle has.
 //!
-//! The pre-pass's int8 routing recognises `DequantizeLinear(Slice(Reshape(Transpose(q))),
-//! Slice(Reshape(Transpose(s))))` with exactly these permutations and shapes (anything else
-//! falls back to tract's own evaluation) and binds `Q8MatMul` to a [`Q8Tiled`] borrowing both
-//! initializers from the mapping (no alignment needed: the kernels load unaligned); the
-//! embedding `Gather` reads rows with [`Q8Tiled::dequantize_row`]. Prefill runs the GEMM
-//! here; decode needs a one-row product on this layout as fast as the row-major Q8F32
-//! matrix-vector kernel (the x86 kernels here prefetch a few group-blocks ahead for one
-//! row; a Q8F32 one-row kernel on this layout, f32 activations broadcast per 4 values,
-//! keeps decode's fidelity). Only then is the row-major copy dropped from the bundle, and
-//! anonymous memory stays what it is with row-major weights.
+//! The pre-pass (`prepass/tiled.rs`) recognises `DequantizeLinear(Slice(Reshape(
+//! Transpose(q))), Slice(Reshape(Transpose(s))))` with exactly these permutations and shapes
+//! (anything else is left alone) and binds `Q8MatMul` to a [`Q8Tiled`] borrowing both
+//! initializers from the mapping; the embedding `Gather` reads rows with
+//! [`Q8Tiled::dequantize_row`]. Prompts run the GEMM here; decode runs
+//! [`Q8Tiled::matvec_f32`] (`matvec.rs`), f32 activations with the row-major Q8F32 kernels'
+//! arithmetic, so decode's results do not depend on the layout. A row-major bundle's
+//! matrices are copied into this layout on the heap by [`Scheme::Q8Q15`](super::Scheme::Q8Q15).
 //!
 //! # Arithmetic
 //! For activations x (m, k) and outputs y (m, n) = x Wᵀ, each activation row is cut into
@@ -85,6 +80,7 @@ mod avxvnni;
 mod dotprod;
 #[cfg(target_arch = "aarch64")]
 mod i8mm;
+mod matvec;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
@@ -223,6 +219,24 @@ impl<'a> Q8Tiled<'a> {
                 *o = f32::from(q[(j / QUAD) * CHUNK + l * QUAD + j % QUAD]) * s[l];
             }
         }
+    }
+
+    /// The row-major Q8 form: (q (n, k), scales (n, ceil(k / 32))), [`tile_q8`] undone.
+    pub fn to_rows(&self) -> (Vec<i8>, Vec<f32>) {
+        let (n, k, nb) = (self.n, self.k, self.blocks());
+        let mut q = vec![0i8; n * k];
+        let mut scales = vec![0f32; n * nb];
+        for r in 0..n {
+            let (g, l) = (r / GROUP, r % GROUP);
+            for b in 0..nb {
+                let (tq, ts) = self.group_block(g, b);
+                scales[r * nb + b] = ts[l];
+                for j in 0..BLOCK.min(k - b * BLOCK) {
+                    q[r * k + b * BLOCK + j] = tq[(j / QUAD) * CHUNK + l * QUAD + j % QUAD];
+                }
+            }
+        }
+        (q, scales)
     }
 
     /// `y = x Wᵀ` for m activation rows: x (m, k) and y (m, n) row-major.

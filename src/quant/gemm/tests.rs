@@ -504,3 +504,57 @@ fn tiled_layout_reads_back_through_standard_onnx_ops() {
     let s = outputs[1].try_as_plain_ram().unwrap();
     assert_eq!(bits(s.as_slice::<f32>().unwrap()), bits(&p.scales));
 }
+
+/// Decode on the tiled layout against the row-major Q8F32 product of the same kernel.
+fn matvec_equals_row_major(n: usize, k: usize, seed: u64, pool: &ThreadPool) {
+    let p = Problem::new(n, k, 1, seed);
+    let rows = Q8Matrix::new(&p.q, &p.scales, n, k).unwrap();
+    for kernel in Kernel::available() {
+        let mut want = vec![f32::NAN; n];
+        rows.matmul(&p.x, &mut want, crate::quant::Scheme::Q8F32, kernel, pool)
+            .unwrap();
+        let mut got = vec![f32::NAN; n];
+        p.tiled().matvec_f32(&p.x, &mut got, kernel, pool).unwrap();
+        assert_eq!(bits(&got), bits(&want), "{kernel} n={n} k={k}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn matvec_gives_the_row_major_bits_of_every_kernel((n, k, _, seed) in shapes()) {
+        matvec_equals_row_major(n, k, seed, &ThreadPool::single());
+    }
+}
+
+#[test]
+fn matvec_gives_the_row_major_bits_at_model_shapes_on_two_threads() {
+    let pool = ThreadPool::new(2).unwrap();
+    // 576 = 18 blocks: two spans of blocks, the second short; 1000: a short last block.
+    for (k, n) in [(576, 192), (1536, 40), (1000, 300)] {
+        matvec_equals_row_major(n, k, (k * n) as u64, &pool);
+    }
+}
+
+#[test]
+fn matvec_reports_bad_lengths() {
+    let p = Problem::new(20, 64, 1, 7);
+    let pool = ThreadPool::single();
+    let mut y = vec![0f32; 20];
+    assert_eq!(
+        p.tiled()
+            .matvec_f32(&p.x[..63], &mut y, Kernel::Scalar, &pool),
+        Err(QuantError::InputLen { k: 64, got: 63 })
+    );
+    assert_eq!(
+        p.tiled()
+            .matvec_f32(&p.x, &mut y[..19], Kernel::Scalar, &pool),
+        Err(QuantError::OutputLen {
+            m: 1,
+            n: 20,
+            expected: 20,
+            got: 19
+        })
+    );
+}
