@@ -85,7 +85,10 @@ fn converted_with(
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = scratch(
         "families",
-        &format!("{model}-{}-{quant}-{int8_layout}-{call}", input.replace('/', "-")),
+        &format!(
+            "{model}-{}-{quant}-{int8_layout}-{call}",
+            input.replace('/', "-")
+        ),
     );
     convert(&ConvertOptions {
         input: fixture(model).join(input),
