@@ -202,6 +202,13 @@ KERNELS = [
     Kernel("edgelm q8q8", "prefill", "rust", "src/quant/neon.rs:dot_q8q8", SMULL_8H, 4, "max", where="no-dotprod"),
     Kernel("edgelm q8q8", "decode", "rust", "src/quant/neon.rs:dot_q8q8", SDOT, 2, "min", needs_dotprod=True),
     Kernel("edgelm q8q8", "prefill", "rust", "src/quant/neon.rs:dot_q8q8", SDOT, 2, "max", needs_dotprod=True),
+    # q8q15: prompts on the tiled GEMM (src/quant/gemm/), 15-bit activations; decode as q8f32.
+    # Per block and row: 8 int16 `smlal` by element (4 products each) without SDOT; with
+    # SDOT two passes (high and low parts) of 2 `sdot` (16 products each).
+    Kernel("edgelm q8q15", "decode", "rust", "src/quant/neon.rs:rows_q8f32", FMUL, 10, "max"),
+    # (The NEON kernel inlines into run_groups without line entries of its own.)
+    Kernel("edgelm q8q15", "prefill", "rust", r"^edgelm::quant::gemm::run_groups$", SMULL_4S, 8, "max", where="no-dotprod"),
+    Kernel("edgelm q8q15", "prefill", "rust", "src/quant/gemm/dotprod.rs:tile", SDOT, 4, r"ratio:^scvtf=0", needs_dotprod=True),
     # llama.cpp: ggml/src/ggml-cpu/arch/arm/quants.c, repack.cpp
     Kernel("llama.cpp Q8_0", "decode", "quants", r"^ggml_vec_dot_q8_0_q8_0$", SMULL_8H, 4, "max", where="no-dotprod"),
     Kernel("llama.cpp Q8_0", "prefill", "quants", r"^ggml_vec_dot_q8_0_q8_0$", SMULL_8H, 4, "max", where="no-dotprod"),
@@ -220,6 +227,7 @@ ENGINE_BYTES = {
     "edgelm q8f32": (1 + 4 / 32, 4),
     "edgelm q8q16": (1 + 4 / 32, 4),
     "edgelm q8q8": (1 + 4 / 32, 4),
+    "edgelm q8q15": (1 + 4 / 32, 4),
     "llama.cpp Q8_0": (34 / 32, 2),
     "llama.cpp Q4_0": (18 / 32, 2),
 }
