@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::engine::Engine;
+use crate::kv_cache::KvType;
 use crate::model::{LoadOptions, LoadSummary, Model};
 
 /// Which bundle `edgelm info` describes, loaded how.
@@ -83,8 +84,9 @@ pub fn run(args: &InfoOptions, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// Each layer's ring slots at the default context and the f32 KV bytes a token adds: every
-/// global layer keeps one more token, a sliding-window layer's ring stays its window.
+/// Each layer's ring slots at the default context and the KV bytes a token adds with the
+/// default storage: every global layer keeps one more token, a sliding-window layer's ring
+/// stays its window.
 fn kv_lines(model: &Model) -> Vec<String> {
     let c = model.config();
     let state = model.new_state();
@@ -92,7 +94,8 @@ fn kv_lines(model: &Model) -> Vec<String> {
     if slots.is_empty() {
         return vec!["KV ring: none (the graph's explicit past/present tensors)".into()];
     }
-    let per_slot = 2 * c.num_key_value_heads * c.head_dim * 4; // key and value, f32
+    let kv = KvType::default();
+    let per_slot = 2 * c.num_key_value_heads * c.head_dim * kv.bytes(); // key and value
     let global = (0..slots.len())
         .filter(|&l| c.layer_window(l).is_none())
         .count();
@@ -107,8 +110,9 @@ fn kv_lines(model: &Model) -> Vec<String> {
         .map(|l| slots[l] * per_slot)
         .sum();
     let mut bytes = format!(
-        "KV bytes per token: {} (f32; {global} of {} layers keep every token)",
+        "KV bytes per token: {} ({}; {global} of {} layers keep every token)",
         global * per_slot,
+        kv.name(),
         slots.len()
     );
     if local > 0 {

@@ -81,8 +81,8 @@ fn local_rings_hold_exactly_the_window_and_match_transformers_past_it() {
 }
 
 /// `edgelm info` lists each layer's ring at the default context (the model's 1024) and the
-/// KV bytes a token adds: 256 on the one global layer; the five local rings are 16 × 256
-/// bytes each.
+/// KV bytes a token adds with the default f16 storage: 128 on the one global layer; the five
+/// local rings are 16 × 128 bytes each.
 #[test]
 fn info_shows_ring_sizes_and_kv_bytes_per_token() {
     let (dir, _) = bundle("info");
@@ -99,7 +99,7 @@ fn info_shows_ring_sizes_and_kv_bytes_per_token() {
     );
     assert!(
         text.contains(
-            "\nKV bytes per token: 256 (f32; 1 of 6 layers keep every token), plus 20480 \
+            "\nKV bytes per token: 128 (f16; 1 of 6 layers keep every token), plus 10240 \
              bytes for the 5 sliding-window layers' rings\n"
         ),
         "{text}"
