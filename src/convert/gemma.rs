@@ -24,9 +24,10 @@ use super::decoder::{
     Activation, Biases, DecoderParams, Layout, Mlp, Norm, Positions, SlidingWindow, Tensor,
 };
 use super::family::{Family, GgufChange, GgufTensor};
-use super::from_gguf::{embedding_rows, get_usize};
+use super::from_gguf::get_usize;
 use super::gguf::Gguf;
 use super::llama;
+use super::llama::gguf_head_checks;
 use super::rope::RopeScaling;
 
 /// Gemma 3 (text).
@@ -310,26 +311,7 @@ fn params_from_gguf(g: &Gguf) -> Result<DecoderParams> {
     ensure!(heads > 0, "{} is 0", key("attention.head_count"));
     let layers = int("block_count")?;
     let head_dim = opt_int("attention.key_length")?.unwrap_or(256);
-    if let Some(v) = opt_int("attention.value_length")? {
-        ensure!(
-            v == head_dim,
-            "value heads of {v} differ from key heads of {head_dim}"
-        );
-    }
-    if let Some(r) = opt_int("rope.dimension_count")? {
-        ensure!(
-            r == head_dim,
-            "RoPE over {r} of the {head_dim} dimensions of a head is not supported"
-        );
-    }
-    let vocab = embedding_rows(g, hidden)?;
-    if let Some(v) = opt_int("vocab_size")? {
-        ensure!(
-            v == vocab,
-            "{} is {v} but the embedding has {vocab} rows",
-            key("vocab_size")
-        );
-    }
+    let vocab = gguf_head_checks(g, "gemma3", hidden, head_dim)?;
     if let Some(c) = opt_f32("final_logit_softcapping")?.filter(|&c| c != 0.0) {
         bail!("final_logit_softcapping {c} is not supported");
     }

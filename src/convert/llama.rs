@@ -301,21 +301,20 @@ fn params_from_gguf(g: &Gguf) -> Result<DecoderParams> {
     rope_params_from_gguf(g, "llama")
 }
 
-/// The parameters of a Llama-shaped model from its GGUF keys under `arch.`; biases and
-/// q/k norms are there when layer 0 has them, llama3 RoPE scaling when `rope_freqs.weight`
-/// is.
-pub fn rope_params_from_gguf(g: &Gguf, arch: &str) -> Result<DecoderParams> {
+/// Checks the head keys under `arch.` a GGUF may carry (value heads as wide as key heads,
+/// RoPE over the whole head, `vocab_size` equal to the embedding's rows) and returns the
+/// vocabulary size.
+pub(super) fn gguf_head_checks(
+    g: &Gguf,
+    arch: &str,
+    hidden: usize,
+    head_dim: usize,
+) -> Result<usize> {
     let key = |k: &str| format!("{arch}.{k}");
-    let int = |k: &str| get_usize(g, &key(k));
     let opt_int = |k: &str| match g.get(&key(k)) {
-        Some(_) => int(k).map(Some),
+        Some(_) => get_usize(g, &key(k)).map(Some),
         None => Ok(None),
     };
-    let hidden = int("embedding_length")?;
-    let heads = int("attention.head_count")?;
-    ensure!(heads > 0, "{} is 0", key("attention.head_count"));
-    let kv_heads = opt_int("attention.head_count_kv")?.unwrap_or(heads);
-    let head_dim = opt_int("attention.key_length")?.unwrap_or(hidden / heads);
     if let Some(v) = opt_int("attention.value_length")? {
         ensure!(
             v == head_dim,
@@ -336,6 +335,25 @@ pub fn rope_params_from_gguf(g: &Gguf, arch: &str) -> Result<DecoderParams> {
             key("vocab_size")
         );
     }
+    Ok(vocab)
+}
+
+/// The parameters of a Llama-shaped model from its GGUF keys under `arch.`; biases and
+/// q/k norms are there when layer 0 has them, llama3 RoPE scaling when `rope_freqs.weight`
+/// is.
+pub fn rope_params_from_gguf(g: &Gguf, arch: &str) -> Result<DecoderParams> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let int = |k: &str| get_usize(g, &key(k));
+    let opt_int = |k: &str| match g.get(&key(k)) {
+        Some(_) => int(k).map(Some),
+        None => Ok(None),
+    };
+    let hidden = int("embedding_length")?;
+    let heads = int("attention.head_count")?;
+    ensure!(heads > 0, "{} is 0", key("attention.head_count"));
+    let kv_heads = opt_int("attention.head_count_kv")?.unwrap_or(heads);
+    let head_dim = opt_int("attention.key_length")?.unwrap_or(hidden / heads);
+    let vocab = gguf_head_checks(g, arch, hidden, head_dim)?;
     let theta = match g.get(&key("rope.freq_base")) {
         Some(_) => g.get_f32(&key("rope.freq_base"))?,
         None => 10_000.0,
