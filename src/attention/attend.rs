@@ -178,28 +178,40 @@ fn block_range(b: usize, used: usize) -> Range<usize> {
 
 /// Turns raw scores `q·k` (rows, n) of one block into `exp(scale·q·k - max)` per row, 0 for
 /// slots the query may not see (stamp newer than `me`), and records each row's statistics.
-fn block_softmax(scores: &mut [f32], stamps: &[u64], me: u64, scale: f32, stats: &mut [BlockStat]) {
+/// The exponentials and sums are the kernels' ([`kernels::exp_sum`]).
+fn block_softmax(
+    kernel: Kernel,
+    scores: &mut [f32],
+    stamps: &[u64],
+    me: u64,
+    scale: f32,
+    stats: &mut [BlockStat],
+) {
     let n = stamps.len();
+    // Decode, and every block of a prefill but the newest, sees all its slots.
+    let all_visible = stamps.iter().all(|&stamp| stamp <= me);
     for (row, stat) in scores.chunks_exact_mut(n).zip(stats) {
-        let mut max = f32::NEG_INFINITY;
-        for (score, &stamp) in row.iter_mut().zip(stamps) {
-            *score = if stamp <= me {
-                let x = *score * scale;
-                max = max.max(x);
-                x
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
-        let mut sum = 0f32;
-        if max == f32::NEG_INFINITY {
-            row.fill(0.0);
+        let max = if all_visible {
+            kernels::scale_max(kernel, row, scale)
         } else {
-            for score in row.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
+            let mut max = f32::NEG_INFINITY;
+            for (score, &stamp) in row.iter_mut().zip(stamps) {
+                *score = if stamp <= me {
+                    let x = *score * scale;
+                    max = max.max(x);
+                    x
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
-        }
+            max
+        };
+        let sum = if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            0.0
+        } else {
+            kernels::exp_sum(kernel, row, max)
+        };
         *stat = BlockStat { max, sum };
     }
 }
@@ -225,7 +237,7 @@ fn normalize_blocks(
             if s.max == f32::NEG_INFINITY {
                 0.0
             } else {
-                (s.max - max).exp()
+                kernels::exp(s.max - max)
             }
         };
         let mut total = 0f32;
@@ -291,7 +303,14 @@ pub(super) fn group_attention<E: kernels::Row>(
         let block = &mut scores[group * r.start..group * r.end]; // (group, slot)
         kernels::group_dots(kernel, queries, &keys[r.start * hd..r.end * hd], hd, block);
         let stamps = &step.stamps[r.clone()];
-        block_softmax(block, stamps, me, scale, &mut stats[b * group..][..group]);
+        block_softmax(
+            kernel,
+            block,
+            stamps,
+            me,
+            scale,
+            &mut stats[b * group..][..group],
+        );
     }
     normalize_blocks(scores, stats, group, used, factors);
     for b in 0..blocks {
@@ -369,7 +388,7 @@ pub(super) fn decode_attention(
                     }
                 }
                 let stat = &mut st[(bi * kvh + h) * group..][..group];
-                block_softmax(block, &step.stamps[r.clone()], me, scale, stat);
+                block_softmax(kernel, block, &step.stamps[r.clone()], me, scale, stat);
                 at += group * r.len();
             }
         }

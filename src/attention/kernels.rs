@@ -243,6 +243,106 @@ pub(super) fn group_axpys<E: Row>(
     }
 }
 
+/// `row[j] *= scale` for every slot; returns the largest product (the rows of a block every
+/// query may see: no masking).
+pub(super) fn scale_max(kernel: Kernel, row: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x86_avx512(kernel) {
+        // SAFETY: the guard checked AVX-512F and AVX2.
+        return unsafe { avx512::scale_max(row, scale) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86_simd(kernel) {
+        // SAFETY: the guard checked AVX2.
+        return unsafe { avx2::scale_max(row, scale) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon_simd(kernel) {
+        // SAFETY: the guard checked NEON.
+        return unsafe { neon::scale_max(row, scale) };
+    }
+    let _ = kernel;
+    let mut max = f32::NEG_INFINITY;
+    for x in row.iter_mut() {
+        *x *= scale;
+        max = max.max(*x);
+    }
+    max
+}
+
+/// `row[j] = exp(row[j] - max)` with [`exp`]; returns their sum in `dot`'s lane order (lane
+/// l adds the slots j ≡ l (mod 8) in increasing j, starting from +0; [`reduce8`]).
+pub(super) fn exp_sum(kernel: Kernel, row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if x86_avx512(kernel) {
+        // SAFETY: the guard checked AVX-512F and AVX2.
+        return unsafe { avx512::exp_sum(row, max) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86_simd(kernel) {
+        // SAFETY: the guard checked AVX2.
+        return unsafe { avx2::exp_sum(row, max) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon_simd(kernel) {
+        // SAFETY: the guard checked NEON.
+        return unsafe { neon::exp_sum(row, max) };
+    }
+    let _ = kernel;
+    let mut lanes = [0f32; 8];
+    exp_tail(&mut lanes, row, max, 0);
+    reduce8(&lanes)
+}
+
+/// Continues `exp_sum`'s lanes from slot `start`.
+#[inline(always)]
+fn exp_tail(lanes: &mut [f32; 8], row: &mut [f32], max: f32, start: usize) {
+    for j in start..row.len() {
+        row[j] = exp(row[j] - max);
+        lanes[j % 8] += row[j];
+    }
+}
+
+/// Below this, [`exp`] is 0 (e^-87 ≈ 1.6e-38, the smallest normal float's neighbourhood).
+pub(super) const EXP_MIN: f32 = -87.0;
+/// log2(e), and ln 2 in two parts (the high part exact in few bits, so `n * LN2_HI` is
+/// exact for the n that occur).
+pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(super) const LN2_HI: f32 = 0.693_359_375;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The polynomial of `exp(r)` on |r| <= ln2/2 (Cephes' `expf`), highest degree first.
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// e^x for x <= 0 as every attention kernel computes it (SIMD twins give the same bits):
+/// 0 below [`EXP_MIN`] (and for -inf and NaN); else `n = floor(x log2e + 1/2)`,
+/// `r = (x - n LN2_HI) - n LN2_LO`, `p = EXP_POLY` by Horner in r,
+/// `e^r = ((p r²) + r) + 1`, times 2^n from the exponent bits; every product rounded, then
+/// added (no fused multiply-add). Within 2 ulp of e^x; used instead of the C library's
+/// `expf` because it vectorizes, and the softmax runs it once per score.
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    // `!(x >= ..)` also catches NaN.
+    if !(x >= EXP_MIN) {
+        return 0.0;
+    }
+    let n = (x * LOG2E + 0.5).floor();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
+    let er = (p * (r * r) + r) + 1.0;
+    // n is in -126..=0 here, so 2^n is a normal float.
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// The scalar `dot` (see the module documentation).
 pub fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0f32; 8];
@@ -364,6 +464,61 @@ mod tests {
             group_axpys(kernel, &probs, &widened, hd, 0..hd, &mut b);
             assert_eq!(bits(&a), bits(&b), "{kernel} value sums");
         }
+    }
+
+    /// The softmax steps of every available kernel against the scalar code, over lengths
+    /// with and without a tail, with masked (-inf) slots, scores far below the maximum
+    /// (0 after [`exp`]) and a NaN.
+    #[test]
+    fn softmax_twins_equal_scalar_bit_for_bit() {
+        for n in [1, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33, 64] {
+            let mut scores: Vec<f32> = values(n, 9).iter().map(|x| x * 40.0).collect();
+            scores[n / 2] = f32::NEG_INFINITY;
+            if n > 4 {
+                scores[3] = -300.0;
+                scores[n - 1] = f32::NAN;
+            }
+            let run = |kernel: Kernel| {
+                let mut row = scores.clone();
+                let max = scale_max(kernel, &mut row, 0.37);
+                let scaled = bits(&row);
+                let sum = exp_sum(kernel, &mut row, max);
+                (max.to_bits(), scaled, bits(&row), sum.to_bits())
+            };
+            let reference = run(Kernel::Scalar);
+            for kernel in Kernel::available() {
+                assert_eq!(run(kernel), reference, "{kernel} n {n}");
+            }
+        }
+    }
+
+    /// [`exp`] against f64's over its range: within 2 ulp (relative 2.4e-7) where the
+    /// result is a normal float, 0 below [`EXP_MIN`] and for -inf and NaN, 1 at 0.
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            if want > f32::MIN_POSITIVE as f64 * 2.0 {
+                worst = worst.max((got - want).abs() / want);
+            }
+        }
+        assert!(worst < 2.4e-7, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-87.5), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::NAN), 0.0);
+    }
+
+    #[test]
+    fn exp_sum_is_the_lane_order_of_the_documentation() {
+        // 9 zeros after the maximum: every slot is exp(0) = 1; lane 0 gets two.
+        let mut row = vec![0f32; 9];
+        let sum = exp_sum(Kernel::Scalar, &mut row, 0.0);
+        assert_eq!(row, vec![1f32; 9]);
+        assert_eq!(sum, reduce8(&[2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]));
     }
 
     #[test]

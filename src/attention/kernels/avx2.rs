@@ -216,3 +216,88 @@ unsafe fn axpys<const R: usize, E: Row>(
         }
     }
 }
+
+/// `kernels::scale_max` on 8 lanes (the maximum does not depend on the order).
+///
+/// # Safety
+/// AVX2 is available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn scale_max(row: &mut [f32], scale: f32) -> f32 {
+    let full = row.len() / 8 * 8;
+    let p = row.as_mut_ptr();
+    let (s, mut m) = (_mm256_set1_ps(scale), _mm256_set1_ps(f32::NEG_INFINITY));
+    for j in (0..full).step_by(8) {
+        // SAFETY: j + 8 <= full <= row.len().
+        unsafe {
+            let x = _mm256_mul_ps(_mm256_loadu_ps(p.add(j)), s);
+            _mm256_storeu_ps(p.add(j), x);
+            m = _mm256_max_ps(x, m);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for x in &mut row[full..] {
+        *x *= scale;
+        max = max.max(*x);
+    }
+    max
+}
+
+/// `kernels::exp` of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn exp8(x: __m256) -> __m256 {
+    use super::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+    let valid = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_MIN));
+    let n = _mm256_floor_ps(_mm256_add_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+        _mm256_set1_ps(0.5),
+    ));
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+        _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
+    );
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+    }
+    let er = _mm256_add_ps(
+        _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
+        _mm256_set1_ps(1.0),
+    );
+    // Lanes outside the range hold garbage here; the mask zeroes them.
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_and_ps(valid, _mm256_mul_ps(er, _mm256_castsi256_ps(bits)))
+}
+
+/// `kernels::exp_sum` on 8 lanes.
+///
+/// # Safety
+/// AVX2 is available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn exp_sum(row: &mut [f32], max: f32) -> f32 {
+    let full = row.len() / 8 * 8;
+    let p = row.as_mut_ptr();
+    let (m, mut sum) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+    for j in (0..full).step_by(8) {
+        // SAFETY: j + 8 <= full <= row.len().
+        unsafe {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(j)), m));
+            _mm256_storeu_ps(p.add(j), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+    }
+    if full == row.len() {
+        return reduce(sum);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+    super::exp_tail(&mut lanes, row, max, full);
+    reduce8(&lanes)
+}

@@ -198,3 +198,100 @@ unsafe fn axpys<const R: usize, E: Row>(
         }
     }
 }
+
+/// `kernels::scale_max` on 16 lanes (the maximum does not depend on the order).
+///
+/// # Safety
+/// AVX-512F and AVX2 are available.
+#[target_feature(enable = "avx512f,avx2")]
+pub(super) unsafe fn scale_max(row: &mut [f32], scale: f32) -> f32 {
+    let full = row.len() / 16 * 16;
+    let p = row.as_mut_ptr();
+    let (s, mut m) = (_mm512_set1_ps(scale), _mm512_set1_ps(f32::NEG_INFINITY));
+    for j in (0..full).step_by(16) {
+        // SAFETY: j + 16 <= full <= row.len().
+        unsafe {
+            let x = _mm512_mul_ps(_mm512_loadu_ps(p.add(j)), s);
+            _mm512_storeu_ps(p.add(j), x);
+            m = _mm512_max_ps(x, m);
+        }
+    }
+    let mut lanes = [0f32; 16];
+    // SAFETY: `lanes` holds 16 floats; the tail runs the AVX2 code.
+    unsafe {
+        _mm512_storeu_ps(lanes.as_mut_ptr(), m);
+        let tail = avx2::scale_max(&mut row[full..], scale);
+        lanes.iter().fold(tail, |a, &b| a.max(b))
+    }
+}
+
+/// `kernels::exp_sum` on 16 lanes: each register's low then high 8 lanes are added to the
+/// 8 lane sums, the order of `dot`'s lanes.
+///
+/// # Safety
+/// AVX-512F and AVX2 are available.
+#[target_feature(enable = "avx512f,avx2")]
+pub(super) unsafe fn exp_sum(row: &mut [f32], max: f32) -> f32 {
+    use super::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+    let full = row.len() / 16 * 16;
+    let p = row.as_mut_ptr();
+    let (m, mut sum) = (_mm512_set1_ps(max), _mm256_setzero_ps());
+    for j in (0..full).step_by(16) {
+        // SAFETY: j + 16 <= full <= row.len().
+        let x = unsafe { _mm512_sub_ps(_mm512_loadu_ps(p.add(j)), m) };
+        let valid = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _mm512_set1_ps(0.5)),
+        );
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(LN2_HI))),
+            _mm512_mul_ps(n, _mm512_set1_ps(LN2_LO)),
+        );
+        let mut poly = _mm512_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            poly = _mm512_add_ps(_mm512_mul_ps(poly, r), _mm512_set1_ps(c));
+        }
+        let er = _mm512_add_ps(
+            _mm512_add_ps(_mm512_mul_ps(poly, _mm512_mul_ps(r, r)), r),
+            _mm512_set1_ps(1.0),
+        );
+        // Lanes outside the range hold garbage here; the mask zeroes them.
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let e = _mm512_maskz_mul_ps(valid, er, _mm512_castsi512_ps(bits));
+        // SAFETY: j + 16 <= row.len().
+        unsafe { _mm512_storeu_ps(p.add(j), e) };
+        let lo = _mm512_castps512_ps256(e);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+        sum = _mm256_add_ps(_mm256_add_ps(sum, lo), hi);
+    }
+    let rest = row.len() - full;
+    if rest == 0 {
+        return reduce(sum);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+    // What is left (fewer than 16 slots) starts at a multiple of 8, so lane l still gets
+    // the slots j ≡ l (mod 8) in order.
+    let (mut j, mut e8) = (full, [0f32; 8]);
+    if rest >= 8 {
+        // SAFETY: j + 8 <= row.len(); `e8` holds 8 floats.
+        unsafe {
+            let e = avx2::exp8(_mm256_sub_ps(
+                _mm256_loadu_ps(p.add(j)),
+                _mm256_set1_ps(max),
+            ));
+            _mm256_storeu_ps(p.add(j), e);
+            _mm256_storeu_ps(e8.as_mut_ptr(), e);
+        }
+        for (lane, e) in lanes.iter_mut().zip(e8) {
+            *lane += e;
+        }
+        j += 8;
+    }
+    super::exp_tail(&mut lanes, row, max, j);
+    crate::quant::reduce8(&lanes)
+}
