@@ -35,6 +35,22 @@ pub(super) unsafe fn group_dots<E: Row>(qs: &[f32], keys: &[E], hd: usize, out: 
     }
 }
 
+/// Rows ahead of the one being read whose cache lines are requested: the ring's rows are
+/// read once per token, mostly from the last-level cache or memory.
+const AHEAD: usize = 8;
+
+/// Asks for the cache lines of `len` elements from `p` (prefetches never fault, so `p` may
+/// point past the rows; it is computed with `wrapping_add`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn prefetch_row<E>(p: *const E, len: usize) {
+    let bytes = len * std::mem::size_of::<E>();
+    for at in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch reads nothing architecturally and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(at)) };
+    }
+}
+
 /// The 8 floats at `p` in both halves.
 ///
 /// # Safety
@@ -67,6 +83,7 @@ unsafe fn dots<const R: usize, E: Row>(
     let mut slot = 0;
     while slot < n {
         let next = (slot + 1).min(n - 1);
+        prefetch_row(kp.wrapping_add((slot + AHEAD) * hd), 2 * hd);
         // SAFETY: slot, next < n rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
         let acc: [__m512; R] = unsafe {
             let (ka, kb) = (kp.add(slot * hd), kp.add(next * hd));
@@ -161,6 +178,7 @@ unsafe fn axpys<const R: usize, E: Row>(
                 }
             }
             for slot in 0..n {
+                prefetch_row(vp.wrapping_add((slot + AHEAD) * hd + c0), 32);
                 let v = vp.add(slot * hd + c0);
                 let vs = [E::load16(v), E::load16(v.add(16))];
                 for r in 0..R {
