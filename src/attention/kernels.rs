@@ -308,7 +308,7 @@ pub(super) const EXP_MIN: f32 = -87.0;
 /// log2(e), and ln 2 in two parts (the high part exact in few bits, so `n * LN2_HI` is
 /// exact for the n that occur).
 pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
-pub(super) const LN2_HI: f32 = 0.693_359_375;
+pub(super) const LN2_HI: f32 = 355.0 / 512.0;
 pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
 /// The polynomial of `exp(r)` on |r| <= ln2/2 (Cephes' `expf`), highest degree first.
 pub(super) const EXP_POLY: [f32; 6] = [
@@ -328,8 +328,7 @@ pub(super) const EXP_POLY: [f32; 6] = [
 /// `expf` because it vectorizes, and the softmax runs it once per score.
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
-    // `!(x >= ..)` also catches NaN.
-    if !(x >= EXP_MIN) {
+    if x.is_nan() || x < EXP_MIN {
         return 0.0;
     }
     let n = (x * LOG2E + 0.5).floor();

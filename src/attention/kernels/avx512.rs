@@ -46,8 +46,7 @@ const AHEAD: usize = 8;
 fn prefetch_row<E>(p: *const E, len: usize) {
     let bytes = len * std::mem::size_of::<E>();
     for at in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch reads nothing architecturally and never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(at)) };
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(at));
     }
 }
 
