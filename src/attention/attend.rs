@@ -123,16 +123,16 @@ pub(super) fn attend(
 /// Per-thread buffers of the attention code; kept in the op state between runs.
 #[derive(Default)]
 pub struct Scratch {
-    /// Scores, then probabilities; block-major, (rows, slot) within a block.
+    /// Scores, then their exponentials; block-major, (rows, slot) within a block.
     scores: Vec<f32>,
     /// Softmax statistics per block and query row.
     stats: Vec<BlockStat>,
-    /// Per block and query row, what its exponentiated scores are multiplied by.
+    /// Per block and query row, what its partial value sum is multiplied by.
     factors: Vec<f32>,
+    /// Per block, the exponential-weighted value sums of its slots: (block, rows, head_dim).
+    partials: Vec<f32>,
     /// The group's queries; (group, head_dim).
     queries: Vec<f32>,
-    /// Decode: per column part, its outputs (heads, head_dim), only its columns written.
-    parts: Vec<Mutex<Vec<f32>>>,
 }
 
 impl fmt::Debug for Scratch {
@@ -156,10 +156,11 @@ fn scatter(out: &mut [f32], o: &[f32], h: usize, i: usize, group: usize, s: usiz
 }
 
 /// Slots per block of the softmax. The arithmetic, shared by prefill and decode: each block
-/// of slots gets its own maximum and sum of exponentials ([`block_softmax`]); the blocks are
-/// then weighted by `exp(block max - max)` ([`normalize_blocks`]); the value rows are summed in
-/// slot order. A parallel decode splits whole blocks, then columns, so its result has the
-/// same bits as the serial one; with at most one block this is the plain softmax.
+/// of slots gets its own maximum and sum of exponentials ([`block_softmax`]) and its own
+/// value sum weighted by those exponentials, its slots in order, from zero; the blocks'
+/// value sums are then added in block order, each times `exp(block max - max) / total`
+/// ([`block_factors`], [`combine_blocks`]). A parallel decode gives whole blocks to threads,
+/// so its result has the same bits as the serial one.
 const BLOCK: usize = 64;
 
 /// The softmax statistics of one query row over one block of slots.
@@ -167,7 +168,7 @@ const BLOCK: usize = 64;
 struct BlockStat {
     /// Largest visible scaled score, -inf if no slot of the block is visible.
     max: f32,
-    /// Sum of `exp(score - max)` over the visible slots, in slot order.
+    /// Sum of `exp(score - max)` over the visible slots ([`kernels::exp_sum`]).
     sum: f32,
 }
 
@@ -216,18 +217,32 @@ fn block_softmax(
     }
 }
 
-/// Turns the exponentials in `scores` (block-major, (rows, slot) within a block, of `used`
-/// slots) into probabilities: block b of row r is multiplied by
-/// `exp(max_b - max) / sum over b of exp(max_b - max)·sum_b`, from `stats` (block, row).
-/// `factors` is scratch.
-fn normalize_blocks(
+/// One block's keys and values for the `group` queries of one key/value head: scores,
+/// exponentials and statistics into `scores` (group, n) and `stats` (group), and the
+/// exponential-weighted sum of the value rows into `partial` (group, head_dim), from zero.
+#[allow(clippy::too_many_arguments)]
+fn attend_block<E: kernels::Row>(
+    kernel: Kernel,
+    queries: &[f32],
+    keys: &[E],
+    values: &[E],
+    stamps: &[u64],
+    me: u64,
+    scale: f32,
     scores: &mut [f32],
-    stats: &[BlockStat],
-    rows: usize,
-    used: usize,
-    factors: &mut Vec<f32>,
+    stats: &mut [BlockStat],
+    partial: &mut [f32],
 ) {
-    let blocks = used.div_ceil(BLOCK);
+    let hd = keys.len() / stamps.len();
+    kernels::group_dots(kernel, queries, keys, hd, scores);
+    block_softmax(kernel, scores, stamps, me, scale, stats);
+    partial.fill(0.0);
+    kernels::group_axpys(kernel, scores, values, hd, 0..hd, partial);
+}
+
+/// From `stats` (block, row) of `blocks` blocks: `factors` (block, row) = `exp(max_b - max) /
+/// sum over b of exp(max_b - max)·sum_b`, 0 for a block the row sees nothing of.
+fn block_factors(stats: &[BlockStat], rows: usize, blocks: usize, factors: &mut Vec<f32>) {
     factors.clear();
     factors.resize(blocks * rows, 0.0);
     for row in 0..rows {
@@ -249,21 +264,32 @@ fn normalize_blocks(
             factors[b * rows + row] = weight(s) * inv;
         }
     }
-    for b in 0..blocks {
-        let r = block_range(b, used);
-        let block = &mut scores[rows * r.start..rows * r.end];
-        let n = r.len();
-        for (p, &f) in block.chunks_exact_mut(n).zip(&factors[b * rows..][..rows]) {
-            for p in p {
-                *p *= f;
+}
+
+/// `out` (rows, head_dim) = sum over blocks b, in order and from zero, of `factors[b][row]`
+/// times `partials[b][row]` (product rounded, then added).
+fn combine_blocks(partials: &[f32], factors: &[f32], rows: usize, out: &mut [f32]) {
+    let hd = out.len() / rows;
+    out.fill(0.0);
+    for (partial, factors) in partials
+        .chunks_exact(rows * hd)
+        .zip(factors.chunks_exact(rows))
+    {
+        for ((o, p), &f) in out
+            .chunks_exact_mut(hd)
+            .zip(partial.chunks_exact(hd))
+            .zip(factors)
+        {
+            for (o, p) in o.iter_mut().zip(p) {
+                *o += f * p;
             }
         }
     }
 }
 
 /// The query heads of key/value head `h` at query position `i` (q (heads, s, head_dim)) over
-/// `keys`/`values` (slot, head_dim) into `o` (group, head_dim), which starts at zero. Each key
-/// and value row is read once for the whole group.
+/// `keys`/`values` (slot, head_dim) into `o` (group, head_dim). Each key and value row is
+/// read once for the whole group.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn group_attention<E: kernels::Row>(
     kernel: Kernel,
@@ -286,8 +312,8 @@ pub(super) fn group_attention<E: kernels::Row>(
         scores,
         stats,
         factors,
+        partials,
         queries,
-        ..
     } = scratch;
     queries.clear();
     for g in 0..group {
@@ -295,35 +321,34 @@ pub(super) fn group_attention<E: kernels::Row>(
         queries.extend_from_slice(&q[at..at + hd]);
     }
     scores.clear();
-    scores.resize(group * used, 0.0);
+    scores.resize(group * BLOCK, 0.0);
     stats.clear();
     stats.resize(blocks * group, BlockStat::default());
+    partials.clear();
+    partials.resize(blocks * group * hd, 0.0);
     for b in 0..blocks {
         let r = block_range(b, used);
-        let block = &mut scores[group * r.start..group * r.end]; // (group, slot)
-        kernels::group_dots(kernel, queries, &keys[r.start * hd..r.end * hd], hd, block);
-        let stamps = &step.stamps[r.clone()];
-        block_softmax(
+        attend_block(
             kernel,
-            block,
-            stamps,
+            queries,
+            &keys[r.start * hd..r.end * hd],
+            &values[r.start * hd..r.end * hd],
+            &step.stamps[r.clone()],
             me,
             scale,
+            &mut scores[..group * r.len()],
             &mut stats[b * group..][..group],
+            &mut partials[b * group * hd..][..group * hd],
         );
     }
-    normalize_blocks(scores, stats, group, used, factors);
-    for b in 0..blocks {
-        let r = block_range(b, used);
-        let block = &scores[group * r.start..group * r.end];
-        let values = &values[r.start * hd..r.end * hd];
-        kernels::group_axpys(kernel, block, values, hd, 0..hd, o);
-    }
+    block_factors(stats, group, blocks, factors);
+    combine_blocks(partials, factors, group, o);
 }
 
 /// One new token's attention for every head, q (heads, 1, head_dim) into `out` (same shape),
-/// with [`group_attention`]'s arithmetic. With a pool: the scores by whole blocks of slots,
-/// then the weighted value sums by columns, each part on its own thread.
+/// with [`group_attention`]'s arithmetic. With a pool, whole blocks of slots go to threads
+/// (scores, softmax and value sums of a block on one thread, one pool round per layer); the
+/// blocks are combined on this thread.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_attention(
     kernel: Kernel,
@@ -342,108 +367,71 @@ pub(super) fn decode_attention(
     let blocks = used.div_ceil(BLOCK);
     let threads = pool.map_or(1, |p| p.threads());
 
-    // Scores: block-major, (kv head, group, slot) within a block; a part owns whole blocks.
+    // Per part, whole blocks: its scores (block-major, (kv head, group, slot) within a
+    // block), statistics (block, rows) and partial value sums (block, rows, head_dim).
     let Scratch {
         scores,
         stats,
         factors,
-        parts,
+        partials,
         ..
     } = scratch;
     scores.clear();
     scores.resize(rows * used, 0.0);
     stats.clear();
     stats.resize(blocks * rows, BlockStat::default());
-    let score_parts = threads.min(blocks).max(1);
-    let mut cells = Vec::with_capacity(score_parts);
+    partials.clear();
+    partials.resize(blocks * rows * hd, 0.0);
+    let parts = threads.min(blocks).max(1);
+    let mut cells = Vec::with_capacity(parts);
     {
-        let (mut sc, mut st) = (&mut scores[..], &mut stats[..]);
-        for p in 0..score_parts {
-            let (b0, b1) = (p * blocks / score_parts, (p + 1) * blocks / score_parts);
-            let slots = block_range(b0, used).start..block_range(b1.max(1) - 1, used).end;
-            let slots = if b0 == b1 { 0..0 } else { slots };
-            let (mine, rest) = std::mem::take(&mut sc).split_at_mut(rows * slots.len());
+        let (mut sc, mut st, mut pa) = (&mut scores[..], &mut stats[..], &mut partials[..]);
+        for p in 0..parts {
+            let (b0, b1) = (p * blocks / parts, (p + 1) * blocks / parts);
+            let slots = if b0 == b1 {
+                0
+            } else {
+                block_range(b1 - 1, used).end - block_range(b0, used).start
+            };
+            let (mine, rest) = std::mem::take(&mut sc).split_at_mut(rows * slots);
             let (mine_st, rest_st) = std::mem::take(&mut st).split_at_mut(rows * (b1 - b0));
-            sc = rest;
-            st = rest_st;
-            cells.push(Mutex::new((b0..b1, mine, mine_st)));
+            let (mine_pa, rest_pa) = std::mem::take(&mut pa).split_at_mut(rows * hd * (b1 - b0));
+            (sc, st, pa) = (rest, rest_st, rest_pa);
+            cells.push(Mutex::new((b0..b1, mine, mine_st, mine_pa)));
         }
     }
-    let score_blocks = |p: usize| {
+    let run_blocks = |p: usize| {
         let mut cell = cells[p].lock().unwrap_or_else(PoisonError::into_inner);
-        let (blocks, sc, st) = &mut *cell;
-        let (mut at, first) = (0, block_range(blocks.start, used).start);
+        let (blocks, sc, st, pa) = &mut *cell;
+        let mut at = 0;
         for (bi, b) in blocks.clone().enumerate() {
             let r = block_range(b, used);
-            debug_assert_eq!(at, rows * (r.start - first));
             for h in 0..kvh {
-                let block = &mut sc[at..at + group * r.len()]; // (group, slot)
                 let qs = &q[h * group * hd..(h + 1) * group * hd];
-                match kv.head(h) {
-                    HeadRows::F32(k, _) => {
-                        kernels::group_dots(kernel, qs, &k[r.start * hd..r.end * hd], hd, block)
-                    }
-                    HeadRows::F16(k, _) => {
-                        kernels::group_dots(kernel, qs, &k[r.start * hd..r.end * hd], hd, block)
-                    }
-                }
+                let block = &mut sc[at..at + group * r.len()]; // (group, slot)
                 let stat = &mut st[(bi * kvh + h) * group..][..group];
-                block_softmax(kernel, block, &step.stamps[r.clone()], me, scale, stat);
+                let partial = &mut pa[(bi * kvh + h) * group * hd..][..group * hd];
+                let stamps = &step.stamps[r.clone()];
+                let (ks, vs) = (r.start * hd..r.end * hd, r.start * hd..r.end * hd);
+                match kv.head(h) {
+                    HeadRows::F32(k, v) => attend_block(
+                        kernel, qs, &k[ks], &v[vs], stamps, me, scale, block, stat, partial,
+                    ),
+                    HeadRows::F16(k, v) => attend_block(
+                        kernel, qs, &k[ks], &v[vs], stamps, me, scale, block, stat, partial,
+                    ),
+                }
                 at += group * r.len();
             }
         }
     };
     match pool {
-        Some(pool) if score_parts > 1 => pool.run(score_parts, score_blocks),
-        _ => (0..score_parts).for_each(score_blocks),
+        Some(pool) if parts > 1 => pool.run(parts, run_blocks),
+        _ => (0..parts).for_each(run_blocks),
     }
     drop(cells);
-
-    // Normalize (cheap, on this thread), then sum the value rows by column parts.
-    normalize_blocks(scores, stats, rows, used, factors);
-    let scores = &scores[..];
-    let col_parts = if pool.is_some() {
-        threads.min(hd / 8).max(1)
-    } else {
-        1
-    };
-    let width = hd.div_ceil(col_parts).next_multiple_of(8);
-    parts.resize_with(col_parts, Mutex::default);
-    let sum_values = |p: usize| {
-        let cols = (p * width).min(hd)..((p + 1) * width).min(hd);
-        let mut o = parts[p].lock().unwrap_or_else(PoisonError::into_inner);
-        o.clear();
-        o.resize(rows * hd, 0.0);
-        for h in 0..kvh {
-            let oh = &mut o[h * group * hd..(h + 1) * group * hd];
-            for b in 0..blocks {
-                let r = block_range(b, used);
-                let probs = &scores[rows * r.start + h * group * r.len()..][..group * r.len()];
-                let cols = cols.clone();
-                match kv.head(h) {
-                    HeadRows::F32(_, v) => {
-                        let v = &v[r.start * hd..r.end * hd];
-                        kernels::group_axpys(kernel, probs, v, hd, cols, oh)
-                    }
-                    HeadRows::F16(_, v) => {
-                        let v = &v[r.start * hd..r.end * hd];
-                        kernels::group_axpys(kernel, probs, v, hd, cols, oh)
-                    }
-                }
-            }
-        }
-    };
-    match pool {
-        Some(pool) if col_parts > 1 => pool.run(col_parts, sum_values),
-        _ => (0..col_parts).for_each(sum_values),
-    }
-    for (p, part) in parts.iter().enumerate().take(col_parts) {
-        let cols = (p * width).min(hd)..((p + 1) * width).min(hd);
-        let o = part.lock().unwrap_or_else(PoisonError::into_inner);
-        for (dst, src) in out.chunks_exact_mut(hd).zip(o.chunks_exact(hd)) {
-            dst[cols.clone()].copy_from_slice(&src[cols.clone()]);
-        }
-    }
+    block_factors(stats, rows, blocks, factors);
+    combine_blocks(partials, factors, rows, out);
 }
 
 /// Query×slot pairs per head from which prefill splits its units over the pool.
