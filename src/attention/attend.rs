@@ -219,7 +219,8 @@ fn block_softmax(
 
 /// One block's keys and values for the `group` queries of one key/value head: scores,
 /// exponentials and statistics into `scores` (group, n) and `stats` (group), and the
-/// exponential-weighted sum of the value rows into `partial` (group, head_dim), from zero.
+/// exponential-weighted sum of the value rows added to `partial` (group, head_dim), which
+/// the callers hand over zeroed.
 #[allow(clippy::too_many_arguments)]
 fn attend_block<E: kernels::Row>(
     kernel: Kernel,
@@ -236,7 +237,6 @@ fn attend_block<E: kernels::Row>(
     let hd = keys.len() / stamps.len();
     kernels::group_dots(kernel, queries, keys, hd, scores);
     block_softmax(kernel, scores, stamps, me, scale, stats);
-    partial.fill(0.0);
     kernels::group_axpys(kernel, scores, values, hd, 0..hd, partial);
 }
 
@@ -412,13 +412,31 @@ pub(super) fn decode_attention(
                 let stat = &mut st[(bi * kvh + h) * group..][..group];
                 let partial = &mut pa[(bi * kvh + h) * group * hd..][..group * hd];
                 let stamps = &step.stamps[r.clone()];
-                let (ks, vs) = (r.start * hd..r.end * hd, r.start * hd..r.end * hd);
+                let at_rows = r.start * hd..r.end * hd;
                 match kv.head(h) {
                     HeadRows::F32(k, v) => attend_block(
-                        kernel, qs, &k[ks], &v[vs], stamps, me, scale, block, stat, partial,
+                        kernel,
+                        qs,
+                        &k[at_rows.clone()],
+                        &v[at_rows],
+                        stamps,
+                        me,
+                        scale,
+                        block,
+                        stat,
+                        partial,
                     ),
                     HeadRows::F16(k, v) => attend_block(
-                        kernel, qs, &k[ks], &v[vs], stamps, me, scale, block, stat, partial,
+                        kernel,
+                        qs,
+                        &k[at_rows.clone()],
+                        &v[at_rows],
+                        stamps,
+                        me,
+                        scale,
+                        block,
+                        stat,
+                        partial,
                     ),
                 }
                 at += group * r.len();
