@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,20 +31,27 @@ fn timeout() -> Duration {
 }
 
 /// The tiny Llama int8 bundle plus SmolLM2's chat template (the fixture has none), so
-/// `CHAT` works.
+/// `CHAT` works. Written once per test process: the tests run in parallel and a copy
+/// rewriting a file that another test's server has mapped would kill that server (SIGBUS).
 pub(crate) fn chat_bundle() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edgelm-serve-tiny-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    for entry in fs::read_dir(fixture("tiny-llama/onnx-int8")).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    fs::copy(
-        fixture("smollm2-135m-instruct/chat_template.jinja"),
-        dir.join("chat_template.jinja"),
-    )
-    .unwrap();
-    dir
+    static BUNDLE: OnceLock<PathBuf> = OnceLock::new();
+    BUNDLE
+        .get_or_init(|| {
+            let dir =
+                std::env::temp_dir().join(format!("edgelm-serve-tiny-{}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            for entry in fs::read_dir(fixture("tiny-llama/onnx-int8")).unwrap() {
+                let entry = entry.unwrap();
+                fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+            }
+            fs::copy(
+                fixture("smollm2-135m-instruct/chat_template.jinja"),
+                dir.join("chat_template.jinja"),
+            )
+            .unwrap();
+            dir
+        })
+        .clone()
 }
 
 /// Kills the server when a test ends, however it ends.
