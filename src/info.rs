@@ -8,6 +8,7 @@ use anyhow::Result;
 use crate::engine::Engine;
 use crate::kv_cache::KvType;
 use crate::model::{LoadOptions, LoadSummary, Model};
+use crate::quant::op as q8op;
 
 /// Which bundle `edgelm info` describes, loaded how.
 #[derive(Clone, Debug)]
@@ -155,9 +156,14 @@ fn fast_paths(s: &LoadSummary) -> Vec<String> {
     let left = source.saturating_sub(s.matmul_integer_rewritten);
     match &s.int8_exec {
         Some(exec) => lines.push(format!(
-            "fast path int8: {} Q8MatMul + {} Q8Gather ops ({exec}); {} rewritten from MatMulInteger, \
-             {} weights requantized or copied onto the heap (the others mapped in place)",
-            s.q8_matmuls, s.q8_gathers, s.matmul_integer_rewritten, s.q8_on_heap
+            "fast path int8: {} matrices in {} Q8MatMul + {} Q8Gather ops ({exec}); {} rewritten \
+             from MatMulInteger, {} weights requantized or copied onto the heap (the others \
+             mapped in place)",
+            s.q8_matmuls,
+            s.optimized_ops.get(q8op::MATMUL).copied().unwrap_or(0),
+            s.q8_gathers,
+            s.matmul_integer_rewritten,
+            s.q8_on_heap
         )),
         None => lines.push("fast path int8: off (no int8 weights our operators take)".into()),
     }

@@ -62,7 +62,8 @@ pub struct LoadSummary {
     pub parameters: usize,
     /// Bytes of those initializers.
     pub weight_bytes: usize,
-    /// int8 linear layers run by our [`crate::quant::op::Q8MatMul`] operator.
+    /// int8 linear layers (weight matrices) run by our [`crate::quant::op::Q8MatMul`]
+    /// operator; one node runs the matrices that read the same input.
     pub q8_matmuls: usize,
     /// int8 embedding lookups run by our [`crate::quant::op::Q8Gather`] operator.
     pub q8_gathers: usize,

@@ -144,6 +144,84 @@ pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> R
     Ok(table)
 }
 
+/// Merges the `Q8MatMul` nodes that read the same input (a layer's query, key and value
+/// projections; its gate and up projections) into one node with one output per weight
+/// (attributes `weights`, `ns`, `k`), at the place of the first, so that the activations are
+/// quantized once and the products share one pool round. A node making a graph output (the
+/// LM head's `logits`) stays alone. Returns how many nodes were merged away.
+pub(super) fn merge_shared_inputs(graph: &mut pb::GraphProto) -> usize {
+    use pb::attribute_proto::AttributeType;
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let mut by_input: HashMap<(&str, i64), Vec<usize>> = HashMap::new(); // (input, k) -> nodes
+    for (i, node) in graph.node.iter().enumerate() {
+        let single = node.domain == q8op::DOMAIN
+            && node.op_type == q8op::MATMUL
+            && node.input.len() == 1
+            && node.output.len() == 1
+            && !outputs.contains(node.output[0].as_str())
+            && node.attribute.iter().any(|a| a.name == "weight")
+            && int_attr(node, "n").is_some();
+        if let (true, Some(k)) = (single, int_attr(node, "k")) {
+            let members = by_input.entry((node.input[0].as_str(), k)).or_default();
+            members.push(i);
+        }
+    }
+    let mut merged: HashMap<usize, pb::NodeProto> = HashMap::new();
+    let mut remove: HashSet<usize> = HashSet::new();
+    for ((input, k), members) in by_input.into_iter().filter(|(_, m)| m.len() > 1) {
+        let nodes = || members.iter().map(|&i| &graph.node[i]);
+        let text = |name: &str| {
+            nodes()
+                .map(|n| {
+                    n.attribute
+                        .iter()
+                        .find(|a| a.name == name)
+                        .map_or_else(Vec::new, |a| a.s.clone())
+                })
+                .collect::<Vec<_>>()
+        };
+        let node = pb::NodeProto {
+            name: graph.node[members[0]].name.clone(),
+            op_type: q8op::MATMUL.into(),
+            domain: q8op::DOMAIN.into(),
+            input: vec![input.into()],
+            output: nodes().map(|n| n.output[0].clone()).collect(),
+            attribute: vec![
+                pb::AttributeProto {
+                    name: "weights".into(),
+                    r#type: AttributeType::Strings as i32,
+                    strings: text("weight"),
+                    ..Default::default()
+                },
+                pb::AttributeProto {
+                    name: "ns".into(),
+                    r#type: AttributeType::Ints as i32,
+                    ints: nodes().filter_map(|n| int_attr(n, "n")).collect(),
+                    ..Default::default()
+                },
+                pb::AttributeProto {
+                    name: "k".into(),
+                    r#type: AttributeType::Int as i32,
+                    i: k,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        merged.insert(members[0], node);
+        remove.extend(&members[1..]);
+    }
+    drop(outputs);
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !remove.contains(i))
+        .map(|(i, node)| merged.remove(&i).unwrap_or(node))
+        .collect();
+    remove.len()
+}
+
 /// A tensor's bytes for the int8 operators: in the mapped file, or inline in the protobuf.
 pub(super) fn weight_bytes<'t>(
     t: &'t pb::TensorProto,
@@ -423,8 +501,10 @@ pub(super) fn bind_q8(
     };
     for node in model.nodes_mut() {
         if let Some(op) = node.op_as_mut::<Q8MatMul>() {
-            let w = lookup(op.weight())?;
-            op.bind(w, exec.clone())?;
+            let ws = op.weights().map(lookup).collect::<Result<Vec<_>>>()?;
+            for (i, w) in ws.into_iter().enumerate() {
+                op.bind(i, w, exec.clone())?;
+            }
         } else if let Some(op) = node.op_as_mut::<Q8Gather>() {
             let w = lookup(op.weight())?;
             op.bind(w, exec.clone())?;

@@ -7,8 +7,9 @@
 //! 3. census (here): count the source ops and the parameters, for `edgelm info`.
 //! 4. int8 routing (`int8.rs`): our blocked `DequantizeLinear` → `Transpose` → `MatMul` /
 //!    `Gather` become `Q8MatMul` / `Q8Gather` nodes over the weights in place; ONNX Runtime's
-//!    `DynamicQuantizeLinear` → `MatMulInteger` layers are requantized onto `Q8MatMul`.
-//!    Skipped with `--int8 fold`.
+//!    `DynamicQuantizeLinear` → `MatMulInteger` layers are requantized onto `Q8MatMul`;
+//!    then the `Q8MatMul` nodes that read the same input become one node with an output per
+//!    weight (one quantization, one pool round). Skipped with `--int8 fold`.
 //! 5. dequantize folding (`dequantize.rs`): every other blocked `DequantizeLinear` becomes an
 //!    f32 initializer.
 //! 6. graph rewrites (`rewrite.rs`): the weight transposes behind folded weights folded too,
@@ -103,7 +104,12 @@ pub(crate) fn build(
             .entry(node.op.name().to_string())
             .or_default() += 1;
     }
-    summary.q8_matmuls = plan::count_op(&optimized, |n| n.op_is::<Q8MatMul>());
+    summary.q8_matmuls = optimized
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<Q8MatMul>())
+        .map(|op| op.weights().count())
+        .sum();
     summary.q8_gathers = plan::count_op(&optimized, |n| n.op_is::<Q8Gather>());
     let io = io_names
         .bind(&optimized, config, summary.ring_cache)
@@ -141,6 +147,7 @@ fn rewrite_protobuf(mut proto: pb::ModelProto, dir: &Path, int8: Scheme) -> Resu
                 .with_context(|| format!("rewriting {path:?}"))?;
             summary.matmul_integer_rewritten = ort.len();
             q8.extend(ort);
+            int8::merge_shared_inputs(graph);
             q8
         }
     };

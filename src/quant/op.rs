@@ -395,7 +395,7 @@ fn parse_matmul(
     _ctx: &ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((Box::new(Q8MatMul(WeightSlot::parse(node)?)), vec![]))
+    Ok((Box::new(Q8MatMul::parse(node)?), vec![]))
 }
 
 fn parse_gather(
@@ -405,19 +405,93 @@ fn parse_gather(
     Ok((Box::new(Q8Gather(WeightSlot::parse(node)?)), vec![]))
 }
 
-/// `y = x Wᵀ` for x (..., k) f32 and W (n, k) int8 blocks: y (..., n).
+/// `y_i = x W_iᵀ` for x (..., k) f32 and one or more W_i (n_i, k) int8 blocks: outputs
+/// y_i (..., n_i), one per weight. Several weights are products that read the same input
+/// (a layer's query, key and value projections; its gate and up projections): the
+/// activations are quantized once and all the products share one pool round.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Q8MatMul(WeightSlot);
+pub struct Q8MatMul(Vec<WeightSlot>);
 
 impl Q8MatMul {
-    /// The name of the weight this node reads (the `DequantizeLinear` output it replaced).
-    pub fn weight(&self) -> &str {
-        &self.0.weight
+    /// One weight (attributes `weight`, `n`, `k`) or several (`weights`, `ns`, `k`).
+    fn parse(node: &pb::NodeProto) -> TractResult<Q8MatMul> {
+        let Some(names) = node.attribute.iter().find(|a| a.name == "weights") else {
+            return Ok(Q8MatMul(vec![WeightSlot::parse(node)?]));
+        };
+        let ns = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "ns")
+            .map_or(&[][..], |a| a.ints.as_slice());
+        let k = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "k")
+            .and_then(|a| usize::try_from(a.i).ok())
+            .filter(|&k| k > 0);
+        let k = k.with_context(|| format!("{MATMUL} {:?}: bad or missing k", node.name))?;
+        ensure!(
+            !names.strings.is_empty() && names.strings.len() == ns.len(),
+            "{MATMUL} {:?}: {} weights for {} sizes",
+            node.name,
+            names.strings.len(),
+            ns.len()
+        );
+        let slots = names
+            .strings
+            .iter()
+            .zip(ns)
+            .map(|(name, &n)| {
+                let weight = String::from_utf8_lossy(name).into_owned();
+                let n = usize::try_from(n)
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .with_context(|| format!("{MATMUL} {:?}: bad n {n}", node.name))?;
+                Ok(WeightSlot {
+                    weight,
+                    n,
+                    k,
+                    bound: None,
+                })
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        Ok(Q8MatMul(slots))
     }
 
-    /// Gives the node its weights (checked against the node's shape) and kernel settings.
-    pub fn bind(&mut self, weights: Arc<Q8Weights>, exec: Q8Exec) -> TractResult<()> {
-        self.0.bind(weights, exec)
+    /// The names of the weights this node reads (the `DequantizeLinear` outputs it
+    /// replaced), one per output.
+    pub fn weights(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|s| s.weight.as_str())
+    }
+
+    /// Gives the node the weights of its output `i` (checked against the node's shape) and
+    /// kernel settings.
+    pub fn bind(&mut self, i: usize, weights: Arc<Q8Weights>, exec: Q8Exec) -> TractResult<()> {
+        let slots = self.0.len();
+        self.0
+            .get_mut(i)
+            .with_context(|| format!("{MATMUL}: no output {i} of {slots}"))?
+            .bind(weights, exec)
+    }
+
+    /// Input features, the same for every weight.
+    fn k(&self) -> usize {
+        self.0[0].k
+    }
+
+    /// The output shape for weight `slot` from the input shape, whose last axis must be k.
+    fn output_shape<D: DimLike>(&self, slot: &WeightSlot, input: &[D]) -> TractResult<TVec<D>> {
+        let mut shape: TVec<D> = input.into();
+        match shape.last_mut() {
+            Some(last) if *last == D::from(slot.k) => *last = D::from(slot.n),
+            _ => bail!(
+                "{}: input {:?} does not end in {}",
+                slot.weight,
+                input,
+                slot.k
+            ),
+        }
+        Ok(shape)
     }
 }
 
@@ -427,13 +501,19 @@ impl Op for Q8MatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "{} {}x{} {:?}",
-            self.0.weight,
-            self.0.n,
-            self.0.k,
-            self.0.bound.as_ref().map(|b| &b.exec)
-        )])
+        Ok(self
+            .0
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}x{} {:?}",
+                    s.weight,
+                    s.n,
+                    s.k,
+                    s.bound.as_ref().map(|b| &b.exec)
+                )
+            })
+            .collect())
     }
 
     op_as_typed_op!();
@@ -444,26 +524,31 @@ impl EvalOp for Q8MatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        let bound = self.0.bound()?;
+        let bound = self
+            .0
+            .iter()
+            .map(WeightSlot::bound)
+            .collect::<TractResult<Vec<_>>>()?;
         let x = input.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?; // (m, k)
-        let mut shape: TVec<usize> = input.shape().into();
-        match shape.last_mut() {
-            Some(last) if *last == self.0.k => *last = self.0.n,
-            _ => bail!(
-                "{}: input shape {:?} does not end in {}",
-                self.0.weight,
-                shape,
-                self.0.k
-            ),
-        }
-        let mut out = Tensor::zero::<f32>(&shape)?;
+        let mut outs = self
+            .0
+            .iter()
+            .map(|slot| Tensor::zero::<f32>(&self.output_shape(slot, input.shape())?))
+            .collect::<TractResult<Vec<_>>>()?;
         {
-            let mut view = out.try_as_plain_ram_mut()?;
-            let y = view.as_slice_mut::<f32>()?; // (m, n)
-            product(&bound.weights, &bound.exec, x, y)?;
+            let mut views = outs
+                .iter_mut()
+                .map(|t| t.try_as_plain_ram_mut())
+                .collect::<TractResult<Vec<_>>>()?;
+            let mut ys = views
+                .iter_mut()
+                .map(|v| v.as_slice_mut::<f32>())
+                .collect::<TractResult<Vec<_>>>()?; // (m, n_i) each
+            let ws: Vec<&Q8Weights> = bound.iter().map(|b| &*b.weights).collect();
+            products(&ws, &bound[0].exec, x, &mut ys)?;
         }
-        Ok(tvec!(out.into_tvalue()))
+        Ok(outs.into_iter().map(Tensor::into_tvalue).collect())
     }
 }
 
@@ -475,19 +560,27 @@ impl InferenceRulesOp for Q8MatMul {
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
         check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
+        check_output_arity(outputs, self.0.len())?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        let (n, k) = (self.0.n as i64, self.0.k as i64);
-        s.given(&inputs[0].rank, move |s, rank| {
-            let last = usize::try_from(rank - 1).context("Q8MatMul needs a rank >= 1 input")?;
-            for i in 0..last {
-                s.equals(&inputs[0].shape[i], &outputs[0].shape[i])?;
-            }
-            s.equals(&inputs[0].shape[last], TDim::from(k))?;
-            s.equals(&outputs[0].shape[last], TDim::from(n))
-        })
+        let k = self.k() as i64;
+        for (slot, output) in self.0.iter().zip(outputs) {
+            s.equals(&output.datum_type, f32::datum_type())?;
+            s.equals(&inputs[0].rank, &output.rank)?;
+            let n = slot.n as i64;
+            s.given(&inputs[0].rank, move |s, rank| {
+                let last = usize::try_from(rank - 1).context("Q8MatMul needs a rank >= 1 input")?;
+                for i in 0..last {
+                    s.equals(&inputs[0].shape[i], &output.shape[i])?;
+                }
+                s.equals(&inputs[0].shape[last], TDim::from(k))?;
+                s.equals(&output.shape[last], TDim::from(n))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(self.0.len())
     }
 
     as_op!();
@@ -496,52 +589,66 @@ impl InferenceRulesOp for Q8MatMul {
 
 impl TypedOp for Q8MatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
-        match shape.last_mut() {
-            Some(last) if *last == self.0.k.to_dim() => *last = self.0.n.to_dim(),
-            _ => bail!(
-                "{}: input {:?} does not end in {}",
-                self.0.weight,
-                shape,
-                self.0.k
-            ),
-        }
-        Ok(tvec!(f32::fact(&shape)))
+        self.0
+            .iter()
+            .map(|slot| Ok(f32::fact(self.output_shape(slot, &inputs[0].shape)?)))
+            .collect()
     }
 
     as_op!();
 }
 
-/// `y = x Wᵀ` for x (m, k), y (m, n) as `exec` says, on either layout ([`Scheme::Auto`] is
-/// Q8Q15 on tiled weights and Q8F32 on row-major ones):
-/// - row-major weights: every scheme's row-major product, except that [`Scheme::Q8Q15`]
-///   runs prompts (m > 1) on the GEMM over a tiled heap copy and one row as Q8F32;
+/// `ys[i] = x W_iᵀ` for x (m, k), ys[i] (m, n_i) as `exec` says, on either layout
+/// ([`Scheme::Auto`] is Q8Q15 on tiled weights and Q8F32 on row-major ones):
 /// - tiled weights: Q8F32 one row at a time on the tiled one-row kernel (the same bits as
 ///   the row-major Q8F32 product; prompts re-read the weights per row), Q8Q15 the same for
 ///   one row and the Q15 GEMM for prompts, Q8Q8 the GEMM with int8 activations for every
-///   row. Q8Q16 has no tiled product (refused when the node is bound).
-fn product(w: &Q8Weights, exec: &Q8Exec, x: &[f32], y: &mut [f32]) -> TractResult<()> {
-    let rows = x.len() / w.k;
+///   row; all the weights in one pool round per row or prompt. Q8Q16 has no tiled product
+///   (refused when the node is bound);
+/// - row-major weights (or a mix of layouts): one weight after another, every scheme's
+///   row-major product, except that [`Scheme::Q8Q15`] runs prompts (m > 1) on the GEMM
+///   over a tiled heap copy and one row as Q8F32.
+fn products(ws: &[&Q8Weights], exec: &Q8Exec, x: &[f32], ys: &mut [&mut [f32]]) -> TractResult<()> {
+    let rows = x.len() / ws[0].k;
     let isa = Isa::for_kernel(exec.kernel);
     let pool = &exec.pool;
-    match (w.is_tiled(), exec.scheme) {
-        (false, Scheme::Q8Q15) if rows > 1 => w.tiled()?.matmul(x, y, Acts::Q15, isa, pool)?,
-        (false, Scheme::Q8Q15 | Scheme::Auto) => {
-            w.matrix()?.matmul(x, y, Scheme::Q8F32, exec.kernel, pool)?
-        }
-        (false, scheme) => w.matrix()?.matmul(x, y, scheme, exec.kernel, pool)?,
-        (true, Scheme::Q8Q15 | Scheme::Auto) if rows > 1 => {
-            w.tiled()?.matmul(x, y, Acts::Q15, isa, pool)?
-        }
-        (true, Scheme::Q8Q8) => w.tiled()?.matmul(x, y, Acts::Q8, isa, pool)?,
-        (true, Scheme::Q8F32 | Scheme::Q8Q15 | Scheme::Auto) => {
-            let t = w.tiled()?;
-            for (xr, yr) in x.chunks_exact(w.k).zip(y.chunks_exact_mut(w.n)) {
-                t.matvec_f32(xr, yr, exec.kernel, pool)?;
+    if ws.iter().all(|w| w.is_tiled()) {
+        let ts = ws
+            .iter()
+            .map(|w| w.tiled())
+            .collect::<TractResult<Vec<_>>>()?;
+        match exec.scheme {
+            Scheme::Q8Q15 | Scheme::Auto if rows > 1 => {
+                gemm::matmul_many(&ts, x, ys, Acts::Q15, isa, pool)?
+            }
+            Scheme::Q8Q8 => gemm::matmul_many(&ts, x, ys, Acts::Q8, isa, pool)?,
+            Scheme::Q8F32 | Scheme::Q8Q15 | Scheme::Auto => {
+                for (r, xr) in x.chunks_exact(ws[0].k).enumerate() {
+                    let mut yr: Vec<&mut [f32]> = ys
+                        .iter_mut()
+                        .zip(ws)
+                        .map(|(y, w)| &mut y[r * w.n..(r + 1) * w.n])
+                        .collect();
+                    gemm::matvec_f32_many(&ts, xr, &mut yr, exec.kernel, pool)?;
+                }
+            }
+            scheme @ (Scheme::Q8Q16 | Scheme::Fold) => {
+                bail!("{}: no {scheme} product on tiled int8 weights", ws[0].name)
             }
         }
-        (true, scheme @ (Scheme::Q8Q16 | Scheme::Fold)) => {
-            bail!("{}: no {scheme} product on tiled int8 weights", w.name)
+        return Ok(());
+    }
+    for (w, y) in ws.iter().zip(ys.iter_mut()) {
+        if w.is_tiled() {
+            products(&[*w], exec, x, &mut [&mut **y])?;
+            continue;
+        }
+        match exec.scheme {
+            Scheme::Q8Q15 if rows > 1 => w.tiled()?.matmul(x, y, Acts::Q15, isa, pool)?,
+            Scheme::Q8Q15 | Scheme::Auto => {
+                w.matrix()?.matmul(x, y, Scheme::Q8F32, exec.kernel, pool)?
+            }
+            scheme => w.matrix()?.matmul(x, y, scheme, exec.kernel, pool)?,
         }
     }
     Ok(())

@@ -45,7 +45,8 @@ fn info_describes_an_ort_int8_gpt2_export() {
         line(&text, "special tokens: "),
         "bos 0 \"<|endoftext|>\", eos [0 \"<|endoftext|>\"]"
     );
-    assert!(line(&text, "fast path int8: ").starts_with("8 Q8MatMul + 0 Q8Gather ops (Auto/"));
+    assert!(line(&text, "fast path int8: ")
+        .starts_with("8 matrices in 8 Q8MatMul + 0 Q8Gather ops (Auto/"));
     assert!(line(&text, "fast path int8: ").contains("8 rewritten from MatMulInteger"));
     assert_eq!(
         line(&text, "fast path KV cache: "),
@@ -92,7 +93,10 @@ fn info_after_converting_the_hf_gpt2_shows_int8_weights_in_place() {
         "int8, blocks of 32 with an f32 scale, tiled layout (edgelm)"
     );
     let int8 = line(&text, "fast path int8: ");
-    assert!(int8.starts_with("13 Q8MatMul + 1 Q8Gather ops ("), "{int8}");
+    assert!(
+        int8.starts_with("13 matrices in 9 Q8MatMul + 1 Q8Gather ops ("),
+        "{int8}"
+    );
     assert!(
         int8.contains("0 weights requantized or copied onto the heap"),
         "{int8}"

@@ -186,12 +186,18 @@ fn gpt2_int8_agrees_with_f32_on_81_of_83_positions() {
 /// `OffsetU8asI8` ops, present with `--int8 fold`) is left in the optimized graph.
 #[test]
 fn ort_matmul_integer_runs_on_the_q8_operator() {
-    for (bundle, layers) in [("tiny-llama/onnx-int8", 14), ("tiny-gpt2/onnx-int8", 8)] {
+    // Llama's query/key/value and gate/up projections read one input each: 4 nodes for the
+    // 7 matrices of each of its 2 layers. GPT-2's 4 matrices per layer read 4 inputs.
+    for (bundle, layers, nodes) in [
+        ("tiny-llama/onnx-int8", 14, 8),
+        ("tiny-gpt2/onnx-int8", 8, 8),
+    ] {
         let model = load(bundle);
         let s = model.summary();
         assert_eq!(s.source_ops.get("MatMulInteger"), Some(&layers), "{bundle}");
         assert_eq!(s.matmul_integer_rewritten, layers, "{bundle}");
         assert_eq!(s.q8_matmuls, layers, "{bundle}");
+        assert_eq!(s.optimized_ops.get("Q8MatMul"), Some(&nodes), "{bundle}");
         for op in ["DynamicQuantizeLinearU8", "OffsetU8asI8", "MatMulInteger"] {
             assert!(
                 !s.optimized_ops.contains_key(op),

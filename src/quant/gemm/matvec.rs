@@ -22,11 +22,9 @@
 // most plainly and always inline into the `target_feature` functions.
 #![allow(clippy::needless_range_loop)]
 
-use std::marker::PhantomData;
-
-use super::{Q8Tiled, CHUNK, CHUNKS, GROUP, MIN_BYTES_PER_PART, QUAD};
+use super::{check_many, shared_outs, Q8Tiled, Split, CHUNK, CHUNKS, GROUP, QUAD};
 use crate::quant::format::BLOCK;
-use crate::quant::{reduce8, scalar, Kernel, QuantError, SharedOut, ThreadPool};
+use crate::quant::{reduce8, scalar, Kernel, QuantError, ThreadPool};
 
 /// Blocks of one group worked on before the next part of the group's rows (a span is
 /// `SPAN * 512` bytes, which stays in L1 while the other rows of the group reuse it).
@@ -43,44 +41,43 @@ impl Q8Tiled<'_> {
         kernel: Kernel,
         pool: &ThreadPool,
     ) -> Result<(), QuantError> {
-        let (n, k) = (self.n(), self.k());
-        if x.len() != k {
-            return Err(QuantError::InputLen { k, got: x.len() });
-        }
-        if y.len() != n {
-            return Err(QuantError::OutputLen {
-                m: 1,
-                n,
-                expected: n,
-                got: y.len(),
-            });
-        }
-        let kernel = kernel.checked()?;
-        let groups = self.groups();
-        let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads().min(groups));
-        let per_part = groups.div_ceil(parts);
-        let shared = SharedOut {
-            ptr: y.as_mut_ptr(),
-            m: 1,
-            n,
-            _y: PhantomData,
-        };
-        pool.run(parts, |p| {
-            let range = (p * per_part).min(groups)..((p + 1) * per_part).min(groups);
-            let cols = (range.start * GROUP).min(n)..(range.end * GROUP).min(n);
-            // SAFETY: part p writes only output columns `cols` (the rows of its groups);
-            // the ranges of distinct parts are disjoint, and `pool.run` returns only after
-            // every part has finished.
-            let mut out = unsafe { shared.part(cols) };
-            for g in range {
-                let ys = group(self, g, x, kernel);
+        matvec_f32_many(&[*self], x, &mut [y], kernel, pool)
+    }
+}
+
+/// `ys[i] = ws[i] x` for matrices that read the same activation vector x (k), in one pool
+/// round; each output has the bits [`Q8Tiled::matvec_f32`] gives it alone.
+pub fn matvec_f32_many(
+    ws: &[Q8Tiled<'_>],
+    x: &[f32],
+    ys: &mut [&mut [f32]],
+    kernel: Kernel,
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    let (k, m) = check_many(ws, x, ys)?;
+    if m != 1 {
+        return Err(QuantError::InputLen { k, got: x.len() });
+    }
+    let kernel = kernel.checked()?;
+    let outs = shared_outs(ws, ys, 1);
+    let split = Split::new(ws, pool.threads());
+    pool.run(split.parts, |p| {
+        for (i, groups) in split.ranges(p) {
+            let (w, n) = (&ws[i], ws[i].n());
+            let cols = (groups.start * GROUP).min(n)..(groups.end * GROUP).min(n);
+            // SAFETY: part p writes only columns `cols` of output i (the rows of its groups
+            // of matrix i); the ranges of distinct parts are disjoint, and `pool.run`
+            // returns only after every part has finished.
+            let mut out = unsafe { outs[i].part(cols) };
+            for g in groups {
+                let ys = group(w, g, x, kernel);
                 for (l, &v) in ys[..GROUP.min(n - g * GROUP)].iter().enumerate() {
                     out.set(0, g * GROUP + l, v);
                 }
             }
-        });
-        Ok(())
-    }
+        }
+    });
+    Ok(())
 }
 
 /// The 16 outputs of group g (padded rows past n included) with `kernel` (checked

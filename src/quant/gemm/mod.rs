@@ -92,6 +92,7 @@ use std::ops::Range;
 
 pub use acts::Acts;
 use acts::{Form, QuantRows};
+pub use matvec::matvec_f32_many;
 
 use super::format::BLOCK;
 use super::{blocks_per_row, Kernel, QuantError, SharedOut, ThreadPool};
@@ -248,43 +249,132 @@ impl<'a> Q8Tiled<'a> {
         isa: Isa,
         pool: &ThreadPool,
     ) -> Result<(), QuantError> {
-        let (n, k) = (self.n, self.k);
-        if !x.len().is_multiple_of(k) {
-            return Err(QuantError::InputLen { k, got: x.len() });
+        matmul_many(&[*self], x, &mut [y], acts, isa, pool)
+    }
+}
+
+/// `ys[i] = x ws[i]ᵀ` for matrices that read the same activations x (m, k) (a layer's
+/// query, key and value projections; its gate and up projections): x is quantized once and
+/// every matrix's groups share one pool round. Each output has the bits
+/// [`Q8Tiled::matmul`] gives it alone.
+pub fn matmul_many(
+    ws: &[Q8Tiled<'_>],
+    x: &[f32],
+    ys: &mut [&mut [f32]],
+    acts: Acts,
+    isa: Isa,
+    pool: &ThreadPool,
+) -> Result<(), QuantError> {
+    let (k, m) = check_many(ws, x, ys)?;
+    let isa = isa.checked()?;
+    if m == 0 {
+        return Ok(());
+    }
+    let a = QuantRows::new(x, m, k, acts, isa.form(), pool);
+    let outs = shared_outs(ws, ys, m);
+    let split = Split::new(ws, pool.threads());
+    pool.run(split.parts, |p| {
+        for (i, groups) in split.ranges(p) {
+            let n = ws[i].n;
+            let cols = (groups.start * GROUP).min(n)..(groups.end * GROUP).min(n);
+            // SAFETY: part p writes only columns `cols` of output i (the rows of its groups
+            // of matrix i); the ranges of distinct parts are disjoint, and `pool.run`
+            // returns only after every part has finished.
+            let mut out = unsafe { outs[i].part(cols) };
+            run_groups(&ws[i], &a, isa, groups, &mut out);
         }
-        let m = x.len() / k;
-        if y.len() != m * n {
+    });
+    Ok(())
+}
+
+/// Checks that `ws` is not empty, that every matrix has the same k, that x is (m, k) and
+/// each `ys[i]` (m, n_i); returns (k, m).
+fn check_many(
+    ws: &[Q8Tiled<'_>],
+    x: &[f32],
+    ys: &[&mut [f32]],
+) -> Result<(usize, usize), QuantError> {
+    let k = ws.first().map_or(0, |w| w.k);
+    if ws.is_empty() || ws.len() != ys.len() {
+        return Err(QuantError::EmptyShape { n: ys.len(), k });
+    }
+    if !x.len().is_multiple_of(k) {
+        return Err(QuantError::InputLen { k, got: x.len() });
+    }
+    let m = x.len() / k;
+    for (w, y) in ws.iter().zip(ys) {
+        if w.k != k {
+            return Err(QuantError::InputLen {
+                k: w.k,
+                got: x.len(),
+            });
+        }
+        if y.len() != m * w.n {
             return Err(QuantError::OutputLen {
                 m,
-                n,
-                expected: m * n,
+                n: w.n,
+                expected: m * w.n,
                 got: y.len(),
             });
         }
-        let isa = isa.checked()?;
-        if m == 0 {
-            return Ok(());
-        }
-        let a = QuantRows::new(x, m, k, acts, isa.form(), pool);
-        let groups = self.groups();
-        let parts = (self.weight_bytes() / MIN_BYTES_PER_PART).clamp(1, pool.threads().min(groups));
-        let shared = SharedOut {
+    }
+    Ok((k, m))
+}
+
+/// One shared writer per output `ys[i]` (m, n_i).
+fn shared_outs<'y>(ws: &[Q8Tiled<'_>], ys: &'y mut [&mut [f32]], m: usize) -> Vec<SharedOut<'y>> {
+    ws.iter()
+        .zip(ys.iter_mut())
+        .map(|(w, y)| SharedOut {
             ptr: y.as_mut_ptr(),
             m,
-            n,
+            n: w.n,
             _y: PhantomData,
-        };
-        let per_part = groups.div_ceil(parts);
-        pool.run(parts, |p| {
-            let range = (p * per_part).min(groups)..((p + 1) * per_part).min(groups);
-            let cols = (range.start * GROUP).min(n)..(range.end * GROUP).min(n);
-            // SAFETY: part p writes only output columns `cols` (the rows of its groups);
-            // the ranges of distinct parts are disjoint, and `pool.run` returns only after
-            // every part has finished.
-            let mut out = unsafe { shared.part(cols) };
-            run_groups(self, &a, isa, range, &mut out);
-        });
-        Ok(())
+        })
+        .collect()
+}
+
+/// The groups of several matrices with the same k, numbered one matrix after another and
+/// cut into `parts` runs of equal length (a group is the same work in every matrix); each
+/// part gets, per matrix, a range of that matrix's groups.
+struct Split {
+    parts: usize,
+    per_part: usize,
+    /// The first group number of each matrix, then the total.
+    starts: Vec<usize>,
+}
+
+impl Split {
+    /// As many parts as `threads`, groups and [`MIN_BYTES_PER_PART`] allow.
+    fn new(ws: &[Q8Tiled<'_>], threads: usize) -> Self {
+        let mut starts = vec![0];
+        for w in ws {
+            starts.push(starts[starts.len() - 1] + w.groups());
+        }
+        let total = starts[ws.len()];
+        let bytes: usize = ws.iter().map(Q8Tiled::weight_bytes).sum();
+        let parts = (bytes / MIN_BYTES_PER_PART).clamp(1, threads.min(total).max(1));
+        Split {
+            parts,
+            per_part: total.div_ceil(parts),
+            starts,
+        }
+    }
+
+    /// Part p's (matrix, groups of that matrix) pairs, in matrix order.
+    fn ranges(&self, p: usize) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
+        let total = self.starts[self.starts.len() - 1];
+        let (lo, hi) = (
+            (p * self.per_part).min(total),
+            ((p + 1) * self.per_part).min(total),
+        );
+        self.starts
+            .windows(2)
+            .enumerate()
+            .filter_map(move |(i, w)| {
+                let (a, b) = (lo.max(w[0]), hi.min(w[1]));
+                (a < b).then(|| (i, a - w[0]..b - w[0]))
+            })
     }
 }
 

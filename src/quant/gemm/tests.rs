@@ -558,3 +558,59 @@ fn matvec_reports_bad_lengths() {
         })
     );
 }
+
+/// Products sharing their input (query/key/value, gate/up: same k, different n, one of them
+/// not a whole number of groups) in one call give each matrix the bits it gets alone, on
+/// every variant, whatever the thread count (the split between threads crosses matrices).
+#[test]
+fn products_sharing_an_input_equal_each_product_alone() {
+    let k = 32 * 20 + 7;
+    let ps = [(200, 1), (64, 2), (88, 3)].map(|(n, seed)| Problem::new(n, k, 5, seed));
+    let ws = ps.each_ref().map(Problem::tiled);
+    let x = &ps[0].x; // (5, k)
+    let single = ThreadPool::single();
+    let pools = [
+        ThreadPool::single(),
+        ThreadPool::new(2).unwrap(),
+        ThreadPool::new(3).unwrap(),
+    ];
+    for pool in &pools {
+        for isa in Isa::available() {
+            for acts in [Acts::Q8, Acts::Q15] {
+                let mut got = ps.each_ref().map(|p| vec![f32::NAN; 5 * p.n]);
+                let mut ys: Vec<&mut [f32]> = got.iter_mut().map(|y| &mut y[..]).collect();
+                matmul_many(&ws, x, &mut ys, acts, isa, pool).unwrap();
+                for (w, y) in ws.iter().zip(&got) {
+                    let mut alone = vec![f32::NAN; y.len()];
+                    w.matmul(x, &mut alone, acts, isa, &single).unwrap();
+                    assert_eq!(bits(y), bits(&alone), "{isa} {acts:?} n={}", w.n());
+                }
+            }
+        }
+        for kernel in Kernel::available() {
+            let x1 = &x[..k];
+            let mut got = ps.each_ref().map(|p| vec![f32::NAN; p.n]);
+            let mut ys: Vec<&mut [f32]> = got.iter_mut().map(|y| &mut y[..]).collect();
+            matvec_f32_many(&ws, x1, &mut ys, kernel, pool).unwrap();
+            for (w, y) in ws.iter().zip(&got) {
+                let mut alone = vec![f32::NAN; y.len()];
+                w.matvec_f32(x1, &mut alone, kernel, &single).unwrap();
+                assert_eq!(bits(y), bits(&alone), "{kernel} n={}", w.n());
+            }
+        }
+    }
+    // Matrices that do not read the same input length are refused.
+    let other = Problem::new(16, k + 1, 1, 4);
+    let mut y0 = vec![0f32; 200];
+    let mut y1 = vec![0f32; 16];
+    assert_eq!(
+        matvec_f32_many(
+            &[ws[0], other.tiled()],
+            &x[..k],
+            &mut [&mut y0, &mut y1],
+            Kernel::Scalar,
+            &single
+        ),
+        Err(QuantError::InputLen { k: k + 1, got: k })
+    );
+}
