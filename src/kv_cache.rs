@@ -22,6 +22,7 @@
 
 use anyhow::{ensure, Result};
 use tract_onnx::prelude::f16;
+use tract_onnx::tract_core::tract_data::half::vec::HalfBitsVecExt;
 
 /// Stamp of an empty slot.
 pub const EMPTY: u64 = u64::MAX;
@@ -369,7 +370,12 @@ impl LayerKv {
         let n = kv_heads * capacity * head_dim;
         let store = match ty {
             KvType::F32 => Store::F32(vec![0.0; n], vec![0.0; n]),
-            KvType::F16 => Store::F16(vec![f16::ZERO; n], vec![f16::ZERO; n]),
+            // Zeroed bits from the allocator: untouched pages cost no memory until written
+            // (`vec![f16::ZERO; n]` would write every element).
+            KvType::F16 => Store::F16(
+                vec![0u16; n].reinterpret_into(),
+                vec![0u16; n].reinterpret_into(),
+            ),
         };
         LayerKv {
             kv_heads,

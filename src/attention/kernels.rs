@@ -397,7 +397,7 @@ mod tests {
     fn twins_equal_scalar<E: Row>(store: impl Fn(&[f32]) -> Vec<E>) {
         for hd in [1, 4, 8, 12, 16, 40, 64, 72] {
             for g in 1..=6 {
-                for n in [1, 2, 7, 33] {
+                for n in [1, 2, 7, 33, 50] {
                     let qs = values(g * hd, 1);
                     let keys = store(&values(n * hd, 2));
                     let rows = store(&values(n * hd, 5));

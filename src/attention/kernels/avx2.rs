@@ -55,27 +55,29 @@ unsafe fn dots<const R: usize, E: Row>(
         }
         return;
     }
-    let (qp, kp) = (qs.as_ptr(), keys.as_ptr());
-    for slot in 0..n {
-        // SAFETY: slot < n rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
-        let acc: [__m256; R] = unsafe {
-            let k = kp.add(slot * hd);
-            let k0 = E::load8(k);
-            let mut acc = [k0; R];
-            for r in 0..R {
-                acc[r] = _mm256_mul_ps(_mm256_loadu_ps(qp.add(r * hd)), k0);
-            }
-            let mut c = 8;
-            while c < full {
-                let kc = E::load8(k.add(c));
+    let (qp, kp, op) = (qs.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
+    let mut slot = 0;
+    if full == hd {
+        // Runs of 8 slots reduced together.
+        while slot + 8 <= n {
+            let mut rows = [[_mm256_setzero_ps(); 8]; R];
+            for t in 0..8 {
+                // SAFETY: slot + t < n; forwarded contract.
+                let acc = unsafe { slot_dots::<R, E>(qp, kp, hd, slot + t) };
                 for r in 0..R {
-                    let q = _mm256_loadu_ps(qp.add(r * hd + c));
-                    acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(q, kc));
+                    rows[r][t] = acc[r];
                 }
-                c += 8;
             }
-            acc
-        };
+            for r in 0..R {
+                // SAFETY: r < R rows of n scores, slot + 8 <= n.
+                unsafe { _mm256_storeu_ps(op.add(r * n + slot), reduce8x8(&rows[r])) };
+            }
+            slot += 8;
+        }
+    }
+    while slot < n {
+        // SAFETY: slot < n; forwarded contract.
+        let acc = unsafe { slot_dots::<R, E>(qp, kp, hd, slot) };
         for r in 0..R {
             out[r * n + slot] = if full == hd {
                 reduce(acc[r])
@@ -92,7 +94,77 @@ unsafe fn dots<const R: usize, E: Row>(
                 reduce8(&lanes)
             };
         }
+        slot += 1;
     }
+}
+
+/// The 8 lane sums of R queries against the key of `slot` over its first `hd / 8 * 8`
+/// columns, `dot`'s lanes: lane l sums the products of columns l, l + 8, ... in order.
+///
+/// # Safety
+/// AVX2 and F16C are available; qp points to R rows of hd floats, kp to more than `slot`
+/// rows of hd elements; hd >= 8.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn slot_dots<const R: usize, E: Row>(
+    qp: *const f32,
+    kp: *const E,
+    hd: usize,
+    slot: usize,
+) -> [__m256; R] {
+    let full = hd / 8 * 8;
+    // SAFETY: slot is a row of hd keys, r < R rows of hd queries, c + 8 <= full <= hd.
+    unsafe {
+        let k = kp.add(slot * hd);
+        let k0 = E::load8(k);
+        let mut acc = [k0; R];
+        for r in 0..R {
+            acc[r] = _mm256_mul_ps(_mm256_loadu_ps(qp.add(r * hd)), k0);
+        }
+        let mut c = 8;
+        while c < full {
+            let kc = E::load8(k.add(c));
+            for r in 0..R {
+                let q = _mm256_loadu_ps(qp.add(r * hd + c));
+                acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(q, kc));
+            }
+            c += 8;
+        }
+        acc
+    }
+}
+
+/// [`reduce`] of each of 8 registers (8 slots), in slot order: `(l + l4)` for l < 4, then
+/// `(s0 + s2)`, `(s1 + s3)`, then their sum, with the transposes riding along with the
+/// additions (22 instructions for the 8).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce8x8(rows: &[__m256; 8]) -> __m256 {
+    // Per slot, lanes 0-3 plus lanes 4-7: half h of s4[i] holds slot 2 i + h.
+    let mut s4 = [_mm256_setzero_ps(); 4];
+    for i in 0..4 {
+        let (a, b) = (rows[2 * i], rows[2 * i + 1]);
+        s4[i] = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        );
+    }
+    // s4[0] + s4[2] and s4[1] + s4[3]: half h of s2[i] holds (slot 4 i + h) in its low two
+    // floats and (slot 4 i + 2 + h) in its high two.
+    let mut s2 = [_mm256_setzero_ps(); 2];
+    for i in 0..2 {
+        let (a, b) = (s4[2 * i], s4[2 * i + 1]);
+        s2[i] = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
+            _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
+        );
+    }
+    // s2[0] + s2[1]: float 4 h + j holds slot 2 j + h.
+    let sums = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(s2[0], s2[1]),
+        _mm256_shuffle_ps::<0b11_01_11_01>(s2[0], s2[1]),
+    );
+    _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
 /// [`reduce8`] of the 8 lanes of `v`, in the same order.

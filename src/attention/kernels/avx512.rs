@@ -62,7 +62,8 @@ unsafe fn twice(p: *const f32) -> __m512 {
 }
 
 /// Scores of the first R queries of `qs` against the n keys into `out` (R, n), two
-/// slots per register (an odd last slot fills both halves and keeps the low one).
+/// slots per register. Runs of 16 slots are reduced together ([`reduce16`]); the rest one
+/// pair at a time (an odd last slot fills both halves and keeps the low one).
 ///
 /// # Safety
 /// AVX-512F, AVX2 and F16C are available; qs holds R rows of hd, keys n rows, out R rows
@@ -78,30 +79,27 @@ unsafe fn dots<const R: usize, E: Row>(
 ) {
     assert!(qs.len() >= R * hd && keys.len() >= n * hd && out.len() >= R * n);
     assert!(hd >= 8 && hd.is_multiple_of(8));
-    let (qp, kp) = (qs.as_ptr(), keys.as_ptr());
+    let (qp, kp, op) = (qs.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
     let mut slot = 0;
+    while slot + 16 <= n {
+        let mut pairs = [[_mm512_setzero_ps(); 8]; R];
+        for p in 0..8 {
+            // SAFETY: slot + 2 p + 1 < n; forwarded contract.
+            let acc = unsafe { pair_dots::<R, E>(qp, kp, hd, slot + 2 * p, slot + 2 * p + 1) };
+            for r in 0..R {
+                pairs[r][p] = acc[r];
+            }
+        }
+        for r in 0..R {
+            // SAFETY: r < R rows of n scores, slot + 16 <= n.
+            unsafe { _mm512_storeu_ps(op.add(r * n + slot), reduce16(&pairs[r])) };
+        }
+        slot += 16;
+    }
     while slot < n {
         let next = (slot + 1).min(n - 1);
-        prefetch_row(kp.wrapping_add((slot + AHEAD) * hd), 2 * hd);
-        // SAFETY: slot, next < n rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
-        let acc: [__m512; R] = unsafe {
-            let (ka, kb) = (kp.add(slot * hd), kp.add(next * hd));
-            let k0 = E::load8x2(ka, kb);
-            let mut acc = [k0; R];
-            for r in 0..R {
-                acc[r] = _mm512_mul_ps(twice(qp.add(r * hd)), k0);
-            }
-            let mut c = 8;
-            while c < hd {
-                let kc = E::load8x2(ka.add(c), kb.add(c));
-                for r in 0..R {
-                    let q = twice(qp.add(r * hd + c));
-                    acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(q, kc));
-                }
-                c += 8;
-            }
-            acc
-        };
+        // SAFETY: slot, next < n; forwarded contract.
+        let acc = unsafe { pair_dots::<R, E>(qp, kp, hd, slot, next) };
         for r in 0..R {
             let lo = _mm512_castps512_ps256(acc[r]);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
@@ -112,6 +110,78 @@ unsafe fn dots<const R: usize, E: Row>(
         }
         slot += 2;
     }
+}
+
+/// The 8 lane sums of R queries against the keys of `slot` (low half) and `next` (high
+/// half), `dot`'s lanes: lane l sums the products of columns l, l + 8, ... in order.
+///
+/// # Safety
+/// AVX-512F and F16C are available; qp points to R rows of hd floats, kp to more than
+/// `slot` and `next` rows of hd elements; hd is a positive multiple of 8.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn pair_dots<const R: usize, E: Row>(
+    qp: *const f32,
+    kp: *const E,
+    hd: usize,
+    slot: usize,
+    next: usize,
+) -> [__m512; R] {
+    prefetch_row(kp.wrapping_add((slot + AHEAD) * hd), 2 * hd);
+    // SAFETY: slot, next are rows of hd keys, r < R rows of hd queries, c + 8 <= hd.
+    unsafe {
+        let (ka, kb) = (kp.add(slot * hd), kp.add(next * hd));
+        let k0 = E::load8x2(ka, kb);
+        let mut acc = [k0; R];
+        for r in 0..R {
+            acc[r] = _mm512_mul_ps(twice(qp.add(r * hd)), k0);
+        }
+        let mut c = 8;
+        while c < hd {
+            let kc = E::load8x2(ka.add(c), kb.add(c));
+            for r in 0..R {
+                let q = twice(qp.add(r * hd + c));
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(q, kc));
+            }
+            c += 8;
+        }
+        acc
+    }
+}
+
+/// The 16 sums of the lane pairs in `pairs` (pair p: slot 2p in the low 8 lanes, 2p + 1 in
+/// the high 8), slot order, each with [`reduce`]'s additions: `(l + l4)` for l < 4, then
+/// `(s0 + s2)`, `(s1 + s3)`, then their sum. The transposes ride along with the additions,
+/// so 16 slots take 22 instructions instead of 16 reductions.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce16(pairs: &[__m512; 8]) -> __m512 {
+    // Per slot, lanes 0-3 plus lanes 4-7: 128-bit lane q of s4[i] holds slot 4 i + q.
+    let mut s4 = [_mm512_setzero_ps(); 4];
+    for i in 0..4 {
+        let (a, b) = (pairs[2 * i], pairs[2 * i + 1]);
+        s4[i] = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        );
+    }
+    // s4[0] + s4[2] and s4[1] + s4[3]: 128-bit lane q of s2[i] holds (slot 8 i + q) in its
+    // low two floats and (slot 8 i + 4 + q) in its high two.
+    let mut s2 = [_mm512_setzero_ps(); 2];
+    for i in 0..2 {
+        let (a, b) = (s4[2 * i], s4[2 * i + 1]);
+        s2[i] = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+        );
+    }
+    // s2[0] + s2[1]: float 4 q + j holds slot 4 j + q.
+    let sums = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(s2[0], s2[1]),
+        _mm512_shuffle_ps::<0b11_01_11_01>(s2[0], s2[1]),
+    );
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, sums)
 }
 
 /// # Safety
