@@ -130,13 +130,7 @@ pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> R
     drop(consumers);
     drop(inits);
     drop(lookup);
-    let nodes = std::mem::take(&mut graph.node);
-    graph.node = nodes
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| !remove.contains(i))
-        .map(|(i, node)| replace.remove(&i).unwrap_or(node))
-        .collect();
+    rewrite::splice_nodes(graph, replace, &remove);
     if tiled_routed {
         // The Transpose / Reshape / Slice nodes that undid the tiling are now unread.
         rewrite::remove_dead_nodes(graph);
@@ -148,8 +142,8 @@ pub(super) fn route_q8(graph: &mut pb::GraphProto, external: &ExternalData) -> R
 /// projections; its gate and up projections) into one node with one output per weight
 /// (attributes `weights`, `ns`, `k`), at the place of the first, so that the activations are
 /// quantized once and the products share one pool round. A node making a graph output (the
-/// LM head's `logits`) stays alone. Returns how many nodes were merged away.
-pub(super) fn merge_shared_inputs(graph: &mut pb::GraphProto) -> usize {
+/// LM head's `logits`) stays alone.
+pub(super) fn merge_shared_inputs(graph: &mut pb::GraphProto) {
     use pb::attribute_proto::AttributeType;
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
     let mut by_input: HashMap<(&str, i64), Vec<usize>> = HashMap::new(); // (input, k) -> nodes
@@ -170,16 +164,11 @@ pub(super) fn merge_shared_inputs(graph: &mut pb::GraphProto) -> usize {
     let mut remove: HashSet<usize> = HashSet::new();
     for ((input, k), members) in by_input.into_iter().filter(|(_, m)| m.len() > 1) {
         let nodes = || members.iter().map(|&i| &graph.node[i]);
-        let text = |name: &str| {
-            nodes()
-                .map(|n| {
-                    n.attribute
-                        .iter()
-                        .find(|a| a.name == name)
-                        .map_or_else(Vec::new, |a| a.s.clone())
-                })
-                .collect::<Vec<_>>()
-        };
+        // Each member has a `weight` attribute (checked above).
+        let weights = nodes()
+            .filter_map(|n| n.attribute.iter().find(|a| a.name == "weight"))
+            .map(|a| a.s.clone())
+            .collect();
         let node = pb::NodeProto {
             name: graph.node[members[0]].name.clone(),
             op_type: q8op::MATMUL.into(),
@@ -190,7 +179,7 @@ pub(super) fn merge_shared_inputs(graph: &mut pb::GraphProto) -> usize {
                 pb::AttributeProto {
                     name: "weights".into(),
                     r#type: AttributeType::Strings as i32,
-                    strings: text("weight"),
+                    strings: weights,
                     ..Default::default()
                 },
                 pb::AttributeProto {
@@ -212,14 +201,7 @@ pub(super) fn merge_shared_inputs(graph: &mut pb::GraphProto) -> usize {
         remove.extend(&members[1..]);
     }
     drop(outputs);
-    let nodes = std::mem::take(&mut graph.node);
-    graph.node = nodes
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| !remove.contains(i))
-        .map(|(i, node)| merged.remove(&i).unwrap_or(node))
-        .collect();
-    remove.len()
+    rewrite::splice_nodes(graph, merged, &remove);
 }
 
 /// A tensor's bytes for the int8 operators: in the mapped file, or inline in the protobuf.

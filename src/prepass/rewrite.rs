@@ -32,6 +32,21 @@ pub(super) fn remove_dead_nodes(graph: &mut pb::GraphProto) {
     prune_initializers(graph);
 }
 
+/// Rebuilds the node list in its order: the nodes at `remove` dropped, those at the keys of
+/// `replace` swapped for its values (indices into the list as it was).
+pub(super) fn splice_nodes(
+    graph: &mut pb::GraphProto,
+    mut replace: HashMap<usize, pb::NodeProto>,
+    remove: &HashSet<usize>,
+) {
+    graph.node = std::mem::take(&mut graph.node)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !remove.contains(i))
+        .map(|(i, node)| replace.remove(&i).unwrap_or(node))
+        .collect();
+}
+
 /// Drops initializers no node, input or output reads, so tract never loads them.
 pub(super) fn prune_initializers(graph: &mut pb::GraphProto) {
     let used: HashSet<String> = graph

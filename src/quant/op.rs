@@ -528,24 +528,24 @@ impl EvalOp for Q8MatMul {
             .0
             .iter()
             .map(WeightSlot::bound)
-            .collect::<TractResult<Vec<_>>>()?;
+            .collect::<TractResult<TVec<_>>>()?;
         let x = input.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?; // (m, k)
         let mut outs = self
             .0
             .iter()
             .map(|slot| Tensor::zero::<f32>(&self.output_shape(slot, input.shape())?))
-            .collect::<TractResult<Vec<_>>>()?;
+            .collect::<TractResult<TVec<_>>>()?;
         {
             let mut views = outs
                 .iter_mut()
                 .map(|t| t.try_as_plain_ram_mut())
-                .collect::<TractResult<Vec<_>>>()?;
+                .collect::<TractResult<TVec<_>>>()?;
             let mut ys = views
                 .iter_mut()
                 .map(|v| v.as_slice_mut::<f32>())
-                .collect::<TractResult<Vec<_>>>()?; // (m, n_i) each
-            let ws: Vec<&Q8Weights> = bound.iter().map(|b| &*b.weights).collect();
+                .collect::<TractResult<TVec<_>>>()?; // (m, n_i) each
+            let ws: TVec<&Q8Weights> = bound.iter().map(|b| &*b.weights).collect();
             products(&ws, &bound[0].exec, x, &mut ys)?;
         }
         Ok(outs.into_iter().map(Tensor::into_tvalue).collect())
@@ -616,7 +616,7 @@ fn products(ws: &[&Q8Weights], exec: &Q8Exec, x: &[f32], ys: &mut [&mut [f32]]) 
         let ts = ws
             .iter()
             .map(|w| w.tiled())
-            .collect::<TractResult<Vec<_>>>()?;
+            .collect::<TractResult<TVec<_>>>()?;
         match exec.scheme {
             Scheme::Q8Q15 | Scheme::Auto if rows > 1 => {
                 gemm::matmul_many(&ts, x, ys, Acts::Q15, isa, pool)?
@@ -624,7 +624,7 @@ fn products(ws: &[&Q8Weights], exec: &Q8Exec, x: &[f32], ys: &mut [&mut [f32]]) 
             Scheme::Q8Q8 => gemm::matmul_many(&ts, x, ys, Acts::Q8, isa, pool)?,
             Scheme::Q8F32 | Scheme::Q8Q15 | Scheme::Auto => {
                 for (r, xr) in x.chunks_exact(ws[0].k).enumerate() {
-                    let mut yr: Vec<&mut [f32]> = ys
+                    let mut yr: TVec<&mut [f32]> = ys
                         .iter_mut()
                         .zip(ws)
                         .map(|(y, w)| &mut y[r * w.n..(r + 1) * w.n])

@@ -90,6 +90,8 @@ mod tests;
 use std::marker::PhantomData;
 use std::ops::Range;
 
+use tract_onnx::prelude::{tvec, TVec};
+
 pub use acts::Acts;
 use acts::{Form, QuantRows};
 pub use matvec::matvec_f32_many;
@@ -322,7 +324,7 @@ fn check_many(
 }
 
 /// One shared writer per output `ys[i]` (m, n_i).
-fn shared_outs<'y>(ws: &[Q8Tiled<'_>], ys: &'y mut [&mut [f32]], m: usize) -> Vec<SharedOut<'y>> {
+fn shared_outs<'y>(ws: &[Q8Tiled<'_>], ys: &'y mut [&mut [f32]], m: usize) -> TVec<SharedOut<'y>> {
     ws.iter()
         .zip(ys.iter_mut())
         .map(|(w, y)| SharedOut {
@@ -341,13 +343,13 @@ struct Split {
     parts: usize,
     per_part: usize,
     /// The first group number of each matrix, then the total.
-    starts: Vec<usize>,
+    starts: TVec<usize>,
 }
 
 impl Split {
     /// As many parts as `threads`, groups and [`MIN_BYTES_PER_PART`] allow.
     fn new(ws: &[Q8Tiled<'_>], threads: usize) -> Self {
-        let mut starts = vec![0];
+        let mut starts: TVec<usize> = tvec![0];
         for w in ws {
             starts.push(starts[starts.len() - 1] + w.groups());
         }
